@@ -1,0 +1,109 @@
+//! Configuration: placement mode, load weighting, aging, rebalancing threshold and input limits.
+
+use crate::error::{Error, Result};
+
+/// How a submitted task is placed on its candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every live candidate holds a copy; the first fetch claims the task and every other copy
+    /// dies at that instant (late binding, as in Sparrow). New workers are backfilled.
+    Fanout,
+    /// Exactly one candidate holds the task, chosen by the strategy.
+    Balanced(Strategy),
+}
+
+/// How balanced placement chooses one candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// The candidate with the least `queued + running × running_weight`; ties are broken
+    /// round-robin (a rotating start per candidate class), never by candidate order. O(candidates).
+    LeastLoaded,
+    /// Candidates in turn, one rotating cursor per candidate class. O(1).
+    RoundRobin,
+    /// The less loaded of two candidates drawn at random (Mitzenmacher; Sparrow's batch
+    /// sampling uses the same idea). O(1) for any number of candidates.
+    PowerOfTwoChoices,
+}
+
+/// Bounds on input. A request outside them is refused with [`Error::InvalidInput`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most tags on one task or one worker.
+    pub max_tags: usize,
+    /// Most groups one worker serves.
+    pub max_groups: usize,
+    /// Longest group or tag name, in bytes.
+    pub max_name_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_tags: 32,
+            max_groups: 32,
+            max_name_len: 128,
+        }
+    }
+}
+
+/// Dispatcher configuration. `Config::default()` is fanout with strict priorities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Placement mode.
+    pub mode: Mode,
+    /// Weight of a running task in a worker's load, relative to a queued one (balanced modes).
+    pub running_weight: f64,
+    /// Priority units a waiting task gains per second. `0.0` is strict priority.
+    pub aging_rate: f64,
+    /// `rebalance` stops moving work from a worker once its load is at most this multiple of
+    /// the least loaded candidate it could move to. Must be ≥ 1.
+    pub rebalance_ratio: f64,
+    /// Input bounds.
+    pub limits: Limits,
+    /// Shard count of the concurrent maps (rounded up to a power of two).
+    pub shards: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Fanout,
+            running_weight: 1.0,
+            aging_rate: 0.0,
+            rebalance_ratio: 1.5,
+            limits: Limits::default(),
+            shards: if cfg!(switchyard_loom) { 2 } else { 64 },
+        }
+    }
+}
+
+impl Config {
+    /// A balanced configuration with the given strategy and defaults otherwise.
+    pub fn balanced(strategy: Strategy) -> Self {
+        Self {
+            mode: Mode::Balanced(strategy),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::InvalidInput(what.to_owned()));
+        if !(self.running_weight.is_finite() && self.running_weight >= 0.0) {
+            return bad("running_weight must be finite and ≥ 0");
+        }
+        if !(self.aging_rate.is_finite() && self.aging_rate >= 0.0) {
+            return bad("aging_rate must be finite and ≥ 0");
+        }
+        if !(self.rebalance_ratio.is_finite() && self.rebalance_ratio >= 1.0) {
+            return bad("rebalance_ratio must be finite and ≥ 1");
+        }
+        if self.limits.max_tags == 0 || self.limits.max_groups == 0 || self.limits.max_name_len == 0
+        {
+            return bad("limits must be ≥ 1");
+        }
+        if self.shards == 0 || self.shards > 1 << 16 {
+            return bad("shards must be in 1..=65536");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! Placement policy: which of a task's live candidates hold it.
+//!
+//! The policy is kept apart from the primitives (heaps, cells, counters): it sees a candidate list
+//! and the load counters and returns indices, nothing more.
+//!
+//! * **Fanout** — every candidate (late binding, as in Sparrow: the first worker to fetch the task
+//!   runs it).
+//! * **LeastLoaded** — the candidate with the least `queued + running × weight`. The scan starts at
+//!   a rotating offset and keeps the *first* minimum it meets, so ties go round-robin and never to
+//!   whichever candidate happens to be listed first. O(candidates).
+//! * **RoundRobin** — the next candidate after the class's rotating cursor. O(1).
+//! * **PowerOfTwoChoices** — the less loaded of two distinct candidates drawn at random
+//!   (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing"); exponentially better
+//!   maximum load than one random choice, O(1) however many candidates there are.
+//!
+//! Random draws hash the class cursor with SplitMix64 rather than using a thread-local generator:
+//! the result depends only on the order of operations, which keeps loom models deterministic.
+
+use crate::config::Strategy;
+use crate::registry::Worker;
+use crate::sync::{Arc, AtomicUsize, Ordering};
+
+/// The candidate (index into `candidates`, which must not be empty) that balanced placement
+/// chooses. `cursor` is the class's rotating cursor.
+pub(crate) fn choose(
+    strategy: Strategy,
+    candidates: &[Arc<Worker>],
+    cursor: &AtomicUsize,
+    running_weight_milli: u64,
+) -> usize {
+    let n = candidates.len();
+    debug_assert!(n > 0, "choose needs a candidate");
+    if n == 1 {
+        return 0;
+    }
+    // Relaxed: the cursor only spreads choices; no other data is published through it.
+    let tick = cursor.fetch_add(1, Ordering::Relaxed);
+    let load = |i: usize| candidates[i].load.weighted(running_weight_milli);
+    match strategy {
+        Strategy::RoundRobin => tick % n,
+        Strategy::LeastLoaded => {
+            let start = tick % n;
+            let mut best = start;
+            let mut best_load = load(start);
+            for step in 1..n {
+                let i = (start + step) % n;
+                let l = load(i);
+                if l < best_load {
+                    best = i;
+                    best_load = l;
+                }
+            }
+            best
+        }
+        Strategy::PowerOfTwoChoices => {
+            let r = splitmix64(tick as u64);
+            let a = (r % n as u64) as usize;
+            // A second, distinct candidate.
+            let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
+            if load(b) < load(a) {
+                b
+            } else {
+                a
+            }
+        }
+    }
+}
+
+/// The least loaded candidate other than `exclude`, for rebalancing: `(index, load)`.
+pub(crate) fn least_loaded_other(
+    candidates: &[Arc<Worker>],
+    exclude: &Arc<Worker>,
+    running_weight_milli: u64,
+) -> Option<(usize, u64)> {
+    candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| !Arc::ptr_eq(w, exclude))
+        .map(|(i, w)| (i, w.load.weighted(running_weight_milli)))
+        .min_by_key(|&(_, l)| l)
+}
+
+/// SplitMix64's finaliser: a well-mixed 64-bit value from a counter.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

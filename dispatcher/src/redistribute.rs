@@ -1,0 +1,306 @@
+//! Workers arriving and leaving, parking, backfill and rebalancing.
+//!
+//! # Departure (`unregister`)
+//! 1. The worker is withdrawn from the registry (the epoch moves, so fresh candidate lists
+//!    exclude it).
+//! 2. Its queue is closed and emptied under the queue lock. From here, pushes to it fail and
+//!    their pushers re-place (see [`crate::dispatcher`]); fetches on it are refused.
+//! 3. Every live copy it held is dropped from its task's holders, in the task's critical section;
+//!    a task left with no holder is placed afresh (balanced: another candidate, keeping its
+//!    priority and FIFO position) or parked. Fanout tasks held by other candidates stay there.
+//! 4. Every task it ran goes back to queued (a new generation; its next fetch is a new attempt).
+//!
+//! When `unregister` returns, no task lists the worker as holder or runner, except a task whose
+//! placement chose the worker just before step 1 and has not pushed yet: that pusher's push fails
+//! and it re-places the task itself ("redirected, not stranded").
+//!
+//! # Parking and arrival (`register`)
+//! A task with no live candidate is parked. Parking re-checks the candidates *while holding the
+//! parked-set lock*, and `register` publishes the worker *before* taking that lock to collect the
+//! parked tasks it can run. Whichever takes the lock second sees the other's work, so a task is
+//! never parked while a live candidate exists.
+//!
+//! In fanout, `register` also backfills: every queued task the worker can run gets a copy. It
+//! locks every live cell once (O(tasks); registration is rare). A placement that runs
+//! concurrently either holds the cell first (and the backfill then sees its holders) or comes
+//! after the backfill's lock hand-off (and then its candidate list includes the new worker).
+//!
+//! # Rebalancing (balanced mode)
+//! One pass over the workers, most loaded first: a queued task moves from its worker to its least
+//! loaded other candidate while the source's load is at least two tasks more than the target's
+//! and more than `rebalance_ratio` times it. Each move makes the two loads closer without
+//! crossing, so the pass never ping-pongs. The least urgent tasks move first, which leaves the
+//! head of the source's queue in place.
+
+use crate::config::Mode;
+use crate::dispatcher::{Dispatcher, Pushes};
+use crate::error::Result;
+use crate::index::{Locked, Phase, TaskCell};
+use crate::placement;
+use crate::queue::Entry;
+use crate::registry::{Class, Worker};
+use crate::sync::{Arc, Ordering};
+use crate::{TaskId, WorkerId};
+
+/// A parked task: its class (to match arriving workers without locking it) and its cell.
+pub(crate) struct Parked {
+    class: Arc<Class>,
+    cell: Arc<TaskCell>,
+}
+
+/// Where a task was placed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Queued on these workers.
+    Queued(Vec<WorkerId>),
+    /// No live candidate: parked until one registers.
+    Parked,
+}
+
+/// What a departing worker was doing with a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Was {
+    /// It held a queued copy.
+    Queued,
+    /// It was running this attempt.
+    Running(u32),
+}
+
+/// What happened to one task of a departing worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relocation {
+    /// The task.
+    pub task: TaskId,
+    /// What the departed worker had.
+    pub was: Was,
+    /// Where the task is now (fanout: the other holders that still have it).
+    pub now: Placement,
+}
+
+/// The result of `unregister`: every task the worker held or ran, and where it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Departure {
+    /// The worker that left.
+    pub worker: WorkerId,
+    /// One entry per task it held or ran.
+    pub tasks: Vec<Relocation>,
+}
+
+/// The result of `register`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Registration {
+    /// Fanout: queued tasks that got a copy on the new worker.
+    pub backfilled: usize,
+    /// Parked tasks placed now that a candidate exists.
+    pub unparked: usize,
+}
+
+impl Dispatcher {
+    /// Registers `worker`, serving `groups`, with `tags`. Parked tasks it can run are placed, and
+    /// in fanout mode it is backfilled with every queued task it can run.
+    pub fn register<G: AsRef<str>, T: AsRef<str>>(
+        &self,
+        worker: WorkerId,
+        groups: &[G],
+        tags: &[T],
+    ) -> Result<Registration> {
+        let w = self.registry.new_worker(worker, groups, tags)?;
+        self.registry.insert(&w)?;
+        let mut pushes = Pushes::new();
+        let mut done = Registration::default();
+        if self.config.mode == Mode::Fanout {
+            for cell in self.index.cells() {
+                let mut l = cell.lock();
+                if self.backfill(&cell, &mut l, &w, &mut pushes) {
+                    done.backfilled += 1;
+                }
+            }
+        } else {
+            let unparked: Vec<Arc<TaskCell>> = {
+                let mut parked = self.parked.lock();
+                let ids: Vec<TaskId> = parked
+                    .iter()
+                    .filter(|(_, p)| w.serves(&p.class))
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.iter()
+                    .filter_map(|id| parked.remove(id))
+                    .map(|p| p.cell)
+                    .collect()
+            };
+            for cell in unparked {
+                let mut l = cell.lock();
+                if let Phase::Queued { parked: was @ true, .. } = &mut l.st.phase {
+                    *was = false;
+                    l.requeue();
+                    self.place(&cell, &mut l, &mut pushes);
+                    done.unparked += 1;
+                }
+            }
+        }
+        self.flush(pushes);
+        Ok(done)
+    }
+
+    /// Fanout backfill of one task: gives `w` a copy at the current generation if `w` can run the
+    /// task and lacks one. Returns whether it did.
+    fn backfill(
+        &self,
+        cell: &Arc<TaskCell>,
+        l: &mut Locked<'_>,
+        w: &Arc<Worker>,
+        pushes: &mut Pushes,
+    ) -> bool {
+        let st = &mut *l.st;
+        let Phase::Queued { holders, parked } = &mut st.phase else {
+            return false;
+        };
+        if !w.serves(&st.class) || holders.iter().any(|h| Arc::ptr_eq(h, w)) {
+            return false;
+        }
+        if *parked {
+            *parked = false;
+            self.parked.lock().remove(&cell.id);
+        }
+        holders.push(w.clone());
+        w.load.inc_queued();
+        pushes.push((w.clone(), Entry::new(st.key, st.seq, st.gen, cell.clone())));
+        true
+    }
+
+    /// Parks a queued task with no holders if it still has no live candidate, re-checked under
+    /// the parked-set lock (see the module docs). Returns false if a candidate appeared.
+    pub(crate) fn park(&self, cell: &Arc<TaskCell>, l: &mut Locked<'_>) -> bool {
+        let mut parked = self.parked.lock();
+        if !self.registry.candidates(&l.st.class).is_empty() {
+            return false;
+        }
+        let Phase::Queued { holders, parked: flag } = &mut l.st.phase else {
+            unreachable!("only queued tasks are parked")
+        };
+        debug_assert!(holders.is_empty());
+        *flag = true;
+        parked.insert(
+            cell.id,
+            Parked {
+                class: l.st.class.clone(),
+                cell: cell.clone(),
+            },
+        );
+        self.counters.parked.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Removes `worker` and redistributes every task it held or ran (see the module docs).
+    pub fn unregister(&self, worker: WorkerId) -> Result<Departure> {
+        let w = self.registry.remove(worker)?;
+        let (entries, running) = w.queue.lock().close();
+        let mut pushes = Pushes::new();
+        let mut tasks = Vec::new();
+        for entry in entries {
+            // A copy that is not live now never will be: skip it without locking.
+            if !entry.is_live() {
+                continue;
+            }
+            let cell = &entry.cell;
+            let mut l = cell.lock();
+            if l.st.gen != entry.gen() {
+                continue;
+            }
+            let Phase::Queued { holders, .. } = &mut l.st.phase else {
+                continue;
+            };
+            let Some(pos) = holders.iter().position(|h| Arc::ptr_eq(h, &w)) else {
+                continue;
+            };
+            holders.swap_remove(pos);
+            w.load.dec_queued();
+            let now = if holders.is_empty() {
+                l.requeue();
+                self.place(cell, &mut l, &mut pushes)
+            } else {
+                Placement::Queued(holders.iter().map(|h| h.id).collect())
+            };
+            tasks.push(Relocation {
+                task: cell.id,
+                was: Was::Queued,
+                now,
+            });
+        }
+        for slot in running {
+            let mut l = slot.cell.lock();
+            if !l.is_running_on(&w, slot.attempt) {
+                continue; // reported, given back or cancelled meanwhile
+            }
+            self.release(&mut l);
+            l.requeue();
+            let now = self.place(&slot.cell, &mut l, &mut pushes);
+            tasks.push(Relocation {
+                task: slot.cell.id,
+                was: Was::Running(slot.attempt),
+                now,
+            });
+        }
+        self.flush(pushes);
+        self.counters
+            .redistributed
+            .fetch_add(tasks.len() as u64, Ordering::Relaxed);
+        Ok(Departure { worker, tasks })
+    }
+
+    /// Balanced mode: moves queued tasks from overloaded workers to less loaded candidates until
+    /// every move would break the thresholds in the module docs. Returns how many tasks moved.
+    /// In fanout mode every candidate already holds every task, and this returns 0.
+    pub fn rebalance(&self) -> usize {
+        if self.config.mode == Mode::Fanout {
+            return 0;
+        }
+        let weight = self.running_weight_milli;
+        let mut workers = self.registry.workers();
+        workers.sort_by_key(|w| std::cmp::Reverse(w.load.weighted(weight)));
+        let mut moved = 0;
+        for src in &workers {
+            let mut entries = {
+                let q = src.queue.lock();
+                if q.closed {
+                    continue;
+                }
+                q.live_entries()
+            };
+            // Least urgent first.
+            entries.sort_by_key(|(key, _, _)| *key);
+            let mut pushes = Pushes::new();
+            for (_, gen, cell) in entries {
+                let mut l = cell.lock();
+                if l.st.gen != gen {
+                    continue;
+                }
+                match &l.st.phase {
+                    Phase::Queued { holders, .. }
+                        if holders.len() == 1 && Arc::ptr_eq(&holders[0], src) => {}
+                    _ => continue,
+                }
+                let candidates = self.registry.candidates(&l.st.class);
+                let Some((i, dst_load)) = placement::least_loaded_other(&candidates, src, weight)
+                else {
+                    continue;
+                };
+                let src_load = src.load.weighted(weight);
+                let worth_it = src_load >= dst_load + 2000
+                    && src_load as f64 > self.config.rebalance_ratio * dst_load as f64;
+                if !worth_it {
+                    continue;
+                }
+                self.release(&mut l);
+                l.requeue();
+                self.assign(&cell, &mut l, vec![candidates[i].clone()], &mut pushes);
+                moved += 1;
+            }
+            self.flush(pushes);
+        }
+        self.counters
+            .rebalance_moves
+            .fetch_add(moved as u64, Ordering::Relaxed);
+        moved
+    }
+}

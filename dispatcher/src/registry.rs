@@ -1,0 +1,313 @@
+//! Workers, name interning, and the candidate cache per task class.
+//!
+//! A *class* is a (group, tag set) pair; every task of a class has the same candidates: the
+//! workers that serve the group and whose tags include all of the class's tags. Each class keeps
+//! its candidate list together with the registry *epoch* it was computed at; registering or
+//! unregistering a worker bumps the epoch, and the next placement in a class recomputes that
+//! class's list (O(workers in the group)). Placement therefore reads one epoch and one cached
+//! list, not the registry.
+//!
+//! Group and tag names are interned to small integers; classes are interned too, so a task
+//! carries one `Arc<Class>`.
+//!
+//! # Ordering of the epoch
+//! The epoch is bumped inside the group table's write lock and read `Relaxed`. Whenever a
+//! placement must see a registration (the parked-set and backfill hand-offs described in
+//! `redistribute`), a lock hand-off already orders the bump before the read, and then any
+//! ordering returns the bumped value; where there is no hand-off, no ordering could help.
+
+use std::collections::HashMap;
+
+use crate::config::Limits;
+use crate::error::{Error, Result};
+use crate::queue::Queue;
+use crate::sync::{Arc, AtomicU64, AtomicUsize, CachePadded, Map, Mutex, Ordering, RwLock};
+use crate::WorkerId;
+
+/// An interned group or tag name.
+pub(crate) type NameId = u32;
+
+/// A worker's load counters, read without locks by balanced placement.
+///
+/// `queued` counts the tasks that list this worker as a holder (one per task, not per heap
+/// entry: tombstones are not counted); `running` counts tasks assigned to it. Both change only
+/// inside a task's critical section, so at rest they equal what the index says. All accesses are
+/// `Relaxed`: they are gauges, exact once the operations that moved them have returned (their
+/// locks order them), and approximate while operations are in flight, which is all placement
+/// needs.
+#[derive(Default)]
+pub(crate) struct Load {
+    queued: AtomicUsize,
+    running: AtomicUsize,
+}
+
+impl Load {
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+    pub(crate) fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+    pub(crate) fn inc_queued(&self) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dec_queued(&self) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub(crate) fn inc_running(&self) {
+        self.running.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dec_running(&self) {
+        self.running.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// `queued + running × weight`, in thousandths of a queued task.
+    pub(crate) fn weighted(&self, running_weight_milli: u64) -> u64 {
+        self.queued() as u64 * 1000 + self.running() as u64 * running_weight_milli
+    }
+}
+
+/// A registered worker. The queue and the counters sit on separate cache lines: placers on other
+/// threads read the counters while the worker's fetch holds its queue lock.
+pub(crate) struct Worker {
+    pub(crate) id: WorkerId,
+    groups: Box<[NameId]>,
+    /// Sorted, deduplicated.
+    tags: Box<[NameId]>,
+    pub(crate) queue: CachePadded<Mutex<Queue>>,
+    pub(crate) load: CachePadded<Load>,
+    group_names: Box<[Arc<str>]>,
+    tag_names: Box<[Arc<str>]>,
+}
+
+impl Worker {
+    /// Whether this worker may run tasks of `class`.
+    pub(crate) fn serves(&self, class: &Class) -> bool {
+        self.groups.contains(&class.group) && is_subset(&class.tags, &self.tags)
+    }
+
+    pub(crate) fn group_names(&self) -> Vec<String> {
+        self.group_names.iter().map(|s| s.to_string()).collect()
+    }
+
+    pub(crate) fn tag_names(&self) -> Vec<String> {
+        self.tag_names.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+/// Whether sorted `small` ⊆ sorted `big`.
+fn is_subset(small: &[NameId], big: &[NameId]) -> bool {
+    let mut big = big.iter();
+    small.iter().all(|t| big.any(|b| b == t))
+}
+
+/// A (group, tag set) class with its cached candidate list.
+pub(crate) struct Class {
+    group: NameId,
+    tags: Box<[NameId]>,
+    pub(crate) group_name: Arc<str>,
+    pub(crate) tag_names: Box<[Arc<str>]>,
+    cache: RwLock<CandidateCache>,
+    /// Rotating cursor for round-robin choices and tie-breaks, and the seed of random draws.
+    pub(crate) cursor: AtomicUsize,
+}
+
+struct CandidateCache {
+    /// `u64::MAX` until first computed.
+    epoch: u64,
+    workers: Arc<[Arc<Worker>]>,
+}
+
+/// The live workers, by id and by group.
+pub(crate) struct Registry {
+    workers: Map<WorkerId, Arc<Worker>>,
+    by_group: RwLock<HashMap<NameId, Vec<Arc<Worker>>>>,
+    epoch: AtomicU64,
+    names: Map<Arc<str>, NameId>,
+    name_list: Mutex<Vec<Arc<str>>>,
+    classes: Map<Box<[NameId]>, Arc<Class>>,
+    limits: Limits,
+}
+
+impl Registry {
+    pub(crate) fn new(shards: usize, limits: Limits) -> Self {
+        Self {
+            workers: Map::with_shards(shards),
+            by_group: RwLock::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+            names: Map::with_shards(shards),
+            name_list: Mutex::new(Vec::new()),
+            classes: Map::with_shards(shards),
+            limits,
+        }
+    }
+
+    pub(crate) fn get(&self, id: WorkerId) -> Result<Arc<Worker>> {
+        self.workers.get(&id).ok_or(Error::UnknownWorker(id))
+    }
+
+    pub(crate) fn workers(&self) -> Vec<Arc<Worker>> {
+        self.workers.values()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Validates a name and interns it. The common case (a known name) is one map read.
+    fn intern(&self, kind: &str, name: &str) -> Result<NameId> {
+        if name.is_empty() {
+            return Err(Error::InvalidInput(format!("{kind} name is empty")));
+        }
+        if name.len() > self.limits.max_name_len {
+            return Err(Error::InvalidInput(format!(
+                "{kind} name is {} bytes; the limit is {}",
+                name.len(),
+                self.limits.max_name_len
+            )));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(Error::InvalidInput(format!(
+                "{kind} name contains a control character"
+            )));
+        }
+        if let Some(id) = self.names.get(name) {
+            return Ok(id);
+        }
+        // Slow path: allocate the next id under the name-list lock, so two threads interning
+        // the same new name agree on one id.
+        let mut names = self.name_list.lock();
+        let interned: Arc<str> = Arc::from(name);
+        let next = names.len() as NameId;
+        let id = self.names.get_or_insert_with(interned.clone(), || next);
+        if id == next {
+            names.push(interned);
+        }
+        Ok(id)
+    }
+
+    /// The names of interned ids.
+    fn names_of(&self, ids: &[NameId]) -> Box<[Arc<str>]> {
+        let names = self.name_list.lock();
+        ids.iter().map(|&id| names[id as usize].clone()).collect()
+    }
+
+    /// Interns a list of names; returns their ids sorted and deduplicated.
+    fn intern_set<S: AsRef<str>>(&self, kind: &str, names: &[S], max: usize) -> Result<Vec<NameId>> {
+        if names.len() > max {
+            return Err(Error::InvalidInput(format!(
+                "{} {kind}s given; the limit is {max}",
+                names.len()
+            )));
+        }
+        let mut ids = names
+            .iter()
+            .map(|n| self.intern(kind, n.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// The class of tasks in `group` with `tags`, validated and interned.
+    pub(crate) fn class<S: AsRef<str>>(&self, group: &str, tags: &[S]) -> Result<Arc<Class>> {
+        let group = self.intern("group", group)?;
+        let tags = self.intern_set("tag", tags, self.limits.max_tags)?;
+        let mut key = Vec::with_capacity(tags.len() + 1);
+        key.push(group);
+        key.extend_from_slice(&tags);
+        if let Some(class) = self.classes.get(key.as_slice()) {
+            return Ok(class);
+        }
+        Ok(self.classes.get_or_insert_with(key.into(), || {
+            Arc::new(Class {
+                group,
+                group_name: self.names_of(&[group])[0].clone(),
+                tag_names: self.names_of(&tags),
+                tags: tags.into(),
+                cache: RwLock::new(CandidateCache {
+                    epoch: u64::MAX,
+                    workers: Arc::from(Vec::new()),
+                }),
+                cursor: AtomicUsize::new(0),
+            })
+        }))
+    }
+
+    /// Builds a worker from validated input (not yet registered).
+    pub(crate) fn new_worker<S: AsRef<str>, T: AsRef<str>>(
+        &self,
+        id: WorkerId,
+        groups: &[S],
+        tags: &[T],
+    ) -> Result<Arc<Worker>> {
+        if groups.is_empty() {
+            return Err(Error::InvalidInput("a worker must serve at least one group".into()));
+        }
+        let groups = self.intern_set("group", groups, self.limits.max_groups)?;
+        let tags = self.intern_set("tag", tags, self.limits.max_tags)?;
+        Ok(Arc::new(Worker {
+            id,
+            queue: CachePadded::new(Mutex::new(Queue::default())),
+            load: CachePadded::new(Load::default()),
+            group_names: self.names_of(&groups),
+            tag_names: self.names_of(&tags),
+            groups: groups.into(),
+            tags: tags.into(),
+        }))
+    }
+
+    /// Publishes `worker`; from here on placements may choose it.
+    pub(crate) fn insert(&self, worker: &Arc<Worker>) -> Result<()> {
+        let mut by_group = self.by_group.write();
+        if self.workers.insert_new(worker.id, worker.clone()).is_err() {
+            return Err(Error::DuplicateWorker(worker.id));
+        }
+        for g in worker.groups.iter() {
+            by_group.entry(*g).or_default().push(worker.clone());
+        }
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Withdraws worker `id`; from here on fresh candidate lists exclude it.
+    pub(crate) fn remove(&self, id: WorkerId) -> Result<Arc<Worker>> {
+        let mut by_group = self.by_group.write();
+        let worker = self.get(id)?;
+        self.workers.remove_if(&id, |_| true);
+        for g in worker.groups.iter() {
+            if let Some(list) = by_group.get_mut(g) {
+                list.retain(|w| !Arc::ptr_eq(w, &worker));
+                if list.is_empty() {
+                    by_group.remove(g);
+                }
+            }
+        }
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+        Ok(worker)
+    }
+
+    /// The live candidates of `class`, from its cache when the registry has not changed.
+    pub(crate) fn candidates(&self, class: &Class) -> Arc<[Arc<Worker>]> {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        {
+            let cache = class.cache.read();
+            if cache.epoch == epoch {
+                return cache.workers.clone();
+            }
+        }
+        // Recompute under the group table's read lock, where the epoch cannot move.
+        let by_group = self.by_group.read();
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let workers: Arc<[Arc<Worker>]> = by_group
+            .get(&class.group)
+            .map(|list| list.iter().filter(|w| w.serves(class)).cloned().collect())
+            .unwrap_or_else(|| Arc::from(Vec::new()));
+        drop(by_group);
+        let mut cache = class.cache.write();
+        if cache.epoch == u64::MAX || cache.epoch < epoch {
+            cache.epoch = epoch;
+            cache.workers = workers.clone();
+        }
+        workers
+    }
+}

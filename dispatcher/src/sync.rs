@@ -1,0 +1,191 @@
+//! The synchronisation facade: the only module that names `parking_lot`, `dashmap`,
+//! `std::sync::atomic` or `loom`.
+//!
+//! Everything else in the crate imports its locks, atomics, `Arc` and concurrent map from here,
+//! so that building with `RUSTFLAGS="--cfg switchyard_loom"` swaps every one of them for a type
+//! the `loom` model checker can see. loom cannot see through `parking_lot` or `dashmap`: a model
+//! that touched them would check nothing. Under that cfg the concurrent map becomes one loom mutex
+//! around a `HashMap` — slower, but every interleaving of its users is explored.
+//!
+//! The wrappers expose exactly the operations the dispatcher needs, with the same signatures in
+//! both builds, so no other module carries a `cfg`.
+
+pub(crate) use crossbeam_utils::CachePadded;
+
+#[cfg(not(switchyard_loom))]
+mod imp {
+    pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock};
+    pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::Arc;
+
+    use std::borrow::Borrow;
+    use std::hash::Hash;
+
+    type Hasher = foldhash::fast::RandomState;
+
+    /// A sharded concurrent hash map (dashmap). Values are cheap handles (`Arc`s, ids) that are
+    /// cloned out, so no shard lock is ever held while the caller takes another lock.
+    pub(crate) struct Map<K, V>(dashmap::DashMap<K, V, Hasher>);
+
+    impl<K: Eq + Hash, V: Clone> Map<K, V> {
+        pub(crate) fn with_shards(shards: usize) -> Self {
+            let shards = shards.max(2).next_power_of_two();
+            Self(dashmap::DashMap::with_hasher_and_shard_amount(
+                Hasher::default(),
+                shards,
+            ))
+        }
+
+        pub(crate) fn get<Q>(&self, key: &Q) -> Option<V>
+        where
+            K: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            self.0.get(key).map(|v| v.value().clone())
+        }
+
+        pub(crate) fn contains<Q>(&self, key: &Q) -> bool
+        where
+            K: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            self.0.contains_key(key)
+        }
+
+        /// Inserts `value` unless `key` is present; on conflict returns the present value.
+        pub(crate) fn insert_new(&self, key: K, value: V) -> Result<(), V> {
+            match self.0.entry(key) {
+                dashmap::Entry::Occupied(o) => Err(o.get().clone()),
+                dashmap::Entry::Vacant(v) => {
+                    v.insert(value);
+                    Ok(())
+                }
+            }
+        }
+
+        /// Returns the value for `key`, inserting `make()` first if absent.
+        pub(crate) fn get_or_insert_with(&self, key: K, make: impl FnOnce() -> V) -> V {
+            self.0.entry(key).or_insert_with(make).value().clone()
+        }
+
+        /// Removes `key` if its value satisfies `pred`; returns whether it did.
+        pub(crate) fn remove_if<Q>(&self, key: &Q, pred: impl FnOnce(&V) -> bool) -> bool
+        where
+            K: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            self.0.remove_if(key, |_, v| pred(v)).is_some()
+        }
+
+        /// Clones out every value (one shard lock at a time, none held on return).
+        pub(crate) fn values(&self) -> Vec<V> {
+            self.0.iter().map(|e| e.value().clone()).collect()
+        }
+
+        pub(crate) fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+}
+
+#[cfg(switchyard_loom)]
+mod imp {
+    pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::Arc;
+
+    use std::borrow::Borrow;
+    use std::collections::HashMap;
+    use std::hash::Hash;
+
+    /// loom's mutex with `parking_lot`'s signature (no poisoning).
+    #[derive(Debug, Default)]
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+    pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(loom::sync::Mutex::new(value))
+        }
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().expect("a loom model thread panicked")
+        }
+    }
+
+    /// loom's rwlock with `parking_lot`'s signature (no poisoning).
+    #[derive(Debug, Default)]
+    pub(crate) struct RwLock<T>(loom::sync::RwLock<T>);
+
+    impl<T> RwLock<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(loom::sync::RwLock::new(value))
+        }
+        pub(crate) fn read(&self) -> loom::sync::RwLockReadGuard<'_, T> {
+            self.0.read().expect("a loom model thread panicked")
+        }
+        pub(crate) fn write(&self) -> loom::sync::RwLockWriteGuard<'_, T> {
+            self.0.write().expect("a loom model thread panicked")
+        }
+    }
+
+    /// The concurrent map as one loom-visible mutex around a `HashMap`.
+    pub(crate) struct Map<K, V>(Mutex<HashMap<K, V>>);
+
+    impl<K: Eq + Hash, V: Clone> Map<K, V> {
+        pub(crate) fn with_shards(_shards: usize) -> Self {
+            Self(Mutex::new(HashMap::new()))
+        }
+
+        pub(crate) fn get<Q>(&self, key: &Q) -> Option<V>
+        where
+            K: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            self.0.lock().get(key).cloned()
+        }
+
+        pub(crate) fn contains<Q>(&self, key: &Q) -> bool
+        where
+            K: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            self.0.lock().contains_key(key)
+        }
+
+        pub(crate) fn insert_new(&self, key: K, value: V) -> Result<(), V> {
+            let mut map = self.0.lock();
+            if let Some(present) = map.get(&key) {
+                return Err(present.clone());
+            }
+            map.insert(key, value);
+            Ok(())
+        }
+
+        pub(crate) fn get_or_insert_with(&self, key: K, make: impl FnOnce() -> V) -> V {
+            self.0.lock().entry(key).or_insert_with(make).clone()
+        }
+
+        pub(crate) fn remove_if<Q>(&self, key: &Q, pred: impl FnOnce(&V) -> bool) -> bool
+        where
+            K: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            let mut map = self.0.lock();
+            if map.get(key).is_some_and(pred) {
+                map.remove(key);
+                true
+            } else {
+                false
+            }
+        }
+
+        pub(crate) fn values(&self) -> Vec<V> {
+            self.0.lock().values().cloned().collect()
+        }
+
+        pub(crate) fn len(&self) -> usize {
+            self.0.lock().len()
+        }
+    }
+}
+
+pub(crate) use imp::*;
