@@ -94,7 +94,9 @@ impl Dispatcher {
             running_on: None,
         });
         let n = self.insert_batch(tasks)?;
-        self.counters.submitted.fetch_add(n as u64, Ordering::Relaxed);
+        self.counters
+            .submitted
+            .fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -489,7 +491,11 @@ impl Dispatcher {
                         failed.extend(entries.into_iter().map(|e| (w.clone(), e)));
                     } else {
                         entries.into_iter().for_each(|e| q.push(e));
-                        q.compact_if_sparse(w.load.queued());
+                        let compacted = q.compact_if_sparse(w.load.queued());
+                        drop(q);
+                        self.counters
+                            .stale_skipped
+                            .fetch_add(compacted as u64, Ordering::Relaxed);
                     }
                 }
             }

@@ -111,9 +111,10 @@ pub(crate) struct Locked<'a> {
 impl Locked<'_> {
     fn publish(&self) {
         // Relaxed: see "Why `status` may be read Relaxed" in the module docs.
-        self.cell
-            .status
-            .store(pack(self.st.gen, phase_code(&self.st.phase)), Ordering::Relaxed);
+        self.cell.status.store(
+            pack(self.st.gen, phase_code(&self.st.phase)),
+            Ordering::Relaxed,
+        );
     }
 
     /// Starts a fresh placement: a new generation, queued with no holders and not parked.

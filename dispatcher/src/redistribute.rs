@@ -130,7 +130,10 @@ impl Dispatcher {
             };
             for cell in unparked {
                 let mut l = cell.lock();
-                if let Phase::Queued { parked: was @ true, .. } = &mut l.st.phase {
+                if let Phase::Queued {
+                    parked: was @ true, ..
+                } = &mut l.st.phase
+                {
                     *was = false;
                     l.requeue();
                     self.place(&cell, &mut l, &mut pushes);
@@ -175,7 +178,11 @@ impl Dispatcher {
         if !self.registry.candidates(&l.st.class).is_empty() {
             return false;
         }
-        let Phase::Queued { holders, parked: flag } = &mut l.st.phase else {
+        let Phase::Queued {
+            holders,
+            parked: flag,
+        } = &mut l.st.phase
+        else {
             unreachable!("only queued tasks are parked")
         };
         debug_assert!(holders.is_empty());

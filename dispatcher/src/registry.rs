@@ -192,7 +192,12 @@ impl Registry {
     }
 
     /// Interns a list of names; returns their ids sorted and deduplicated.
-    fn intern_set<S: AsRef<str>>(&self, kind: &str, names: &[S], max: usize) -> Result<Vec<NameId>> {
+    fn intern_set<S: AsRef<str>>(
+        &self,
+        kind: &str,
+        names: &[S],
+        max: usize,
+    ) -> Result<Vec<NameId>> {
         if names.len() > max {
             return Err(Error::InvalidInput(format!(
                 "{} {kind}s given; the limit is {max}",
@@ -241,7 +246,9 @@ impl Registry {
         tags: &[T],
     ) -> Result<Arc<Worker>> {
         if groups.is_empty() {
-            return Err(Error::InvalidInput("a worker must serve at least one group".into()));
+            return Err(Error::InvalidInput(
+                "a worker must serve at least one group".into(),
+            ));
         }
         let groups = self.intern_set("group", groups, self.limits.max_groups)?;
         let tags = self.intern_set("tag", tags, self.limits.max_tags)?;
