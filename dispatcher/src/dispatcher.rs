@@ -126,10 +126,8 @@ impl Dispatcher {
                 return Err(Error::DuplicateTask(spec.id));
             }
             let class = self.registry.class(&spec.group, &spec.tags)?;
-            let worker = match task.running_on {
-                Some(w) => Some(self.registry.get(w).ok()),
-                None => None,
-            };
+            // Some(None): it ran on a worker that is not registered (it will be queued again).
+            let worker = task.running_on.map(|w| self.registry.get(w).ok());
             if worker.is_some() && task.attempt == 0 {
                 return Err(Error::InvalidInput(format!(
                     "task {} is running with attempt 0",
@@ -262,13 +260,7 @@ impl Dispatcher {
     pub fn complete(&self, worker: WorkerId, task: TaskId, attempt: u32) -> Result<()> {
         let (w, cell) = self.running_task(worker, task)?;
         let mut l = cell.lock();
-        if !l.is_running_on(&w, attempt) {
-            return Err(Error::StaleAttempt {
-                task,
-                attempt,
-                worker,
-            });
-        }
+        Self::check_assignment(&l, &w, task, attempt)?;
         l.finish(&self.index);
         drop(l);
         Self::forget_running(&w, task, attempt);
@@ -282,13 +274,7 @@ impl Dispatcher {
         let (w, cell) = self.running_task(worker, task)?;
         let mut pushes = Pushes::new();
         let mut l = cell.lock();
-        if !l.is_running_on(&w, attempt) {
-            return Err(Error::StaleAttempt {
-                task,
-                attempt,
-                worker,
-            });
-        }
+        Self::check_assignment(&l, &w, task, attempt)?;
         self.release(&mut l);
         l.requeue();
         let placement = self.place(&cell, &mut l, &mut pushes);
@@ -297,6 +283,22 @@ impl Dispatcher {
         Self::forget_running(&w, task, attempt);
         self.counters.given_back.fetch_add(1, Ordering::Relaxed);
         Ok(placement)
+    }
+
+    /// Whether a report by `w` for `attempt` names the task's current assignment. A task that
+    /// ended between the index lookup and the lock is unknown, as it would be a moment later.
+    fn check_assignment(l: &Locked<'_>, w: &Worker, task: TaskId, attempt: u32) -> Result<()> {
+        if matches!(l.st.phase, Phase::Gone) {
+            return Err(Error::UnknownTask(task));
+        }
+        if !l.is_running_on(w, attempt) {
+            return Err(Error::StaleAttempt {
+                task,
+                attempt,
+                worker: w.id,
+            });
+        }
+        Ok(())
     }
 
     fn running_task(&self, worker: WorkerId, task: TaskId) -> Result<(Arc<Worker>, Arc<TaskCell>)> {

@@ -183,8 +183,8 @@ impl Locked<'_> {
         index.remove(self.cell);
     }
 
-    pub(crate) fn is_running_on(&self, worker: &Arc<Worker>, attempt: u32) -> bool {
-        matches!(&self.st.phase, Phase::Running { worker: w } if Arc::ptr_eq(w, worker))
+    pub(crate) fn is_running_on(&self, worker: &Worker, attempt: u32) -> bool {
+        matches!(&self.st.phase, Phase::Running { worker: w } if std::ptr::eq(Arc::as_ptr(w), worker))
             && self.st.attempt == attempt
     }
 }
