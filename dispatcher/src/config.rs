@@ -62,6 +62,25 @@ pub struct Config {
     pub limits: Limits,
     /// Shard count of the concurrent maps (rounded up to a power of two).
     pub shards: usize,
+    /// Model checking only: a protection to break on purpose, so a loom model can show that it
+    /// fails without it.
+    #[cfg(switchyard_loom)]
+    #[doc(hidden)]
+    pub mutant: Option<Mutant>,
+}
+
+/// Deliberately broken protections, for showing that loom models can fail. Only the
+/// `switchyard_loom` build can switch one on.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutant {
+    /// A claim trusts the lock-free liveness check and skips the re-check under the cell lock.
+    ClaimWithoutRecheck,
+    /// A fetch lets go of its queue lock while it claims, so `unregister` can empty and close the
+    /// queue between the pop and the claim.
+    FetchUnlocksBeforeClaim,
+    /// A push ignores the `closed` flag of a departing worker's queue.
+    PushIgnoresClosed,
 }
 
 impl Default for Config {
@@ -73,6 +92,8 @@ impl Default for Config {
             rebalance_ratio: 1.5,
             limits: Limits::default(),
             shards: if cfg!(switchyard_loom) { 2 } else { 64 },
+            #[cfg(switchyard_loom)]
+            mutant: None,
         }
     }
 }

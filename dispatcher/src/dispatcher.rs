@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, Mutant};
 use crate::error::{Error, Result};
 use crate::index::{Index, Locked, Phase, TaskCell, TaskState};
 use crate::placement;
@@ -27,7 +27,7 @@ use crate::queue::{order_key, Entry, RunningSlot};
 use crate::redistribute::{Parked, Placement};
 use crate::registry::{Class, Registry, Worker};
 use crate::stats::CounterCells;
-use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
+use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, Ordering};
 use crate::task::{Assignment, Cancelled, SeedTask, TaskInfo, TaskSpec, TaskStatus};
 use crate::{TaskId, WorkerId};
 
@@ -40,7 +40,7 @@ pub struct Dispatcher {
     pub(crate) running_weight_milli: u64,
     pub(crate) registry: Registry,
     pub(crate) index: Index,
-    pub(crate) parked: Mutex<HashMap<TaskId, Parked, foldhash::fast::RandomState>>,
+    pub(crate) parked: Mutex<HashMap<TaskId, Parked, Hasher>>,
     seq: AtomicU64,
     epoch: Instant,
     pub(crate) counters: CounterCells,
@@ -233,8 +233,13 @@ impl Dispatcher {
             }
             let gen = entry.gen();
             let cell = entry.cell;
-            let mut l = cell.lock();
-            let Some(attempt) = l.claim(gen, &w) else {
+            let mut l = if self.mutant(Mutant::FetchUnlocksBeforeClaim) {
+                unlocked(&mut q, || cell.lock())
+            } else {
+                cell.lock()
+            };
+            let recheck = !self.mutant(Mutant::ClaimWithoutRecheck);
+            let Some(attempt) = l.claim(gen, &w, recheck) else {
                 stale += 1;
                 continue;
             };
@@ -400,6 +405,18 @@ impl Dispatcher {
 
     // ----- the placing machinery --------------------------------------------------------------
 
+    /// Whether the loom-only mutant `m` is switched on (always false in normal builds).
+    #[inline(always)]
+    fn mutant(&self, m: Mutant) -> bool {
+        #[cfg(switchyard_loom)]
+        return self.config.mutant == Some(m);
+        #[cfg(not(switchyard_loom))]
+        {
+            let _ = m;
+            false
+        }
+    }
+
     /// Seconds since this dispatcher's epoch (only read when aging is on).
     fn now_secs(&self) -> f64 {
         if self.config.aging_rate == 0.0 {
@@ -479,7 +496,7 @@ impl Dispatcher {
             if pushes.len() == 1 {
                 let (w, entry) = pushes.pop().expect("one push");
                 let mut q = w.queue.lock();
-                if q.closed {
+                if q.closed && !self.mutant(Mutant::PushIgnoresClosed) {
                     drop(q);
                     failed.push((w, entry));
                 } else {
@@ -488,7 +505,7 @@ impl Dispatcher {
             } else {
                 for (w, entries) in group_by_worker(pushes) {
                     let mut q = w.queue.lock();
-                    if q.closed {
+                    if q.closed && !self.mutant(Mutant::PushIgnoresClosed) {
                         drop(q);
                         failed.extend(entries.into_iter().map(|e| (w.clone(), e)));
                     } else {
@@ -533,9 +550,19 @@ impl Dispatcher {
     }
 }
 
+impl Drop for Dispatcher {
+    /// Workers' heaps and running sets point at task cells, and cells point back at their
+    /// holders and runner: empty every queue so those cycles do not outlive the dispatcher.
+    fn drop(&mut self) {
+        for w in self.registry.workers() {
+            drop(w.queue.lock().close());
+        }
+    }
+}
+
 /// Groups pushes by target worker, keeping each worker's entries in order.
 fn group_by_worker(pushes: Pushes) -> Vec<(Arc<Worker>, Vec<Entry>)> {
-    let mut slot: HashMap<*const Worker, usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut slot: HashMap<*const Worker, usize, Hasher> = HashMap::default();
     let mut groups: Vec<(Arc<Worker>, Vec<Entry>)> = Vec::new();
     for (w, entry) in pushes {
         let i = *slot.entry(Arc::as_ptr(&w)).or_insert_with(|| {

@@ -130,18 +130,21 @@ impl Locked<'_> {
 
     /// Claims the task for `worker` if the copy placed at `gen` is still current and `worker`
     /// holds it. Every holder's queued counter drops; returns the new attempt.
-    pub(crate) fn claim(&mut self, gen: u32, worker: &Arc<Worker>) -> Option<u32> {
-        if self.st.gen != gen {
-            return None;
+    /// `recheck: false` is the `ClaimWithoutRecheck` mutant, for loom models only.
+    pub(crate) fn claim(&mut self, gen: u32, worker: &Arc<Worker>, recheck: bool) -> Option<u32> {
+        if recheck {
+            if self.st.gen != gen {
+                return None;
+            }
+            let Phase::Queued { holders, .. } = &self.st.phase else {
+                return None;
+            };
+            if !holders.iter().any(|h| Arc::ptr_eq(h, worker)) {
+                return None;
+            }
         }
-        let Phase::Queued { holders, .. } = &self.st.phase else {
-            return None;
-        };
-        if !holders.iter().any(|h| Arc::ptr_eq(h, worker)) {
-            return None;
-        }
-        for h in holders {
-            h.load.dec_queued();
+        if let Phase::Queued { holders, .. } = &self.st.phase {
+            holders.iter().for_each(|h| h.load.dec_queued());
         }
         worker.load.inc_running();
         self.st.attempt += 1;

@@ -85,7 +85,7 @@ mod stats;
 mod sync;
 mod task;
 
-pub use config::{Config, Limits, Mode, Strategy};
+pub use config::{Config, Limits, Mode, Mutant, Strategy};
 pub use dispatcher::Dispatcher;
 pub use error::{Error, Result};
 pub use redistribute::{Departure, Placement, Registration, Relocation, Was};

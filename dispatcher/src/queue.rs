@@ -23,7 +23,7 @@ use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, HashMap};
 
 use crate::index::TaskCell;
-use crate::sync::Arc;
+use crate::sync::{Arc, Hasher};
 use crate::TaskId;
 
 /// Bits of the packed `order` word that hold the generation.
@@ -106,7 +106,7 @@ pub(crate) struct Queue {
     heap: BinaryHeap<Entry>,
     /// Tasks this worker runs. Entries are removed lazily after a report, so a slot whose
     /// attempt no longer matches its cell is ignored by `unregister`.
-    pub(crate) running: HashMap<TaskId, RunningSlot, foldhash::fast::RandomState>,
+    pub(crate) running: HashMap<TaskId, RunningSlot, Hasher>,
     /// Set once by `unregister`; a push into a closed queue fails and the pusher re-places.
     pub(crate) closed: bool,
 }

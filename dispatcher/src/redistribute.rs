@@ -26,7 +26,7 @@
 //! after the backfill's lock hand-off (and then its candidate list includes the new worker).
 //!
 //! # Rebalancing (balanced mode)
-//! One pass over the workers, most loaded first: a queued task moves from its worker to its least
+//! One pass over the workers, most loaded first, moving each task at most once: a queued task moves from its worker to its least
 //! loaded other candidate while the source's load is at least two tasks more than the target's
 //! and more than `rebalance_ratio` times it. Each move makes the two loads closer without
 //! crossing, so the pass never ping-pongs. The least urgent tasks move first, which leaves the
@@ -265,7 +265,8 @@ impl Dispatcher {
         let weight = self.running_weight_milli;
         let mut workers = self.registry.workers();
         workers.sort_by_key(|w| std::cmp::Reverse(w.load.weighted(weight)));
-        let mut moved = 0;
+        // A task moves at most once per pass: it must not leave a worker it was just moved to.
+        let mut moved_cells = std::collections::HashSet::new();
         for src in &workers {
             let mut entries = {
                 let q = src.queue.lock();
@@ -278,6 +279,9 @@ impl Dispatcher {
             entries.sort_by_key(|(key, _, _)| *key);
             let mut pushes = Pushes::new();
             for (_, gen, cell) in entries {
+                if moved_cells.contains(&Arc::as_ptr(&cell)) {
+                    continue;
+                }
                 let mut l = cell.lock();
                 if l.st.gen != gen {
                     continue;
@@ -301,10 +305,12 @@ impl Dispatcher {
                 self.release(&mut l);
                 l.requeue();
                 self.assign(&cell, &mut l, vec![candidates[i].clone()], &mut pushes);
-                moved += 1;
+                drop(l);
+                moved_cells.insert(Arc::as_ptr(&cell));
             }
             self.flush(pushes);
         }
+        let moved = moved_cells.len();
         self.counters
             .rebalance_moves
             .fetch_add(moved as u64, Ordering::Relaxed);

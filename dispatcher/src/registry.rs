@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::queue::Queue;
-use crate::sync::{Arc, AtomicU64, AtomicUsize, CachePadded, Map, Mutex, Ordering, RwLock};
+use crate::sync::{Arc, AtomicU64, AtomicUsize, CachePadded, Map, Mutex, Ordering, RwLock, Shared};
 use crate::WorkerId;
 
 /// An interned group or tag name.
@@ -75,8 +75,8 @@ pub(crate) struct Worker {
     tags: Box<[NameId]>,
     pub(crate) queue: CachePadded<Mutex<Queue>>,
     pub(crate) load: CachePadded<Load>,
-    group_names: Box<[Arc<str>]>,
-    tag_names: Box<[Arc<str>]>,
+    group_names: Box<[Shared<str>]>,
+    tag_names: Box<[Shared<str>]>,
 }
 
 impl Worker {
@@ -104,8 +104,8 @@ fn is_subset(small: &[NameId], big: &[NameId]) -> bool {
 pub(crate) struct Class {
     group: NameId,
     tags: Box<[NameId]>,
-    pub(crate) group_name: Arc<str>,
-    pub(crate) tag_names: Box<[Arc<str>]>,
+    pub(crate) group_name: Shared<str>,
+    pub(crate) tag_names: Box<[Shared<str>]>,
     cache: RwLock<CandidateCache>,
     /// Rotating cursor for round-robin choices and tie-breaks, and the seed of random draws.
     pub(crate) cursor: AtomicUsize,
@@ -114,7 +114,7 @@ pub(crate) struct Class {
 struct CandidateCache {
     /// `u64::MAX` until first computed.
     epoch: u64,
-    workers: Arc<[Arc<Worker>]>,
+    workers: Shared<[Arc<Worker>]>,
 }
 
 /// The live workers, by id and by group.
@@ -122,8 +122,8 @@ pub(crate) struct Registry {
     workers: Map<WorkerId, Arc<Worker>>,
     by_group: RwLock<HashMap<NameId, Vec<Arc<Worker>>>>,
     epoch: AtomicU64,
-    names: Map<Arc<str>, NameId>,
-    name_list: Mutex<Vec<Arc<str>>>,
+    names: Map<Shared<str>, NameId>,
+    name_list: Mutex<Vec<Shared<str>>>,
     classes: Map<Box<[NameId]>, Arc<Class>>,
     limits: Limits,
 }
@@ -176,7 +176,7 @@ impl Registry {
         // Slow path: allocate the next id under the name-list lock, so two threads interning
         // the same new name agree on one id.
         let mut names = self.name_list.lock();
-        let interned: Arc<str> = Arc::from(name);
+        let interned: Shared<str> = Shared::from(name);
         let next = names.len() as NameId;
         let id = self.names.get_or_insert_with(interned.clone(), || next);
         if id == next {
@@ -186,7 +186,7 @@ impl Registry {
     }
 
     /// The names of interned ids.
-    fn names_of(&self, ids: &[NameId]) -> Box<[Arc<str>]> {
+    fn names_of(&self, ids: &[NameId]) -> Box<[Shared<str>]> {
         let names = self.name_list.lock();
         ids.iter().map(|&id| names[id as usize].clone()).collect()
     }
@@ -231,7 +231,7 @@ impl Registry {
                 tags: tags.into(),
                 cache: RwLock::new(CandidateCache {
                     epoch: u64::MAX,
-                    workers: Arc::from(Vec::new()),
+                    workers: Shared::from(Vec::new()),
                 }),
                 cursor: AtomicUsize::new(0),
             })
@@ -294,7 +294,7 @@ impl Registry {
     }
 
     /// The live candidates of `class`, from its cache when the registry has not changed.
-    pub(crate) fn candidates(&self, class: &Class) -> Arc<[Arc<Worker>]> {
+    pub(crate) fn candidates(&self, class: &Class) -> Shared<[Arc<Worker>]> {
         let epoch = self.epoch.load(Ordering::Relaxed);
         {
             let cache = class.cache.read();
@@ -305,10 +305,10 @@ impl Registry {
         // Recompute under the group table's read lock, where the epoch cannot move.
         let by_group = self.by_group.read();
         let epoch = self.epoch.load(Ordering::Relaxed);
-        let workers: Arc<[Arc<Worker>]> = by_group
+        let workers: Shared<[Arc<Worker>]> = by_group
             .get(&class.group)
             .map(|list| list.iter().filter(|w| w.serves(class)).cloned().collect())
-            .unwrap_or_else(|| Arc::from(Vec::new()));
+            .unwrap_or_else(|| Shared::from(Vec::new()));
         drop(by_group);
         let mut cache = class.cache.write();
         if cache.epoch == u64::MAX || cache.epoch < epoch {

@@ -1,8 +1,12 @@
 //! Counters and the statistics snapshot.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::dispatcher::Dispatcher;
-use crate::sync::{AtomicU64, CachePadded, Ordering};
-use crate::WorkerId;
+use crate::index::Phase;
+use crate::registry::Worker;
+use crate::sync::{Arc, AtomicU64, CachePadded, Ordering};
+use crate::{TaskId, WorkerId};
 
 /// Monotonic event counters, bumped `Relaxed` (they order nothing) and batched per call on the
 /// fetch path. Each sits on its own cache line: the claim counters are bumped by every fetch.
@@ -127,5 +131,114 @@ impl Dispatcher {
             },
             workers,
         }
+    }
+}
+
+impl Dispatcher {
+    /// Checks the invariants of the crate docs against the whole state and describes the first
+    /// violation found. Meaningful only at rest (no operation in flight); O(tasks + heap entries).
+    /// The tests, the stress test and the loom models call it after every scenario.
+    ///
+    /// Checked: every live task is queued on ≥ 1 registered holder whose heap has a live copy of
+    /// it, or parked (and in the parked set, and only then), or running on a registered worker
+    /// whose running set records its attempt; every registered worker's `queued` and `running`
+    /// counters equal those recomputed from the tasks; no registered worker's queue is closed.
+    pub fn audit(&self) -> std::result::Result<(), String> {
+        let workers = self.registry.workers();
+        let live: HashMap<WorkerId, &Arc<Worker>> = workers.iter().map(|w| (w.id, w)).collect();
+        // What each worker's queue holds: live copies as (cell address, generation), and the
+        // running slots as (task, attempt).
+        let mut copies: HashMap<WorkerId, HashSet<(usize, u32)>> = HashMap::new();
+        let mut slots: HashMap<WorkerId, HashMap<TaskId, u32>> = HashMap::new();
+        for w in &workers {
+            let q = w.queue.lock();
+            if q.closed {
+                return Err(format!("registered worker {} has a closed queue", w.id));
+            }
+            copies.insert(
+                w.id,
+                q.live_entries()
+                    .iter()
+                    .map(|(_, gen, c)| (Arc::as_ptr(c) as usize, *gen))
+                    .collect(),
+            );
+            slots.insert(
+                w.id,
+                q.running.iter().map(|(t, s)| (*t, s.attempt)).collect(),
+            );
+        }
+        let is_live = |w: &Arc<Worker>| live.get(&w.id).is_some_and(|l| Arc::ptr_eq(l, w));
+        let parked_ids: HashSet<TaskId> = self.parked.lock().keys().copied().collect();
+        let mut load: HashMap<WorkerId, (usize, usize)> =
+            workers.iter().map(|w| (w.id, (0, 0))).collect();
+        let mut parked = 0;
+        for cell in self.index.cells() {
+            let id = cell.id;
+            let l = cell.lock();
+            match &l.st.phase {
+                Phase::Queued {
+                    holders,
+                    parked: true,
+                } => {
+                    if !holders.is_empty() {
+                        return Err(format!("task {id} is parked with holders"));
+                    }
+                    if !parked_ids.contains(&id) {
+                        return Err(format!("task {id} is parked but not in the parked set"));
+                    }
+                    parked += 1;
+                }
+                Phase::Queued {
+                    holders,
+                    parked: false,
+                } => {
+                    if holders.is_empty() {
+                        return Err(format!("task {id} is queued with no holder and not parked"));
+                    }
+                    for h in holders {
+                        if !is_live(h) {
+                            return Err(format!("task {id} is held by departed worker {}", h.id));
+                        }
+                        let key = (Arc::as_ptr(&cell) as usize, l.st.gen);
+                        if !copies[&h.id].contains(&key) {
+                            return Err(format!("task {id}: holder {} has no live copy", h.id));
+                        }
+                        load.get_mut(&h.id).expect("live").0 += 1;
+                    }
+                }
+                Phase::Running { worker } => {
+                    if !is_live(worker) {
+                        return Err(format!(
+                            "task {id} is running on departed worker {}",
+                            worker.id
+                        ));
+                    }
+                    if slots[&worker.id].get(&id) != Some(&l.st.attempt) {
+                        return Err(format!(
+                            "task {id} runs on {} as attempt {} but its running set disagrees",
+                            worker.id, l.st.attempt
+                        ));
+                    }
+                    load.get_mut(&worker.id).expect("live").1 += 1;
+                }
+                Phase::Gone => return Err(format!("task {id} is gone but still indexed")),
+            }
+        }
+        if parked != parked_ids.len() {
+            return Err(format!(
+                "parked set has {} tasks, {parked} are marked parked",
+                parked_ids.len()
+            ));
+        }
+        for w in &workers {
+            let counted = (w.load.queued(), w.load.running());
+            if counted != load[&w.id] {
+                return Err(format!(
+                    "worker {}: counters (queued, running) = {counted:?}, tasks say {:?}",
+                    w.id, load[&w.id]
+                ));
+            }
+        }
+        Ok(())
     }
 }

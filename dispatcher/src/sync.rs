@@ -12,16 +12,28 @@
 
 pub(crate) use crossbeam_utils::CachePadded;
 
+/// Reference-counted *immutable* data (interned names, candidate lists). Its count orders
+/// nothing the dispatcher relies on, so loom gains nothing from modelling it — and loom's `Arc`
+/// can neither hold unsized values conveniently nor be hashed. Mutable shared state (workers,
+/// task cells, classes) uses [`Arc`], which loom does model.
+pub(crate) use std::sync::Arc as Shared;
+
 #[cfg(not(switchyard_loom))]
 mod imp {
     pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock};
+
+    /// Runs `f` with `guard`'s lock released, then takes it again.
+    pub(crate) fn unlocked<T, U>(guard: &mut MutexGuard<'_, T>, f: impl FnOnce() -> U) -> U {
+        MutexGuard::unlocked(guard, f)
+    }
     pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::Arc;
 
     use std::borrow::Borrow;
     use std::hash::Hash;
 
-    type Hasher = foldhash::fast::RandomState;
+    /// The hasher of every hash map in the crate.
+    pub(crate) type Hasher = foldhash::fast::RandomState;
 
     /// A sharded concurrent hash map (dashmap). Values are cheap handles (`Arc`s, ids) that are
     /// cloned out, so no shard lock is ever held while the caller takes another lock.
@@ -97,18 +109,52 @@ mod imp {
     use std::collections::HashMap;
     use std::hash::Hash;
 
+    /// A fixed-key hasher: loom replays executions, and a randomly seeded map would iterate in a
+    /// different order each time, which loom reports as non-determinism.
+    pub(crate) type Hasher =
+        std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
     /// loom's mutex with `parking_lot`'s signature (no poisoning).
     #[derive(Debug, Default)]
     pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
-    pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
 
     impl<T> Mutex<T> {
         pub(crate) fn new(value: T) -> Self {
             Self(loom::sync::Mutex::new(value))
         }
         pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-            self.0.lock().expect("a loom model thread panicked")
+            MutexGuard {
+                mutex: &self.0,
+                guard: Some(self.0.lock().expect("a loom model thread panicked")),
+            }
         }
+    }
+
+    /// A guard that can let go of its lock for a while (see [`unlocked`]).
+    pub(crate) struct MutexGuard<'a, T> {
+        mutex: &'a loom::sync::Mutex<T>,
+        guard: Option<loom::sync::MutexGuard<'a, T>>,
+    }
+
+    impl<T> std::ops::Deref for MutexGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            self.guard.as_ref().expect("guard is held")
+        }
+    }
+
+    impl<T> std::ops::DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            self.guard.as_mut().expect("guard is held")
+        }
+    }
+
+    /// Runs `f` with `guard`'s lock released, then takes it again.
+    pub(crate) fn unlocked<T, U>(guard: &mut MutexGuard<'_, T>, f: impl FnOnce() -> U) -> U {
+        guard.guard = None;
+        let out = f();
+        guard.guard = Some(guard.mutex.lock().expect("a loom model thread panicked"));
+        out
     }
 
     /// loom's rwlock with `parking_lot`'s signature (no poisoning).
@@ -128,11 +174,11 @@ mod imp {
     }
 
     /// The concurrent map as one loom-visible mutex around a `HashMap`.
-    pub(crate) struct Map<K, V>(Mutex<HashMap<K, V>>);
+    pub(crate) struct Map<K, V>(Mutex<HashMap<K, V, Hasher>>);
 
     impl<K: Eq + Hash, V: Clone> Map<K, V> {
         pub(crate) fn with_shards(_shards: usize) -> Self {
-            Self(Mutex::new(HashMap::new()))
+            Self(Mutex::new(HashMap::default()))
         }
 
         pub(crate) fn get<Q>(&self, key: &Q) -> Option<V>

@@ -480,6 +480,9 @@ impl Model {
 
     /// The dispatcher's full state equals the model's.
     fn check(&self, d: &Dispatcher) {
+        if let Err(violation) = d.audit() {
+            panic!("audit: {violation}");
+        }
         for id in 0..TASK_IDS {
             let got = d.get(TaskId(id));
             let Some(t) = self.tasks.get(&id) else {

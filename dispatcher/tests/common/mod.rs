@@ -5,10 +5,13 @@ use std::collections::BTreeMap;
 
 use switchyard::{Dispatcher, TaskId, TaskStatus, WorkerId};
 
-/// Recomputes each worker's queued/running load from the task snapshots of `tasks` (every live
+/// Runs the dispatcher's own audit, then independently recomputes each worker's queued/running load from the task snapshots of `tasks` (every live
 /// task must be among them) and asserts it equals the counters `stats()` reports (invariant 3),
 /// that every holder and runner is live (invariants 1 and 4), and that totals add up.
 pub fn assert_counters_agree(d: &Dispatcher, tasks: impl IntoIterator<Item = TaskId>) {
+    if let Err(violation) = d.audit() {
+        panic!("audit: {violation}");
+    }
     let stats = d.stats();
     let live: BTreeMap<WorkerId, (usize, usize)> =
         stats.workers.iter().map(|w| (w.id, (0, 0))).collect();
