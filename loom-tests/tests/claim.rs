@@ -1,0 +1,96 @@
+//! Races on the claim: two holders fetching one fanout task, cancel against fetch, and a
+//! rebalance move against a claim.
+#![cfg(switchyard_loom)]
+
+use loom::thread;
+use switchyard::{Cancelled, Mode, Mutant, TaskId, TaskSpec, TaskStatus};
+use switchyard_loom_tests::*;
+
+/// **Invariant 2 (exclusive claim)**, and 3: two workers fetch the two fanout copies of one task
+/// at once. Exactly one gets it, and both holders' queued counters drop.
+fn fanout_claim(mutant: Option<Mutant>) {
+    model("fanout claim: two holders fetch one task", move || {
+        let d = dispatcher(Mode::Fanout, mutant);
+        d.register(W1, &["g"], NO_TAGS).unwrap();
+        d.register(W2, &["g"], NO_TAGS).unwrap();
+        d.submit(TaskSpec::new(1, "g")).unwrap();
+        let d2 = d.clone();
+        let t = thread::spawn(move || d2.fetch(W2, 1).unwrap());
+        let a = d.fetch(W1, 1).unwrap();
+        let b = t.join().unwrap();
+        assert_eq!(a.len() + b.len(), 1, "exactly one assignment: {a:?} {b:?}");
+        let s = d.stats();
+        assert!(
+            s.workers.iter().all(|w| w.queued == 0),
+            "both counters drop"
+        );
+        assert_eq!(s.running, 1);
+        at_rest(&d);
+    });
+}
+
+#[test]
+fn two_holders_claim_one_fanout_task() {
+    fanout_claim(None);
+}
+
+/// Without the re-check under the cell lock, both fetches can pass the lock-free liveness check
+/// and both claim: the model must catch it.
+#[test]
+#[should_panic(expected = "exactly one assignment")]
+fn mutant_claim_without_recheck_is_caught() {
+    fanout_claim(Some(Mutant::ClaimWithoutRecheck));
+}
+
+/// **Invariant 2 and 6**: cancel against fetch of the same task. Either the fetch gets it and the
+/// cancel reports it running (the assignment is revoked), or the cancel wins and no fetch
+/// returns it.
+#[test]
+fn cancel_races_fetch() {
+    model("cancel vs fetch", || {
+        let d = dispatcher(Mode::Fanout, None);
+        d.register(W1, &["g"], NO_TAGS).unwrap();
+        d.submit(TaskSpec::new(1, "g")).unwrap();
+        let d2 = d.clone();
+        let t = thread::spawn(move || d2.cancel(TaskId(1)).unwrap());
+        let got = d.fetch(W1, 1).unwrap();
+        let cancelled = t.join().unwrap();
+        match (got.as_slice(), cancelled) {
+            ([a], Cancelled::Running { worker, attempt }) => {
+                assert_eq!((worker, attempt), (W1, a.attempt));
+                assert!(d.complete(W1, TaskId(1), a.attempt).is_err(), "revoked");
+            }
+            ([], Cancelled::Queued) => {}
+            other => panic!("inconsistent outcome {other:?}"),
+        }
+        assert!(d.get(TaskId(1)).is_none());
+        at_rest(&d);
+    });
+}
+
+/// **Invariants 1 and 2**: a rebalance moves a queued task while its holder fetches. Each task
+/// ends either running on the fetcher (claimed once) or queued on exactly one worker.
+#[test]
+fn rebalance_move_races_claim() {
+    model("rebalance move vs claim", || {
+        let d = dispatcher(balanced(), None);
+        d.register(W1, &["g"], NO_TAGS).unwrap();
+        d.submit_many([TaskSpec::new(1, "g"), TaskSpec::new(2, "g")])
+            .unwrap();
+        d.register(W2, &["g"], NO_TAGS).unwrap();
+        let d2 = d.clone();
+        let t = thread::spawn(move || d2.rebalance());
+        let got = d.fetch(W1, 2).unwrap();
+        let moved = t.join().unwrap();
+        assert!(moved <= 1, "ratio 1 moves at most one of two tasks");
+        for task in [1, 2] {
+            let fetched = got.iter().any(|a| a.task == TaskId(task));
+            match status(&d, task).expect("never lost") {
+                TaskStatus::Running(w) => assert!(fetched && w == W1),
+                TaskStatus::Queued(h) => assert!(!fetched && h.len() == 1),
+                TaskStatus::Parked => panic!("task {task} parked with live candidates"),
+            }
+        }
+        at_rest(&d);
+    });
+}
