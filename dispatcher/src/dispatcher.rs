@@ -1,44 +1,78 @@
 //! The [`Dispatcher`]: submission, fetch, reports, cancellation and updates, and the placing
-//! machinery they share (`place`, `assign`, `flush`). Worker arrival and departure, parking and
-//! rebalancing are in [`crate::redistribute`]; statistics in [`crate::stats`].
+//! machinery they share (`place`, `assign_*`, `flush`). Worker arrival and departure, parking
+//! and rebalancing are in [`crate::redistribute`]; statistics and the audit in [`crate::stats`].
 //!
 //! # Placing happens in two steps
 //! 1. Inside the task's critical section, the policy picks holders, the task's holder list and
 //!    the holders' `queued` counters are updated, and the copies to push are collected.
 //! 2. After the critical section, [`Dispatcher::flush`] pushes the copies, locking each target
-//!    queue once per batch. A push into a *closed* queue (its worker is leaving) fails; the
-//!    pusher then removes that holder in the task's critical section and, if no holder is left,
-//!    places the task afresh. `unregister` withdraws the worker from the registry before closing
-//!    its queue, so a fresh placement never picks the same worker again and the loop ends.
+//!    queue once per batch (a fanout batch of one class pushes all its copies to each candidate
+//!    under one lock). A push into a *closed* queue (its worker is leaving) fails; the pusher
+//!    then removes that holder in the task's critical section and, if no holder is left, places
+//!    the task afresh. `unregister` withdraws the worker from the registry before closing its
+//!    queue, so a fresh placement never picks the same worker again and the loop ends.
 //!
 //! Keeping pushes out of the critical section is what gives one lock order everywhere:
-//! **worker queue → task cell → parked set → class cache → registry**, with index shards as
-//! leaves. A fetch holds its own queue while it claims, so a copy is never "in flight" between
-//! a heap and a claim where `unregister` could miss it.
+//! **worker queue → task cell → parked set → class cache → registry**, with the index, the
+//! registry maps and the slab's free lists as leaves. A fetch holds its own queue while it
+//! claims, so a copy is never "in flight" between a heap and a claim where `unregister` could
+//! miss it.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::config::{Config, Mode, Mutant};
 use crate::error::{Error, Result};
-use crate::index::{Index, Locked, Phase, TaskCell, TaskState};
+use crate::index::{Cells, Holders, Index, Locked, Phase, Slot, TaskState};
 use crate::placement;
-use crate::queue::{order_key, Entry, RunningSlot};
+use crate::queue::{order_key, Entry, RunningRecord};
 use crate::redistribute::{Parked, Placement};
-use crate::registry::{Class, Registry, Worker};
+use crate::registry::{Candidates, Registry, Worker};
 use crate::stats::CounterCells;
-use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, Ordering};
+use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, Ordering, Shared};
 use crate::task::{Assignment, Cancelled, SeedTask, TaskInfo, TaskSpec, TaskStatus};
 use crate::{TaskId, WorkerId};
 
 /// Copies waiting to be pushed once the critical sections that chose them have ended.
-pub(crate) type Pushes = Vec<(Arc<Worker>, Entry)>;
+#[derive(Default)]
+pub(crate) struct Pushes {
+    /// Single copies (balanced placement, backfill, rebalance moves).
+    one: Vec<(Arc<Worker>, Entry)>,
+    /// Fanout: each entry goes to every worker of the list. Consecutive tasks of one class
+    /// share a batch.
+    fans: Vec<(Candidates, Vec<Entry>)>,
+}
+
+impl Pushes {
+    pub(crate) fn one(&mut self, worker: &Arc<Worker>, entry: Entry) {
+        self.one.push((worker.clone(), entry));
+    }
+
+    fn all(&mut self, workers: &Candidates, entry: Entry) {
+        match self.fans.last_mut() {
+            Some((list, entries)) if Shared::ptr_eq(list, workers) => entries.push(entry),
+            _ => self.fans.push((workers.clone(), vec![entry])),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.one.is_empty() && self.fans.is_empty()
+    }
+}
+
+/// What a placement did, without allocating a worker list on the submit path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placed {
+    Queued,
+    Parked,
+}
 
 /// The in-process dispatcher. Cheap to share: wrap it in an `Arc`; every method takes `&self`.
 pub struct Dispatcher {
     pub(crate) config: Config,
     pub(crate) running_weight_milli: u64,
     pub(crate) registry: Registry,
+    pub(crate) cells: Cells,
     pub(crate) index: Index,
     pub(crate) parked: Mutex<HashMap<TaskId, Parked, Hasher>>,
     seq: AtomicU64,
@@ -63,6 +97,7 @@ impl Dispatcher {
         Ok(Self {
             running_weight_milli: (config.running_weight * 1000.0).round() as u64,
             registry: Registry::new(config.shards, config.limits.clone()),
+            cells: Cells::new(config.shards),
             index: Index::new(config.shards),
             parked: Mutex::new(HashMap::default()),
             seq: AtomicU64::new(0),
@@ -111,8 +146,7 @@ impl Dispatcher {
     fn insert_batch(&self, tasks: impl IntoIterator<Item = SeedTask>) -> Result<usize> {
         let now = self.now_secs();
         let mut seen = std::collections::HashSet::new();
-        let mut cells = Vec::new();
-        let mut running_on = Vec::new();
+        let mut prepared = Vec::new();
         // Validate everything before touching shared state.
         for task in tasks {
             let spec = task.spec;
@@ -127,89 +161,103 @@ impl Dispatcher {
             }
             let class = self.registry.class(&spec.group, &spec.tags)?;
             // Some(None): it ran on a worker that is not registered (it will be queued again).
-            let worker = task.running_on.map(|w| self.registry.get(w).ok());
-            if worker.is_some() && task.attempt == 0 {
+            let runner = task.running_on.map(|w| self.registry.get(w).ok());
+            if runner.is_some() && task.attempt == 0 {
                 return Err(Error::InvalidInput(format!(
                     "task {} is running with attempt 0",
                     spec.id
                 )));
             }
             let enqueued = now - spec.waited.as_secs_f64();
-            let phase = match worker.flatten() {
-                Some(w) => Phase::Running { worker: w },
+            prepared.push((spec, task.attempt, runner.flatten(), class, enqueued));
+        }
+
+        // Every new cell is locked before its id enters the index, and stays locked until it
+        // is placed, so nobody observes a half-made task. Nobody else can hold two cell locks,
+        // and these cells are in no heap yet, so holding many cannot deadlock.
+        let mut locked: Vec<Locked<'_>> = Vec::with_capacity(prepared.len());
+        let mut runners = Vec::with_capacity(prepared.len());
+        for (spec, attempt, runner, class, enqueued) in prepared {
+            runners.push(runner.is_some());
+            let phase = match runner {
+                Some(worker) => Phase::Running { worker },
                 None => Phase::Queued {
-                    holders: Vec::new(),
+                    holders: Holders::None,
                     parked: false,
                 },
             };
-            running_on.push(matches!(phase, Phase::Running { .. }));
-            let state = TaskState {
-                gen: 0,
+            let key = order_key(spec.priority, self.config.aging_rate, enqueued);
+            // Relaxed: a ticket for FIFO order; nothing is published through it.
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            locked.push(self.cells.occupy(spec.id, |gen| TaskState {
+                id: spec.id,
+                gen,
                 phase,
-                attempt: task.attempt,
+                attempt,
                 priority: spec.priority,
-                key: order_key(spec.priority, self.config.aging_rate, enqueued),
-                // Relaxed: a ticket for FIFO order; nothing is published through it.
-                seq: self.seq.fetch_add(1, Ordering::Relaxed),
+                key,
+                seq,
                 class,
                 enqueued,
-            };
-            cells.push(Arc::new(TaskCell::new(spec.id, state)));
+            }));
         }
-
-        // Every new cell is locked before it becomes visible in the index, and stays locked
-        // until it is placed, so nobody observes a half-made task. Nobody else can hold two
-        // cell locks, and these cells are in no heap yet, so holding many cannot deadlock.
-        let mut locked: Vec<Locked<'_>> = cells.iter().map(|c| c.lock()).collect();
-        for (i, cell) in cells.iter().enumerate() {
-            if !self.index.insert(cell) {
+        for i in 0..locked.len() {
+            let (id, slot) = (locked[i].st.id, locked[i].slot);
+            if !self.index.insert(id, slot) {
                 // Lost a race with a concurrent submission of the same id: undo this batch.
-                for undo in &cells[..i] {
-                    self.index.remove(undo);
+                for l in &locked[..i] {
+                    self.index.remove(l.st.id, l.slot);
                 }
-                // Anyone who looked a cell up meanwhile finds it gone once we unlock.
-                locked.iter_mut().for_each(Locked::abandon);
-                return Err(Error::DuplicateTask(cell.id));
+                for mut l in locked {
+                    l.abandon();
+                    self.cells.free(l);
+                }
+                return Err(Error::DuplicateTask(id));
             }
         }
-        let mut pushes = Pushes::new();
+        let n = locked.len();
+        let mut pushes = Pushes::default();
         let mut restore = Vec::new();
-        for ((cell, l), running) in cells.iter().zip(&mut locked).zip(&running_on) {
-            if *running {
+        for (mut l, running) in locked.into_iter().zip(runners) {
+            if running {
                 let Phase::Running { worker } = &l.st.phase else {
                     unreachable!("built as running above")
                 };
                 worker.load.inc_running();
-                restore.push((worker.clone(), l.st.attempt, cell.clone()));
+                let record = RunningRecord {
+                    slot: l.slot,
+                    gen: l.st.gen,
+                    attempt: l.st.attempt,
+                };
+                restore.push((worker.clone(), record));
             } else {
-                self.place(cell, l, &mut pushes);
+                self.place(&mut l, &mut pushes);
             }
         }
-        drop(locked);
         self.flush(pushes);
-        for (worker, attempt, cell) in restore {
-            self.restore_running(&worker, attempt, cell);
+        for (worker, record) in restore {
+            self.restore_running(&worker, record);
         }
-        Ok(cells.len())
+        Ok(n)
     }
 
-    /// Records a seeded running task in its worker's running set; if the worker has left in the
-    /// meantime, the task is queued again like any task of a departed worker.
-    fn restore_running(&self, worker: &Arc<Worker>, attempt: u32, cell: Arc<TaskCell>) {
+    /// Records a seeded running task in its worker's running records; if the worker has left
+    /// in the meantime, the task is queued again like any task of a departed worker.
+    fn restore_running(&self, worker: &Arc<Worker>, record: RunningRecord) {
         let mut q = worker.queue.lock();
         if !q.closed {
-            q.running.insert(cell.id, RunningSlot { attempt, cell });
+            q.record_running(record, worker.load.running(), &self.cells);
             return;
         }
         drop(q);
-        let mut pushes = Pushes::new();
-        let mut l = cell.lock();
-        if l.is_running_on(worker, attempt) {
-            self.release(&mut l);
-            l.requeue();
-            self.place(&cell, &mut l, &mut pushes);
+        let mut pushes = Pushes::default();
+        if let Some(mut l) = self.cells.lock(record.slot) {
+            if l.st.gen == record.gen && l.is_running_on(worker, record.attempt) {
+                self.release(&mut l);
+                l.requeue();
+                self.place(&mut l, &mut pushes);
+            }
         }
-        drop(l);
         self.flush(pushes);
     }
 
@@ -218,57 +266,72 @@ impl Dispatcher {
     /// Assigns up to `max` of `worker`'s queued tasks to it, highest effective priority first and
     /// FIFO among equals. Each returned task is claimed: every other copy died at that instant.
     pub fn fetch(&self, worker: WorkerId, max: usize) -> Result<Vec<Assignment>> {
+        let mut out = Vec::new();
+        self.fetch_into(worker, max, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`fetch`](Self::fetch) into a caller's buffer (appended to); returns how many it added.
+    pub fn fetch_into(
+        &self,
+        worker: WorkerId,
+        max: usize,
+        out: &mut Vec<Assignment>,
+    ) -> Result<usize> {
         let w = self.registry.get(worker)?;
-        let mut out = Vec::with_capacity(max.min(64));
-        let mut stale = 0u64;
         let mut q = w.queue.lock();
         if q.closed {
             return Err(Error::UnknownWorker(worker));
         }
-        while out.len() < max {
+        let recheck = !self.mutant(Mutant::ClaimWithoutRecheck);
+        // Compact first: a heap mostly of tombstones is cheaper to rebuild than to pop through.
+        let (mut claimed, mut stale) = (0, q.compact_if_sparse(w.load.queued(), &self.cells));
+        while claimed < max {
             let Some(entry) = q.pop() else { break };
-            if !entry.is_live() {
+            if !entry.is_live(&self.cells) {
                 stale += 1;
                 continue;
             }
-            let gen = entry.gen();
-            let cell = entry.cell;
-            let mut l = if self.mutant(Mutant::FetchUnlocksBeforeClaim) {
-                unlocked(&mut q, || cell.lock())
+            let locked = if self.mutant(Mutant::FetchUnlocksBeforeClaim) {
+                unlocked(&mut q, || self.cells.lock(entry.slot))
             } else {
-                cell.lock()
+                self.cells.lock(entry.slot)
             };
-            let recheck = !self.mutant(Mutant::ClaimWithoutRecheck);
-            let Some(attempt) = l.claim(gen, &w, recheck) else {
+            let Some(mut l) = locked else {
+                stale += 1;
+                continue;
+            };
+            let Some((attempt, gen)) = l.claim(entry.gen, &w, recheck) else {
                 stale += 1;
                 continue;
             };
             out.push(Assignment {
-                task: cell.id,
+                task: l.st.id,
                 attempt,
                 priority: l.st.priority,
             });
             drop(l);
-            q.running.insert(cell.id, RunningSlot { attempt, cell });
+            let record = RunningRecord {
+                slot: entry.slot,
+                gen,
+                attempt,
+            };
+            q.record_running(record, w.load.running(), &self.cells);
+            claimed += 1;
         }
-        let compacted = q.compact_if_sparse(w.load.queued());
-        drop(q);
-        let c = &self.counters;
-        c.claimed.fetch_add(out.len() as u64, Ordering::Relaxed);
-        c.stale_skipped
-            .fetch_add(stale + compacted as u64, Ordering::Relaxed);
-        Ok(out)
+        // Counted under the queue lock, so `unregister` (which closes it) folds them in.
+        w.load.add_fetched(claimed, stale);
+        Ok(claimed)
     }
 
     /// Reports `task` finished or failed by `worker` as `attempt`. The task leaves the
     /// dispatcher. A report for any other attempt is refused with [`Error::StaleAttempt`].
     pub fn complete(&self, worker: WorkerId, task: TaskId, attempt: u32) -> Result<()> {
-        let (w, cell) = self.running_task(worker, task)?;
-        let mut l = cell.lock();
+        let w = self.registry.get(worker)?;
+        let mut l = self.lock_task(task)?;
         Self::check_assignment(&l, &w, task, attempt)?;
-        l.finish(&self.index);
-        drop(l);
-        Self::forget_running(&w, task, attempt);
+        self.end(&mut l);
+        self.cells.free(l);
         self.counters.completed.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -276,26 +339,22 @@ impl Dispatcher {
     /// `worker` hands `task` (attempt `attempt`) back unfinished: it is queued again and its
     /// next fetch is a new attempt. Returns where it was placed.
     pub fn give_back(&self, worker: WorkerId, task: TaskId, attempt: u32) -> Result<Placement> {
-        let (w, cell) = self.running_task(worker, task)?;
-        let mut pushes = Pushes::new();
-        let mut l = cell.lock();
+        let w = self.registry.get(worker)?;
+        let mut pushes = Pushes::default();
+        let mut l = self.lock_task(task)?;
         Self::check_assignment(&l, &w, task, attempt)?;
         self.release(&mut l);
         l.requeue();
-        let placement = self.place(&cell, &mut l, &mut pushes);
+        self.place(&mut l, &mut pushes);
+        let placement = placement_of(&l);
         drop(l);
         self.flush(pushes);
-        Self::forget_running(&w, task, attempt);
         self.counters.given_back.fetch_add(1, Ordering::Relaxed);
         Ok(placement)
     }
 
-    /// Whether a report by `w` for `attempt` names the task's current assignment. A task that
-    /// ended between the index lookup and the lock is unknown, as it would be a moment later.
+    /// Whether a report by `w` for `attempt` names the task's current assignment.
     fn check_assignment(l: &Locked<'_>, w: &Worker, task: TaskId, attempt: u32) -> Result<()> {
-        if matches!(l.st.phase, Phase::Gone) {
-            return Err(Error::UnknownTask(task));
-        }
         if !l.is_running_on(w, attempt) {
             return Err(Error::StaleAttempt {
                 task,
@@ -306,19 +365,23 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn running_task(&self, worker: WorkerId, task: TaskId) -> Result<(Arc<Worker>, Arc<TaskCell>)> {
-        let w = self.registry.get(worker)?;
-        let cell = self.index.get(task).ok_or(Error::UnknownTask(task))?;
-        Ok((w, cell))
+    /// Locks the live task `id`. A task that ended (or whose slot was reused) between the index
+    /// lookup and the lock is unknown, as it would be a moment later.
+    pub(crate) fn lock_task(&self, id: TaskId) -> Result<Locked<'_>> {
+        let slot = self.index.get(id).ok_or(Error::UnknownTask(id))?;
+        self.lock_slot(id, slot).ok_or(Error::UnknownTask(id))
     }
 
-    /// Drops a finished assignment from its worker's running set (after the critical section,
-    /// keeping the lock order; a slot for a newer attempt is left alone).
-    fn forget_running(worker: &Worker, task: TaskId, attempt: u32) {
-        let mut q = worker.queue.lock();
-        if q.running.get(&task).is_some_and(|s| s.attempt == attempt) {
-            q.running.remove(&task);
-        }
+    /// Locks `slot` if it still holds task `id`.
+    pub(crate) fn lock_slot(&self, id: TaskId, slot: Slot) -> Option<Locked<'_>> {
+        self.cells.lock(slot).filter(|l| l.st.id == id)
+    }
+
+    /// Ends a task: leaves its phase (fixing counters) and the index. The caller frees the slot.
+    fn end(&self, l: &mut Locked<'_>) -> Phase {
+        let phase = self.release(l);
+        self.index.remove(l.st.id, l.slot);
+        phase
     }
 
     // ----- user operations --------------------------------------------------------------------
@@ -326,26 +389,18 @@ impl Dispatcher {
     /// Cancels a task wherever it is. A queued or parked task is never handed out; a running
     /// task's assignment is revoked (its report will be refused) and reported back.
     pub fn cancel(&self, task: TaskId) -> Result<Cancelled> {
-        let cell = self.index.get(task).ok_or(Error::UnknownTask(task))?;
-        let mut l = cell.lock();
+        let mut l = self.lock_task(task)?;
         let attempt = l.st.attempt;
-        let phase = self.release(&mut l);
-        self.index.remove(&cell);
-        drop(l);
-        let outcome = match phase {
-            Phase::Queued { .. } => Cancelled::Queued,
-            Phase::Running { worker } => {
-                Self::forget_running(&worker, task, attempt);
-                Cancelled::Running {
-                    worker: worker.id,
-                    attempt,
-                }
-            }
-            // Finished or cancelled between the lookup and the lock.
-            Phase::Gone => return Err(Error::UnknownTask(task)),
-        };
+        let phase = self.end(&mut l);
+        self.cells.free(l);
         self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
-        Ok(outcome)
+        Ok(match phase {
+            Phase::Running { worker } => Cancelled::Running {
+                worker: worker.id,
+                attempt,
+            },
+            _ => Cancelled::Queued,
+        })
     }
 
     /// Changes the priority and/or tags of a queued (or parked) task; it is placed afresh.
@@ -356,17 +411,14 @@ impl Dispatcher {
         priority: Option<i32>,
         tags: Option<&[S]>,
     ) -> Result<Placement> {
-        let cell = self.index.get(task).ok_or(Error::UnknownTask(task))?;
-        let mut pushes = Pushes::new();
-        let mut l = cell.lock();
-        let class: Arc<Class> = match tags {
+        let mut pushes = Pushes::default();
+        let mut l = self.lock_task(task)?;
+        let class = match tags {
             Some(tags) => self.registry.class(&l.st.class.group_name, tags)?,
             None => l.st.class.clone(),
         };
-        match l.st.phase {
-            Phase::Queued { .. } => {}
-            Phase::Running { .. } => return Err(Error::NotQueued(task)),
-            Phase::Gone => return Err(Error::UnknownTask(task)),
+        if let Phase::Running { .. } = l.st.phase {
+            return Err(Error::NotQueued(task));
         }
         self.release(&mut l);
         if let Some(p) = priority {
@@ -375,7 +427,8 @@ impl Dispatcher {
         }
         l.st.class = class;
         l.requeue();
-        let placement = self.place(&cell, &mut l, &mut pushes);
+        self.place(&mut l, &mut pushes);
+        let placement = placement_of(&l);
         drop(l);
         self.flush(pushes);
         Ok(placement)
@@ -383,12 +436,11 @@ impl Dispatcher {
 
     /// A snapshot of a live task, or `None` if no live task has this id.
     pub fn get(&self, task: TaskId) -> Option<TaskInfo> {
-        let cell = self.index.get(task)?;
-        let l = cell.lock();
+        let l = self.lock_task(task).ok()?;
         let status = match &l.st.phase {
             Phase::Queued { parked: true, .. } => TaskStatus::Parked,
             Phase::Queued { holders, .. } => {
-                TaskStatus::Queued(holders.iter().map(|w| w.id).collect())
+                TaskStatus::Queued(holders.as_slice().iter().map(|w| w.id).collect())
             }
             Phase::Running { worker } => TaskStatus::Running(worker.id),
             Phase::Gone => return None,
@@ -430,24 +482,19 @@ impl Dispatcher {
     pub(crate) fn release(&self, l: &mut Locked<'_>) -> Phase {
         let phase = l.release();
         if let Phase::Queued { parked: true, .. } = phase {
-            self.parked.lock().remove(&l.id());
+            self.parked.lock().remove(&l.st.id);
         }
         phase
     }
 
     /// Places a freshly requeued task (no holders) on its live candidates by the configured
     /// policy, or parks it when it has none. Copies to push go to `pushes`.
-    pub(crate) fn place(
-        &self,
-        cell: &Arc<TaskCell>,
-        l: &mut Locked<'_>,
-        pushes: &mut Pushes,
-    ) -> Placement {
+    pub(crate) fn place(&self, l: &mut Locked<'_>, pushes: &mut Pushes) -> Placed {
         loop {
             let candidates = self.registry.candidates(&l.st.class);
             if !candidates.is_empty() {
-                let chosen = match self.config.mode {
-                    Mode::Fanout => candidates.to_vec(),
+                match self.config.mode {
+                    Mode::Fanout => self.assign_all(l, candidates, pushes),
                     Mode::Balanced(strategy) => {
                         let i = placement::choose(
                             strategy,
@@ -455,113 +502,120 @@ impl Dispatcher {
                             &l.st.class.cursor,
                             self.running_weight_milli,
                         );
-                        vec![candidates[i].clone()]
+                        Self::assign_one(l, &candidates[i], pushes);
                     }
-                };
-                return self.assign(cell, l, chosen, pushes);
+                }
+                return Placed::Queued;
             }
-            if self.park(cell, l) {
-                return Placement::Parked;
+            if self.park(l) {
+                return Placed::Parked;
             }
         }
     }
 
-    /// Makes `chosen` the holders of a queued task with none, and queues their copies.
-    pub(crate) fn assign(
-        &self,
-        cell: &Arc<TaskCell>,
-        l: &mut Locked<'_>,
-        chosen: Vec<Arc<Worker>>,
-        pushes: &mut Pushes,
-    ) -> Placement {
-        let st = &mut *l.st;
-        for w in &chosen {
-            w.load.inc_queued();
-            pushes.push((w.clone(), Entry::new(st.key, st.seq, st.gen, cell.clone())));
-        }
-        let ids = chosen.iter().map(|w| w.id).collect();
-        let Phase::Queued { holders, .. } = &mut st.phase else {
-            unreachable!("assign is only called on a requeued task")
-        };
-        debug_assert!(holders.is_empty());
-        *holders = chosen;
-        Placement::Queued(ids)
+    fn entry(l: &Locked<'_>) -> Entry {
+        Entry::new(l.st.key, l.st.seq, l.slot, l.st.gen)
+    }
+
+    /// Makes every worker of `candidates` a holder of a queued task with none.
+    fn assign_all(&self, l: &mut Locked<'_>, candidates: Candidates, pushes: &mut Pushes) {
+        candidates.iter().for_each(|w| w.load.inc_queued());
+        pushes.all(&candidates, Self::entry(l));
+        set_holders(l, Holders::Shared(candidates));
+    }
+
+    /// Makes `worker` the one holder of a queued task with none.
+    pub(crate) fn assign_one(l: &mut Locked<'_>, worker: &Arc<Worker>, pushes: &mut Pushes) {
+        worker.load.inc_queued();
+        pushes.one(worker, Self::entry(l));
+        set_holders(l, Holders::One(worker.clone()));
     }
 
     /// Pushes copies, one lock per target queue. Copies for closed queues are handed to
     /// `push_failed`, which may place their tasks again; repeats until nothing is left.
     pub(crate) fn flush(&self, mut pushes: Pushes) {
         while !pushes.is_empty() {
-            let mut failed = Pushes::new();
-            if pushes.len() == 1 {
-                let (w, entry) = pushes.pop().expect("one push");
-                let mut q = w.queue.lock();
-                if q.closed && !self.mutant(Mutant::PushIgnoresClosed) {
-                    drop(q);
-                    failed.push((w, entry));
-                } else {
-                    q.push(entry);
-                }
-            } else {
-                for (w, entries) in group_by_worker(pushes) {
-                    let mut q = w.queue.lock();
-                    if q.closed && !self.mutant(Mutant::PushIgnoresClosed) {
-                        drop(q);
-                        failed.extend(entries.into_iter().map(|e| (w.clone(), e)));
-                    } else {
-                        entries.into_iter().for_each(|e| q.push(e));
-                        let compacted = q.compact_if_sparse(w.load.queued());
-                        drop(q);
-                        self.counters
-                            .stale_skipped
-                            .fetch_add(compacted as u64, Ordering::Relaxed);
-                    }
+            let Pushes { one, fans } = std::mem::take(&mut pushes);
+            let mut failed = Vec::new();
+            for (workers, entries) in &fans {
+                for w in workers.iter() {
+                    self.push_to(w, entries, &mut failed);
                 }
             }
-            pushes = Pushes::new();
+            if one.len() == 1 {
+                let (w, entry) = &one[0];
+                self.push_to(w, std::slice::from_ref(entry), &mut failed);
+            } else if !one.is_empty() {
+                for (w, entries) in group_by_worker(one) {
+                    self.push_to(&w, &entries, &mut failed);
+                }
+            }
             for (w, entry) in failed {
                 self.push_failed(&w, entry, &mut pushes);
             }
         }
     }
 
+    fn push_to(&self, w: &Arc<Worker>, entries: &[Entry], failed: &mut Vec<(Arc<Worker>, Entry)>) {
+        let mut q = w.queue.lock();
+        if q.closed && !self.mutant(Mutant::PushIgnoresClosed) {
+            drop(q);
+            failed.extend(entries.iter().map(|e| (w.clone(), *e)));
+            return;
+        }
+        entries.iter().for_each(|e| q.push(*e));
+        let compacted = q.compact_if_sparse(w.load.queued(), &self.cells);
+        if compacted > 0 {
+            w.load.add_fetched(0, compacted);
+        }
+    }
+
     /// A copy could not be pushed because `worker` is leaving: drop it from the task's holders
     /// and, if it was the last, place the task afresh.
     fn push_failed(&self, worker: &Arc<Worker>, entry: Entry, pushes: &mut Pushes) {
-        let gen = entry.gen();
-        let cell = entry.cell;
-        let mut l = cell.lock();
-        if l.st.gen != gen {
+        let Some(mut l) = self.cells.lock(entry.slot) else {
+            return;
+        };
+        if l.st.gen != entry.gen {
             return;
         }
         let Phase::Queued { holders, .. } = &mut l.st.phase else {
             return;
         };
-        let Some(pos) = holders.iter().position(|h| Arc::ptr_eq(h, worker)) else {
+        if !holders.remove(worker) {
             return;
-        };
-        holders.swap_remove(pos);
+        }
         worker.load.dec_queued();
         if holders.is_empty() {
             l.requeue();
-            self.place(&cell, &mut l, pushes);
+            self.place(&mut l, pushes);
             self.counters.redistributed.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-impl Drop for Dispatcher {
-    /// Workers' heaps and running sets point at task cells, and cells point back at their
-    /// holders and runner: empty every queue so those cycles do not outlive the dispatcher.
-    fn drop(&mut self) {
-        for w in self.registry.workers() {
-            drop(w.queue.lock().close());
+/// Sets the holders of a queued task (its phase stays queued, so the status word is unchanged).
+fn set_holders(l: &mut Locked<'_>, new: Holders) {
+    let Phase::Queued { holders, .. } = &mut l.st.phase else {
+        unreachable!("holders are assigned to queued tasks only")
+    };
+    debug_assert!(holders.is_empty());
+    *holders = new;
+}
+
+/// Where a locked task is, as reported to callers.
+pub(crate) fn placement_of(l: &Locked<'_>) -> Placement {
+    match &l.st.phase {
+        Phase::Queued { parked: true, .. } => Placement::Parked,
+        Phase::Queued { holders, .. } => {
+            Placement::Queued(holders.as_slice().iter().map(|w| w.id).collect())
         }
+        _ => unreachable!("placements are reported for queued tasks"),
     }
 }
 
 /// Groups pushes by target worker, keeping each worker's entries in order.
-fn group_by_worker(pushes: Pushes) -> Vec<(Arc<Worker>, Vec<Entry>)> {
+fn group_by_worker(pushes: Vec<(Arc<Worker>, Entry)>) -> Vec<(Arc<Worker>, Vec<Entry>)> {
     let mut slot: HashMap<*const Worker, usize, Hasher> = HashMap::default();
     let mut groups: Vec<(Arc<Worker>, Vec<Entry>)> = Vec::new();
     for (w, entry) in pushes {

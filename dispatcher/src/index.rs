@@ -1,18 +1,24 @@
-//! Task cells and the reverse index from task id to cell.
+//! Task cells, the slab that holds them, and the reverse index from task id to slot.
 //!
-//! A [`TaskCell`] is shared by the index and by every heap entry that holds a copy of the task.
-//! Its mutex is the task's **critical section**: claims, removals, moves, holder changes and the
-//! load counters of the task's holders change only inside it. Its `status` word mirrors the
-//! generation and phase so that a fetch can discard a tombstone with one atomic load, without
-//! taking the lock.
+//! A [`TaskCell`] sits in a slab slot for the dispatcher's lifetime; a task occupies a slot from
+//! submission until it ends, then the slot is reused. Heap entries and running records name a
+//! task by `(slot, generation)` — plain integers, no reference counts — so popping a dead copy
+//! reads one atomic and writes nothing. (An earlier cut kept an `Arc` per copy: each dead copy
+//! then cost an atomic decrement on the task's cache line, which bounced between the fetching
+//! cores.)
+//!
+//! The cell's mutex is the task's **critical section**: claims, removals, moves, holder changes
+//! and the load counters of the task's holders change only inside it. Its `status` word mirrors
+//! the generation and phase so a fetch can discard a tombstone without taking the lock.
 //!
 //! # Generations
-//! Every fresh placement of a task (submit, re-placement after a departure, give-back, priority
-//! or tag change, a rebalance move) bumps its generation, so every copy made earlier becomes a
-//! tombstone at that instant. Backfilling a new fanout holder adds a copy at the *current*
-//! generation. Generations are 24 bits and wrap; a wrapped generation could make an ancient copy
-//! look current, so a claim also checks that the claiming worker is one of the task's holders.
-//! If it is, claiming through the old copy is the same as claiming through its current one.
+//! The generation grows at every fresh placement (submit, re-placement after a departure,
+//! give-back, priority or tag change, rebalance move), at every claim, and when the task ends;
+//! it carries on across the slot's occupants. So `(slot, generation)` names one placement of one
+//! task, and every copy or running record made earlier is dead the instant the generation moves.
+//! Backfilling a new fanout holder adds a copy at the *current* generation. Generations are 32
+//! bits; should one wrap while an ancient copy survives, the claim also checks that the claiming
+//! worker is a current holder, so the worst case is one fetch taking a task it holds anyway.
 //!
 //! # Why `status` may be read `Relaxed`
 //! The status is stored (under the cell lock) *before* any copy at that generation is pushed, and
@@ -20,36 +26,108 @@
 //! orders the store before the read. Every later store moves the status away from
 //! `(gen, Queued)` for good (generations only grow), so a read that says "not live" is final and
 //! a read that says "live" is re-checked under the cell lock. No stronger ordering adds anything.
+//!
+//! # The slab
+//! Pages grow geometrically (1024, 2048, … cells) and are created once, on first use, through a
+//! `OnceLock`, and never freed, so a slot number stays valid without any lock or reference count.
+//! Free slots wait in striped free lists (striped by task id, so submitters rarely share one).
 
-use crate::queue::GEN_MASK;
-use crate::registry::{Class, Worker};
-use crate::sync::{Arc, AtomicU64, Map, Mutex, MutexGuard, Ordering};
+use std::ops::{Deref, DerefMut};
+use std::sync::OnceLock;
+
+use crate::registry::{Candidates, Class, Worker};
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Map, Mutex, MutexGuard, Ordering};
 use crate::TaskId;
+
+/// A slab slot.
+pub(crate) type Slot = u32;
 
 const QUEUED: u64 = 0;
 const RUNNING: u64 = 1;
 const GONE: u64 = 2;
 
 fn pack(gen: u32, phase: u64) -> u64 {
-    u64::from(gen & GEN_MASK) << 2 | phase
+    u64::from(gen) << 2 | phase
 }
 
 /// Where a live task is.
 pub(crate) enum Phase {
     /// Waiting in the heaps of `holders` (fanout: every live candidate; balanced: one).
     /// No holders means parked, and then `parked` is set and the task is in the parked set.
-    Queued {
-        holders: Vec<Arc<Worker>>,
-        parked: bool,
-    },
+    Queued { holders: Holders, parked: bool },
     /// Assigned to `worker` as attempt `TaskState::attempt`.
     Running { worker: Arc<Worker> },
-    /// Finished, failed or cancelled: removed from the index, every copy is a tombstone.
+    /// Finished, failed or cancelled: every copy is a tombstone.
     Gone,
 }
 
-/// Everything the dispatcher knows of a task, guarded by the cell's mutex.
+/// The holders of a queued task. Fanout shares its class's candidate list (one reference count
+/// for the whole list instead of one per holder) until a holder joins or leaves.
+pub(crate) enum Holders {
+    None,
+    One(Arc<Worker>),
+    Shared(Candidates),
+    Many(Vec<Arc<Worker>>),
+}
+
+impl Holders {
+    pub(crate) fn as_slice(&self) -> &[Arc<Worker>] {
+        match self {
+            Holders::None => &[],
+            Holders::One(w) => std::slice::from_ref(w),
+            Holders::Shared(list) => list,
+            Holders::Many(list) => list,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    pub(crate) fn contains(&self, worker: &Worker) -> bool {
+        self.as_slice()
+            .iter()
+            .any(|h| std::ptr::eq(Arc::as_ptr(h), worker))
+    }
+
+    /// Adds a holder.
+    pub(crate) fn push(&mut self, worker: Arc<Worker>) {
+        let mut list = std::mem::replace(self, Holders::None).into_vec();
+        list.push(worker);
+        *self = Holders::Many(list);
+    }
+
+    /// Removes `worker` if it is a holder; returns whether it was.
+    pub(crate) fn remove(&mut self, worker: &Worker) -> bool {
+        let Some(pos) = self
+            .as_slice()
+            .iter()
+            .position(|h| std::ptr::eq(Arc::as_ptr(h), worker))
+        else {
+            return false;
+        };
+        let mut list = std::mem::replace(self, Holders::None).into_vec();
+        list.swap_remove(pos);
+        *self = match list.len() {
+            0 => Holders::None,
+            _ => Holders::Many(list),
+        };
+        true
+    }
+
+    fn into_vec(self) -> Vec<Arc<Worker>> {
+        match self {
+            Holders::None => Vec::new(),
+            Holders::One(w) => vec![w],
+            Holders::Shared(list) => list.to_vec(),
+            Holders::Many(list) => list,
+        }
+    }
+}
+
+/// Everything the dispatcher knows of a task, guarded by its cell's mutex.
 pub(crate) struct TaskState {
+    pub(crate) id: TaskId,
     pub(crate) gen: u32,
     pub(crate) phase: Phase,
     /// Assignments so far; the current assignment's attempt when running.
@@ -62,20 +140,17 @@ pub(crate) struct TaskState {
     pub(crate) enqueued: f64,
 }
 
-/// A task's shared cell.
+/// One slab slot: the status word and the guarded state (`None` while the slot is free).
 pub(crate) struct TaskCell {
-    pub(crate) id: TaskId,
     status: AtomicU64,
-    state: Mutex<TaskState>,
+    state: Mutex<Option<TaskState>>,
 }
 
 impl TaskCell {
-    pub(crate) fn new(id: TaskId, state: TaskState) -> Self {
-        let status = pack(state.gen, phase_code(&state.phase));
+    fn vacant() -> Self {
         Self {
-            id,
-            status: AtomicU64::new(status),
-            state: Mutex::new(state),
+            status: AtomicU64::new(pack(0, GONE)),
+            state: Mutex::new(None),
         }
     }
 
@@ -84,106 +159,113 @@ impl TaskCell {
         self.status.load(Ordering::Relaxed) == pack(gen, QUEUED)
     }
 
-    /// Enters the task's critical section.
-    pub(crate) fn lock(&self) -> Locked<'_> {
-        Locked {
-            cell: self,
-            st: self.state.lock(),
-        }
+    /// Whether the assignment made at `gen` still stands (one load; for running records).
+    pub(crate) fn is_running_at(&self, gen: u32) -> bool {
+        self.status.load(Ordering::Relaxed) == pack(gen, RUNNING)
     }
 }
 
-fn phase_code(phase: &Phase) -> u64 {
-    match phase {
-        Phase::Queued { .. } => QUEUED,
-        Phase::Running { .. } => RUNNING,
-        Phase::Gone => GONE,
+/// The guarded state of a locked, occupied cell.
+pub(crate) struct StateGuard<'a>(MutexGuard<'a, Option<TaskState>>);
+
+impl Deref for StateGuard<'_> {
+    type Target = TaskState;
+    fn deref(&self) -> &TaskState {
+        self.0.as_ref().expect("a locked cell is occupied")
     }
 }
 
-/// A locked cell. Every change of generation or phase goes through its methods, which keep the
-/// lock-free `status` word in step with the guarded state.
+impl DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut TaskState {
+        self.0.as_mut().expect("a locked cell is occupied")
+    }
+}
+
+/// A locked, occupied cell. Every change of generation or phase goes through its methods, which
+/// keep the lock-free `status` word in step with the guarded state.
 pub(crate) struct Locked<'a> {
     cell: &'a TaskCell,
-    pub(crate) st: MutexGuard<'a, TaskState>,
+    pub(crate) slot: Slot,
+    pub(crate) st: StateGuard<'a>,
 }
 
 impl Locked<'_> {
     fn publish(&self) {
+        let code = match self.st.phase {
+            Phase::Queued { .. } => QUEUED,
+            Phase::Running { .. } => RUNNING,
+            Phase::Gone => GONE,
+        };
         // Relaxed: see "Why `status` may be read Relaxed" in the module docs.
-        self.cell.status.store(
-            pack(self.st.gen, phase_code(&self.st.phase)),
-            Ordering::Relaxed,
-        );
+        self.cell
+            .status
+            .store(pack(self.st.gen, code), Ordering::Relaxed);
     }
 
     /// Starts a fresh placement: a new generation, queued with no holders and not parked.
     /// The caller has already released the old holders and left the parked set.
     pub(crate) fn requeue(&mut self) {
-        self.st.gen = self.st.gen.wrapping_add(1) & GEN_MASK;
+        self.st.gen = self.st.gen.wrapping_add(1);
         self.st.phase = Phase::Queued {
-            holders: Vec::new(),
+            holders: Holders::None,
             parked: false,
         };
         self.publish();
     }
 
     /// Claims the task for `worker` if the copy placed at `gen` is still current and `worker`
-    /// holds it. Every holder's queued counter drops; returns the new attempt.
-    /// `recheck: false` is the `ClaimWithoutRecheck` mutant, for loom models only.
-    pub(crate) fn claim(&mut self, gen: u32, worker: &Arc<Worker>, recheck: bool) -> Option<u32> {
+    /// holds it. Every holder's queued counter drops; returns `(attempt, generation)` of the
+    /// assignment. `recheck: false` is the `ClaimWithoutRecheck` mutant, for loom models only.
+    pub(crate) fn claim(
+        &mut self,
+        gen: u32,
+        worker: &Arc<Worker>,
+        recheck: bool,
+    ) -> Option<(u32, u32)> {
         if recheck {
             if self.st.gen != gen {
                 return None;
             }
-            let Phase::Queued { holders, .. } = &self.st.phase else {
-                return None;
-            };
-            if !holders.iter().any(|h| Arc::ptr_eq(h, worker)) {
-                return None;
+            match &self.st.phase {
+                Phase::Queued { holders, .. } if holders.contains(worker) => {}
+                _ => return None,
             }
         }
         if let Phase::Queued { holders, .. } = &self.st.phase {
-            holders.iter().for_each(|h| h.load.dec_queued());
+            holders.as_slice().iter().for_each(|h| h.load.dec_queued());
         }
         worker.load.inc_running();
         self.st.attempt += 1;
+        self.st.gen = self.st.gen.wrapping_add(1);
         self.st.phase = Phase::Running {
             worker: worker.clone(),
         };
         self.publish();
-        Some(self.st.attempt)
+        Some((self.st.attempt, self.st.gen))
     }
 
     /// Takes the task out of its phase, fixing the counters it contributed to, and returns the
-    /// phase it left. The caller decides what comes next (`requeue`, `finish`).
+    /// phase it left. The caller decides what comes next (`requeue` or `Cells::free`).
     /// A parked task must also be removed from the parked set by the caller.
     pub(crate) fn release(&mut self) -> Phase {
         let phase = std::mem::replace(&mut self.st.phase, Phase::Gone);
         match &phase {
-            Phase::Queued { holders, .. } => holders.iter().for_each(|h| h.load.dec_queued()),
+            Phase::Queued { holders, .. } => {
+                holders.as_slice().iter().for_each(|h| h.load.dec_queued())
+            }
             Phase::Running { worker } => worker.load.dec_running(),
             Phase::Gone => {}
         }
+        self.st.gen = self.st.gen.wrapping_add(1);
         self.publish();
         phase
     }
 
-    /// Marks a cell that never entered any phase's counters (a rolled-back submission) gone.
+    /// Marks a task that never entered any phase's counters (a rolled-back submission) gone.
     pub(crate) fn abandon(&mut self) {
         self.st.phase = Phase::Gone;
+        self.st.gen = self.st.gen.wrapping_add(1);
         self.publish();
-    }
-
-    /// The task's id.
-    pub(crate) fn id(&self) -> TaskId {
-        self.cell.id
-    }
-
-    /// Ends the task: every copy becomes a tombstone.
-    pub(crate) fn finish(&mut self, index: &Index) {
-        self.release();
-        index.remove(self.cell);
     }
 
     pub(crate) fn is_running_on(&self, worker: &Worker, attempt: u32) -> bool {
@@ -192,11 +274,109 @@ impl Locked<'_> {
     }
 }
 
-/// The reverse index: task id → cell. Concurrent (sharded); values are cloned out so no shard
-/// lock is held while a cell is locked, except `remove`, which runs inside a cell's critical
-/// section (lock order: cell, then index shard).
+/// The slab of task cells.
+pub(crate) struct Cells {
+    pages: [OnceLock<Box<[TaskCell]>>; PAGES],
+    /// Slots never used yet start here.
+    next: AtomicUsize,
+    free: Box<[Mutex<Vec<Slot>>]>,
+}
+
+/// The first page holds 2^FIRST_PAGE_BITS cells (4 under loom, so models stay small).
+const FIRST_PAGE_BITS: u32 = if cfg!(switchyard_loom) { 2 } else { 10 };
+/// Enough pages for 2^32 slots.
+const PAGES: usize = 32 - FIRST_PAGE_BITS as usize;
+
+/// The page and offset of `slot`: page k holds slots [1024·(2^k − 1), 1024·(2^(k+1) − 1)).
+fn locate(slot: Slot) -> (usize, usize) {
+    let v = (u64::from(slot) >> FIRST_PAGE_BITS) + 1;
+    let page = 63 - v.leading_zeros() as usize;
+    let start = ((1u64 << page) - 1) << FIRST_PAGE_BITS;
+    (page, (u64::from(slot) - start) as usize)
+}
+
+impl Cells {
+    pub(crate) fn new(stripes: usize) -> Self {
+        Self {
+            pages: std::array::from_fn(|_| OnceLock::new()),
+            next: AtomicUsize::new(0),
+            free: (0..stripes.max(1))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
+        }
+    }
+
+    /// The cell in `slot` (which must have been allocated).
+    pub(crate) fn get(&self, slot: Slot) -> &TaskCell {
+        let (page, offset) = locate(slot);
+        &self.pages[page].get().expect("slot was allocated")[offset]
+    }
+
+    /// Takes a free slot for a task `id`, locks it and fills it with `make(gen)`, where `gen` is
+    /// the slot's next generation.
+    pub(crate) fn occupy(&self, id: TaskId, make: impl FnOnce(u32) -> TaskState) -> Locked<'_> {
+        let stripe = (id.0 as usize) % self.free.len();
+        let reused = self.free[stripe].lock().pop();
+        let slot = match reused {
+            Some(slot) => slot,
+            None => {
+                // Relaxed: a ticket; the page it lands in is published by its `OnceLock`.
+                let slot = self.next.fetch_add(1, Ordering::Relaxed);
+                let slot = Slot::try_from(slot).expect("more than 2^32 task slots");
+                let (page, _) = locate(slot);
+                self.pages[page].get_or_init(|| {
+                    (0..1usize << (FIRST_PAGE_BITS as usize + page))
+                        .map(|_| TaskCell::vacant())
+                        .collect()
+                });
+                slot
+            }
+        };
+        let cell = self.get(slot);
+        let mut guard = cell.state.lock();
+        debug_assert!(guard.is_none(), "a free slot is vacant");
+        let gen = ((cell.status.load(Ordering::Relaxed) >> 2) as u32).wrapping_add(1);
+        *guard = Some(make(gen));
+        let locked = Locked {
+            cell,
+            slot,
+            st: StateGuard(guard),
+        };
+        locked.publish();
+        locked
+    }
+
+    /// Locks `slot` if it holds a live task; `None` if it is vacant or its task has ended.
+    pub(crate) fn lock(&self, slot: Slot) -> Option<Locked<'_>> {
+        let cell = self.get(slot);
+        let guard = cell.state.lock();
+        match &*guard {
+            Some(st) if !matches!(st.phase, Phase::Gone) => Some(Locked {
+                cell,
+                slot,
+                st: StateGuard(guard),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Ends the task in a locked cell (already released): the slot is vacated and reused later.
+    pub(crate) fn free(&self, mut l: Locked<'_>) {
+        debug_assert!(matches!(l.st.phase, Phase::Gone));
+        let id = l.st.id;
+        *l.st.0 = None;
+        let slot = l.slot;
+        drop(l);
+        self.free[(id.0 as usize) % self.free.len()]
+            .lock()
+            .push(slot);
+    }
+}
+
+/// The reverse index: task id → slot. Concurrent (sharded); it runs inside a cell's critical
+/// section when a task starts or ends (lock order: cell, then index shard).
 pub(crate) struct Index {
-    map: Map<TaskId, Arc<TaskCell>>,
+    map: Map<TaskId, Slot>,
 }
 
 impl Index {
@@ -206,7 +386,7 @@ impl Index {
         }
     }
 
-    pub(crate) fn get(&self, id: TaskId) -> Option<Arc<TaskCell>> {
+    pub(crate) fn get(&self, id: TaskId) -> Option<Slot> {
         self.map.get(&id)
     }
 
@@ -214,19 +394,18 @@ impl Index {
         self.map.contains(&id)
     }
 
-    /// Inserts a new cell; fails if the id is taken.
-    pub(crate) fn insert(&self, cell: &Arc<TaskCell>) -> bool {
-        self.map.insert_new(cell.id, cell.clone()).is_ok()
+    /// Maps `id` to `slot`; fails if the id is taken.
+    pub(crate) fn insert(&self, id: TaskId, slot: Slot) -> bool {
+        self.map.insert_new(id, slot).is_ok()
     }
 
-    /// Removes `cell` (and not a newer task that reused its id).
-    pub(crate) fn remove(&self, cell: &TaskCell) {
-        self.map
-            .remove_if(&cell.id, |c| std::ptr::eq(Arc::as_ptr(c), cell));
+    /// Removes `id` if it still maps to `slot`.
+    pub(crate) fn remove(&self, id: TaskId, slot: Slot) {
+        self.map.remove_if(&id, |s| *s == slot);
     }
 
-    pub(crate) fn cells(&self) -> Vec<Arc<TaskCell>> {
-        self.map.values()
+    pub(crate) fn entries(&self) -> Vec<(TaskId, Slot)> {
+        self.map.entries()
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -1,10 +1,10 @@
-//! One worker's queue: a binary max-heap of small plain entries, the worker's running set and
-//! the `closed` flag, all behind the worker's own lock.
+//! One worker's queue: a binary max-heap of small plain entries, the worker's running records
+//! and the `closed` flag, all behind the worker's own lock.
 //!
 //! # Entries
-//! An [`Entry`] is 24 bytes: the static ordering key, `seq << 24 | generation`, and a handle to
-//! the task's cell. The heap orders by key (higher first), then by submission sequence (older
-//! first), so equal priorities are FIFO.
+//! An [`Entry`] is 24 bytes of plain integers: the static ordering key, the submission sequence,
+//! and the task's `(slot, generation)` (see [`crate::index`]). The heap orders by key (higher
+//! first), then by sequence (older first), so equal priorities are FIFO.
 //!
 //! # Aging without re-heapifying
 //! With aging rate `r`, a task's effective priority at time `now` is `p + r·(now − t_enqueued)`.
@@ -13,26 +13,20 @@
 //! (re)placement, and the heap never needs re-sorting. `r = 0` gives strict priority.
 //!
 //! # Lazy deletion
-//! Claims and removals never touch other workers' heaps: they change the task's cell, which makes
-//! every other copy a *tombstone* (an entry whose generation or phase no longer matches the
-//! cell). Tombstones are skipped when popped — a single atomic load, see
+//! Claims and removals never touch other workers' heaps: they move the task's generation, which
+//! makes every other copy a *tombstone*. A tombstone is skipped when popped — one atomic load,
 //! [`TaskCell::is_live`](crate::index::TaskCell::is_live) — and a heap rebuilds itself without
-//! them when they outnumber its live entries.
+//! them when they outnumber its live entries. Running records are pruned the same way.
 
 use std::cmp::Ordering as CmpOrdering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
-use crate::index::TaskCell;
-use crate::sync::{Arc, Hasher};
-use crate::TaskId;
+use crate::index::{Cells, Slot};
 
-/// Bits of the packed `order` word that hold the generation.
-pub(crate) const GEN_BITS: u32 = 24;
-/// Generations wrap within this mask (see [`crate::index`] for why a wrap is harmless).
-pub(crate) const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 /// Fixed-point scale of ordering keys: priorities are resolved to 1/65536 of a unit when aging.
 const KEY_SCALE: f64 = 65536.0;
-/// Heaps smaller than this are never compacted (a rebuild would cost more than it saves).
+/// Heaps and record lists smaller than this are never compacted (it would cost more than it
+/// saves).
 const COMPACT_MIN: usize = 64;
 
 /// The static ordering key of a task with `priority`, enqueued `enqueued_secs` after the
@@ -47,66 +41,69 @@ pub(crate) fn order_key(priority: i32, aging_rate: f64, enqueued_secs: f64) -> i
 }
 
 /// One copy of a task in one worker's heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Entry {
     key: i64,
-    /// `seq << GEN_BITS | generation`: FIFO order first, the generation in the low bits.
-    order: u64,
-    pub(crate) cell: Arc<TaskCell>,
+    seq: u64,
+    pub(crate) slot: Slot,
+    pub(crate) gen: u32,
 }
 
 impl Entry {
-    pub(crate) fn new(key: i64, seq: u64, gen: u32, cell: Arc<TaskCell>) -> Self {
+    pub(crate) fn new(key: i64, seq: u64, slot: Slot, gen: u32) -> Self {
         Self {
             key,
-            order: seq << GEN_BITS | u64::from(gen & GEN_MASK),
-            cell,
+            seq,
+            slot,
+            gen,
         }
     }
 
-    /// The generation this copy was placed at.
-    pub(crate) fn gen(&self) -> u32 {
-        (self.order as u32) & GEN_MASK
-    }
-
-    /// Whether this copy may still be claimed (one atomic load; see `TaskCell::is_live`).
-    pub(crate) fn is_live(&self) -> bool {
-        self.cell.is_live(self.gen())
+    /// Whether this copy may still be claimed (one atomic load).
+    pub(crate) fn is_live(&self, cells: &Cells) -> bool {
+        cells.get(self.slot).is_live(self.gen)
     }
 }
 
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        self.key == other.key && self.order == other.order
-    }
-}
-impl Eq for Entry {}
 impl PartialOrd for Entry {
     fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
         Some(self.cmp(other))
     }
 }
+
 impl Ord for Entry {
     fn cmp(&self, other: &Self) -> CmpOrdering {
         // Max-heap: the higher key wins; among equal keys the lower (older) sequence wins.
         self.key
             .cmp(&other.key)
-            .then_with(|| other.order.cmp(&self.order))
+            .then_with(|| other.seq.cmp(&self.seq))
+            .then_with(|| other.gen.cmp(&self.gen))
+            .then_with(|| other.slot.cmp(&self.slot))
     }
 }
 
-/// A task this worker is running, remembered so `unregister` can hand it back.
-pub(crate) struct RunningSlot {
+/// An assignment this worker runs, remembered so `unregister` can hand it back. It names the
+/// claim's generation, so it goes stale by itself when the task is reported, given back or
+/// cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RunningRecord {
+    pub(crate) slot: Slot,
+    pub(crate) gen: u32,
     pub(crate) attempt: u32,
-    pub(crate) cell: Arc<TaskCell>,
+}
+
+impl RunningRecord {
+    pub(crate) fn is_current(&self, cells: &Cells) -> bool {
+        cells.get(self.slot).is_running_at(self.gen)
+    }
 }
 
 /// What sits behind one worker's lock.
 #[derive(Default)]
 pub(crate) struct Queue {
     heap: BinaryHeap<Entry>,
-    /// Tasks this worker runs. Entries are removed lazily after a report, so a slot whose
-    /// attempt no longer matches its cell is ignored by `unregister`.
-    pub(crate) running: HashMap<TaskId, RunningSlot, Hasher>,
+    /// Assignments of this worker; stale ones are pruned when they outnumber current ones.
+    pub(crate) running: Vec<RunningRecord>,
     /// Set once by `unregister`; a push into a closed queue fails and the pusher re-places.
     pub(crate) closed: bool,
 }
@@ -125,32 +122,47 @@ impl Queue {
         self.heap.len()
     }
 
-    /// Live entries as `(key, generation, cell)`, cloned out (for `rebalance`).
-    pub(crate) fn live_entries(&self) -> Vec<(i64, u32, Arc<TaskCell>)> {
+    /// Live entries (for `rebalance` and `audit`).
+    pub(crate) fn live_entries(&self, cells: &Cells) -> Vec<Entry> {
         self.heap
             .iter()
-            .filter(|e| e.is_live())
-            .map(|e| (e.key, e.gen(), e.cell.clone()))
+            .filter(|e| e.is_live(cells))
+            .copied()
             .collect()
+    }
+
+    /// Records an assignment, pruning stale records when they outnumber the `running` ones.
+    pub(crate) fn record_running(&mut self, record: RunningRecord, running: usize, cells: &Cells) {
+        let len = self.running.len();
+        if len >= COMPACT_MIN && len > running.saturating_mul(2) {
+            self.running.retain(|r| r.is_current(cells));
+        }
+        self.running.push(record);
     }
 
     /// Rebuilds the heap without tombstones when they outnumber the `live` copies the worker's
     /// counter reports. Amortised O(1) per pop: a rebuild of n entries follows ≥ n/2 deaths.
     /// Returns how many tombstones it dropped.
-    pub(crate) fn compact_if_sparse(&mut self, live: usize) -> usize {
+    pub(crate) fn compact_if_sparse(&mut self, live: usize, cells: &Cells) -> usize {
         let len = self.heap.len();
+        if live == 0 {
+            // Nothing here is live (the counter is exact at this lock: every copy pushed to this
+            // heap was counted before its push, and a task leaves the count only when it dies),
+            // so drop everything at once: entries are plain integers, this is O(1).
+            self.heap.clear();
+            return len;
+        }
         if len < COMPACT_MIN || len <= live.saturating_mul(2) {
             return 0;
         }
-        self.heap.retain(Entry::is_live);
+        self.heap.retain(|e| e.is_live(cells));
         len - self.heap.len()
     }
 
     /// Marks the queue closed and takes everything it holds.
-    pub(crate) fn close(&mut self) -> (Vec<Entry>, Vec<RunningSlot>) {
+    pub(crate) fn close(&mut self) -> (Vec<Entry>, Vec<RunningRecord>) {
         self.closed = true;
         let heap = std::mem::take(&mut self.heap).into_vec();
-        let running = self.running.drain().map(|(_, slot)| slot).collect();
-        (heap, running)
+        (heap, std::mem::take(&mut self.running))
     }
 }

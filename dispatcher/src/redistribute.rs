@@ -21,31 +21,33 @@
 //! never parked while a live candidate exists.
 //!
 //! In fanout, `register` also backfills: every queued task the worker can run gets a copy. It
-//! locks every live cell once (O(tasks); registration is rare). A placement that runs
+//! locks every live task once (O(tasks); registration is rare). A placement that runs
 //! concurrently either holds the cell first (and the backfill then sees its holders) or comes
 //! after the backfill's lock hand-off (and then its candidate list includes the new worker).
 //!
 //! # Rebalancing (balanced mode)
-//! One pass over the workers, most loaded first, moving each task at most once: a queued task moves from its worker to its least
-//! loaded other candidate while the source's load is at least two tasks more than the target's
-//! and more than `rebalance_ratio` times it. Each move makes the two loads closer without
-//! crossing, so the pass never ping-pongs. The least urgent tasks move first, which leaves the
-//! head of the source's queue in place.
+//! One pass over the workers, most loaded first, moving each task at most once: a queued task
+//! moves from its worker to its least loaded other candidate while the source's load is at least
+//! two tasks more than the target's and more than `rebalance_ratio` times it. Each move makes the
+//! two loads closer without crossing. The least urgent tasks move first, which leaves the head of
+//! the source's queue in place.
+
+use std::collections::HashSet;
 
 use crate::config::Mode;
-use crate::dispatcher::{Dispatcher, Pushes};
+use crate::dispatcher::{placement_of, Dispatcher, Pushes};
 use crate::error::Result;
-use crate::index::{Locked, Phase, TaskCell};
+use crate::index::{Locked, Phase, Slot};
 use crate::placement;
 use crate::queue::Entry;
 use crate::registry::{Class, Worker};
 use crate::sync::{Arc, Ordering};
 use crate::{TaskId, WorkerId};
 
-/// A parked task: its class (to match arriving workers without locking it) and its cell.
+/// A parked task: its class (to match arriving workers without locking it) and its slot.
 pub(crate) struct Parked {
     class: Arc<Class>,
-    cell: Arc<TaskCell>,
+    slot: Slot,
 }
 
 /// Where a task was placed.
@@ -106,37 +108,39 @@ impl Dispatcher {
     ) -> Result<Registration> {
         let w = self.registry.new_worker(worker, groups, tags)?;
         self.registry.insert(&w)?;
-        let mut pushes = Pushes::new();
+        let mut pushes = Pushes::default();
         let mut done = Registration::default();
         if self.config.mode == Mode::Fanout {
-            for cell in self.index.cells() {
-                let mut l = cell.lock();
-                if self.backfill(&cell, &mut l, &w, &mut pushes) {
-                    done.backfilled += 1;
+            for (id, slot) in self.index.entries() {
+                if let Some(mut l) = self.lock_slot(id, slot) {
+                    if self.backfill(&mut l, &w, &mut pushes) {
+                        done.backfilled += 1;
+                    }
                 }
             }
         } else {
-            let unparked: Vec<Arc<TaskCell>> = {
+            let unparked: Vec<(TaskId, Slot)> = {
                 let mut parked = self.parked.lock();
                 let ids: Vec<TaskId> = parked
                     .iter()
                     .filter(|(_, p)| w.serves(&p.class))
                     .map(|(id, _)| *id)
                     .collect();
-                ids.iter()
-                    .filter_map(|id| parked.remove(id))
-                    .map(|p| p.cell)
+                ids.into_iter()
+                    .filter_map(|id| parked.remove(&id).map(|p| (id, p.slot)))
                     .collect()
             };
-            for cell in unparked {
-                let mut l = cell.lock();
+            for (id, slot) in unparked {
+                let Some(mut l) = self.lock_slot(id, slot) else {
+                    continue;
+                };
                 if let Phase::Queued {
                     parked: was @ true, ..
                 } = &mut l.st.phase
                 {
                     *was = false;
                     l.requeue();
-                    self.place(&cell, &mut l, &mut pushes);
+                    self.place(&mut l, &mut pushes);
                     done.unparked += 1;
                 }
             }
@@ -147,37 +151,34 @@ impl Dispatcher {
 
     /// Fanout backfill of one task: gives `w` a copy at the current generation if `w` can run the
     /// task and lacks one. Returns whether it did.
-    fn backfill(
-        &self,
-        cell: &Arc<TaskCell>,
-        l: &mut Locked<'_>,
-        w: &Arc<Worker>,
-        pushes: &mut Pushes,
-    ) -> bool {
+    fn backfill(&self, l: &mut Locked<'_>, w: &Arc<Worker>, pushes: &mut Pushes) -> bool {
+        let entry = Entry::new(l.st.key, l.st.seq, l.slot, l.st.gen);
+        let id = l.st.id;
         let st = &mut *l.st;
         let Phase::Queued { holders, parked } = &mut st.phase else {
             return false;
         };
-        if !w.serves(&st.class) || holders.iter().any(|h| Arc::ptr_eq(h, w)) {
+        if !w.serves(&st.class) || holders.contains(w) {
             return false;
         }
         if *parked {
             *parked = false;
-            self.parked.lock().remove(&cell.id);
+            self.parked.lock().remove(&id);
         }
         holders.push(w.clone());
         w.load.inc_queued();
-        pushes.push((w.clone(), Entry::new(st.key, st.seq, st.gen, cell.clone())));
+        pushes.one(w, entry);
         true
     }
 
     /// Parks a queued task with no holders if it still has no live candidate, re-checked under
     /// the parked-set lock (see the module docs). Returns false if a candidate appeared.
-    pub(crate) fn park(&self, cell: &Arc<TaskCell>, l: &mut Locked<'_>) -> bool {
+    pub(crate) fn park(&self, l: &mut Locked<'_>) -> bool {
         let mut parked = self.parked.lock();
         if !self.registry.candidates(&l.st.class).is_empty() {
             return false;
         }
+        let (id, slot, class) = (l.st.id, l.slot, l.st.class.clone());
         let Phase::Queued {
             holders,
             parked: flag,
@@ -187,13 +188,7 @@ impl Dispatcher {
         };
         debug_assert!(holders.is_empty());
         *flag = true;
-        parked.insert(
-            cell.id,
-            Parked {
-                class: l.st.class.clone(),
-                cell: cell.clone(),
-            },
-        );
+        parked.insert(id, Parked { class, slot });
         self.counters.parked.fetch_add(1, Ordering::Relaxed);
         true
     }
@@ -202,50 +197,54 @@ impl Dispatcher {
     pub fn unregister(&self, worker: WorkerId) -> Result<Departure> {
         let w = self.registry.remove(worker)?;
         let (entries, running) = w.queue.lock().close();
-        let mut pushes = Pushes::new();
+        self.counters.fold(&w.load);
+        let mut pushes = Pushes::default();
         let mut tasks = Vec::new();
         for entry in entries {
             // A copy that is not live now never will be: skip it without locking.
-            if !entry.is_live() {
+            if !entry.is_live(&self.cells) {
                 continue;
             }
-            let cell = &entry.cell;
-            let mut l = cell.lock();
-            if l.st.gen != entry.gen() {
+            let Some(mut l) = self.cells.lock(entry.slot) else {
+                continue;
+            };
+            if l.st.gen != entry.gen {
                 continue;
             }
             let Phase::Queued { holders, .. } = &mut l.st.phase else {
                 continue;
             };
-            let Some(pos) = holders.iter().position(|h| Arc::ptr_eq(h, &w)) else {
+            if !holders.remove(&w) {
                 continue;
-            };
-            holders.swap_remove(pos);
+            }
             w.load.dec_queued();
-            let now = if holders.is_empty() {
+            if holders.is_empty() {
                 l.requeue();
-                self.place(cell, &mut l, &mut pushes)
-            } else {
-                Placement::Queued(holders.iter().map(|h| h.id).collect())
-            };
+                self.place(&mut l, &mut pushes);
+            }
             tasks.push(Relocation {
-                task: cell.id,
+                task: l.st.id,
                 was: Was::Queued,
-                now,
+                now: placement_of(&l),
             });
         }
-        for slot in running {
-            let mut l = slot.cell.lock();
-            if !l.is_running_on(&w, slot.attempt) {
+        for record in running {
+            if !record.is_current(&self.cells) {
                 continue; // reported, given back or cancelled meanwhile
+            }
+            let Some(mut l) = self.cells.lock(record.slot) else {
+                continue;
+            };
+            if l.st.gen != record.gen || !l.is_running_on(&w, record.attempt) {
+                continue;
             }
             self.release(&mut l);
             l.requeue();
-            let now = self.place(&slot.cell, &mut l, &mut pushes);
+            self.place(&mut l, &mut pushes);
             tasks.push(Relocation {
-                task: slot.cell.id,
-                was: Was::Running(slot.attempt),
-                now,
+                task: l.st.id,
+                was: Was::Running(record.attempt),
+                now: placement_of(&l),
             });
         }
         self.flush(pushes);
@@ -266,29 +265,30 @@ impl Dispatcher {
         let mut workers = self.registry.workers();
         workers.sort_by_key(|w| std::cmp::Reverse(w.load.weighted(weight)));
         // A task moves at most once per pass: it must not leave a worker it was just moved to.
-        let mut moved_cells = std::collections::HashSet::new();
+        let mut moved: HashSet<Slot> = HashSet::new();
         for src in &workers {
             let mut entries = {
                 let q = src.queue.lock();
                 if q.closed {
                     continue;
                 }
-                q.live_entries()
+                q.live_entries(&self.cells)
             };
-            // Least urgent first.
-            entries.sort_by_key(|(key, _, _)| *key);
-            let mut pushes = Pushes::new();
-            for (_, gen, cell) in entries {
-                if moved_cells.contains(&Arc::as_ptr(&cell)) {
+            entries.sort(); // least urgent first
+            let mut pushes = Pushes::default();
+            for entry in entries {
+                if moved.contains(&entry.slot) {
                     continue;
                 }
-                let mut l = cell.lock();
-                if l.st.gen != gen {
+                let Some(mut l) = self.cells.lock(entry.slot) else {
+                    continue;
+                };
+                if l.st.gen != entry.gen {
                     continue;
                 }
                 match &l.st.phase {
                     Phase::Queued { holders, .. }
-                        if holders.len() == 1 && Arc::ptr_eq(&holders[0], src) => {}
+                        if holders.as_slice().len() == 1 && holders.contains(src) => {}
                     _ => continue,
                 }
                 let candidates = self.registry.candidates(&l.st.class);
@@ -304,13 +304,12 @@ impl Dispatcher {
                 }
                 self.release(&mut l);
                 l.requeue();
-                self.assign(&cell, &mut l, vec![candidates[i].clone()], &mut pushes);
-                drop(l);
-                moved_cells.insert(Arc::as_ptr(&cell));
+                Self::assign_one(&mut l, &candidates[i], &mut pushes);
+                moved.insert(entry.slot);
             }
             self.flush(pushes);
         }
-        let moved = moved_cells.len();
+        let moved = moved.len();
         self.counters
             .rebalance_moves
             .fetch_add(moved as u64, Ordering::Relaxed);

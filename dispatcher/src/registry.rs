@@ -39,6 +39,11 @@ pub(crate) type NameId = u32;
 pub(crate) struct Load {
     queued: AtomicUsize,
     running: AtomicUsize,
+    /// Assignments this worker's fetches made, and dead copies they skipped or compacted away
+    /// (per worker, so fetches on different workers never share a counter's cache line; folded
+    /// into the dispatcher's totals when the worker leaves).
+    pub(crate) claimed: AtomicU64,
+    pub(crate) stale: AtomicU64,
 }
 
 impl Load {
@@ -59,6 +64,14 @@ impl Load {
     }
     pub(crate) fn dec_running(&self) {
         self.running.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub(crate) fn add_fetched(&self, claimed: usize, stale: usize) {
+        if claimed > 0 {
+            self.claimed.fetch_add(claimed as u64, Ordering::Relaxed);
+        }
+        if stale > 0 {
+            self.stale.fetch_add(stale as u64, Ordering::Relaxed);
+        }
     }
     /// `queued + running × weight`, in thousandths of a queued task.
     pub(crate) fn weighted(&self, running_weight_milli: u64) -> u64 {
@@ -100,6 +113,9 @@ fn is_subset(small: &[NameId], big: &[NameId]) -> bool {
     small.iter().all(|t| big.any(|b| b == t))
 }
 
+/// A class's live candidates: an immutable list, shared by every fanout task placed from it.
+pub(crate) type Candidates = Shared<[Arc<Worker>]>;
+
 /// A (group, tag set) class with its cached candidate list.
 pub(crate) struct Class {
     group: NameId,
@@ -114,7 +130,7 @@ pub(crate) struct Class {
 struct CandidateCache {
     /// `u64::MAX` until first computed.
     epoch: u64,
-    workers: Shared<[Arc<Worker>]>,
+    workers: Candidates,
 }
 
 /// The live workers, by id and by group.
@@ -294,7 +310,7 @@ impl Registry {
     }
 
     /// The live candidates of `class`, from its cache when the registry has not changed.
-    pub(crate) fn candidates(&self, class: &Class) -> Shared<[Arc<Worker>]> {
+    pub(crate) fn candidates(&self, class: &Class) -> Candidates {
         let epoch = self.epoch.load(Ordering::Relaxed);
         {
             let cache = class.cache.read();
@@ -305,7 +321,7 @@ impl Registry {
         // Recompute under the group table's read lock, where the epoch cannot move.
         let by_group = self.by_group.read();
         let epoch = self.epoch.load(Ordering::Relaxed);
-        let workers: Shared<[Arc<Worker>]> = by_group
+        let workers: Candidates = by_group
             .get(&class.group)
             .map(|list| list.iter().filter(|w| w.serves(class)).cloned().collect())
             .unwrap_or_else(|| Shared::from(Vec::new()));

@@ -3,18 +3,18 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::dispatcher::Dispatcher;
-use crate::index::Phase;
-use crate::registry::Worker;
+use crate::index::{Phase, Slot};
+use crate::registry::{Load, Worker};
 use crate::sync::{Arc, AtomicU64, CachePadded, Ordering};
-use crate::{TaskId, WorkerId};
+use crate::WorkerId;
 
-/// Monotonic event counters, bumped `Relaxed` (they order nothing) and batched per call on the
-/// fetch path. Each sits on its own cache line: the claim counters are bumped by every fetch.
+/// Monotonic event counters, bumped `Relaxed` (they order nothing). Fetches count per worker
+/// (see `Load`), and a departing worker's counts are folded in here.
 #[derive(Default)]
 pub(crate) struct CounterCells {
     pub(crate) submitted: CachePadded<AtomicU64>,
-    pub(crate) claimed: CachePadded<AtomicU64>,
-    pub(crate) stale_skipped: CachePadded<AtomicU64>,
+    claimed: AtomicU64,
+    stale_skipped: AtomicU64,
     pub(crate) completed: AtomicU64,
     pub(crate) given_back: AtomicU64,
     pub(crate) cancelled: AtomicU64,
@@ -85,12 +85,22 @@ pub struct Stats {
     pub counters: Counters,
 }
 
+impl CounterCells {
+    /// Adds a departing worker's fetch counts to the totals.
+    pub(crate) fn fold(&self, load: &Load) {
+        let take = |a: &AtomicU64| a.swap(0, Ordering::Relaxed);
+        self.claimed
+            .fetch_add(take(&load.claimed), Ordering::Relaxed);
+        self.stale_skipped
+            .fetch_add(take(&load.stale), Ordering::Relaxed);
+    }
+}
+
 impl Dispatcher {
     /// A snapshot of loads, totals and counters. Locks each worker's queue briefly.
     pub fn stats(&self) -> Stats {
-        let mut workers: Vec<WorkerStats> = self
-            .registry
-            .workers()
+        let live = self.registry.workers();
+        let mut workers: Vec<WorkerStats> = live
             .iter()
             .map(|w| {
                 let heap_len = w.queue.lock().heap_len();
@@ -111,6 +121,8 @@ impl Dispatcher {
         let heap: usize = workers.iter().map(|w| w.heap_len).sum();
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let per_worker =
+            |f: fn(&Load) -> &AtomicU64| -> u64 { live.iter().map(|w| get(f(&w.load))).sum() };
         Stats {
             tasks,
             queued: tasks.saturating_sub(running),
@@ -120,8 +132,8 @@ impl Dispatcher {
             tombstones: heap.saturating_sub(copies),
             counters: Counters {
                 submitted: get(&c.submitted),
-                claimed: get(&c.claimed),
-                stale_skipped: get(&c.stale_skipped),
+                claimed: get(&c.claimed) + per_worker(|l| &l.claimed),
+                stale_skipped: get(&c.stale_skipped) + per_worker(|l| &l.stale),
                 completed: get(&c.completed),
                 given_back: get(&c.given_back),
                 cancelled: get(&c.cancelled),
@@ -132,49 +144,43 @@ impl Dispatcher {
             workers,
         }
     }
-}
 
-impl Dispatcher {
     /// Checks the invariants of the crate docs against the whole state and describes the first
     /// violation found. Meaningful only at rest (no operation in flight); O(tasks + heap entries).
     /// The tests, the stress test and the loom models call it after every scenario.
     ///
     /// Checked: every live task is queued on ≥ 1 registered holder whose heap has a live copy of
     /// it, or parked (and in the parked set, and only then), or running on a registered worker
-    /// whose running set records its attempt; every registered worker's `queued` and `running`
-    /// counters equal those recomputed from the tasks; no registered worker's queue is closed.
+    /// whose running records hold that assignment; every registered worker's `queued` and
+    /// `running` counters equal those recomputed from the tasks; no registered worker's queue is
+    /// closed.
     pub fn audit(&self) -> std::result::Result<(), String> {
         let workers = self.registry.workers();
         let live: HashMap<WorkerId, &Arc<Worker>> = workers.iter().map(|w| (w.id, w)).collect();
-        // What each worker's queue holds: live copies as (cell address, generation), and the
-        // running slots as (task, attempt).
-        let mut copies: HashMap<WorkerId, HashSet<(usize, u32)>> = HashMap::new();
-        let mut slots: HashMap<WorkerId, HashMap<TaskId, u32>> = HashMap::new();
+        // What each worker's queue holds: live copies and running records, as (slot, generation).
+        let mut copies: HashMap<WorkerId, HashSet<(Slot, u32)>> = HashMap::new();
+        let mut records: HashMap<WorkerId, HashSet<(Slot, u32, u32)>> = HashMap::new();
         for w in &workers {
             let q = w.queue.lock();
             if q.closed {
                 return Err(format!("registered worker {} has a closed queue", w.id));
             }
-            copies.insert(
-                w.id,
-                q.live_entries()
-                    .iter()
-                    .map(|(_, gen, c)| (Arc::as_ptr(c) as usize, *gen))
-                    .collect(),
-            );
-            slots.insert(
-                w.id,
-                q.running.iter().map(|(t, s)| (*t, s.attempt)).collect(),
-            );
+            let live_copies = q.live_entries(&self.cells);
+            copies.insert(w.id, live_copies.iter().map(|e| (e.slot, e.gen)).collect());
+            let recs = q.running.iter().map(|r| (r.slot, r.gen, r.attempt));
+            records.insert(w.id, recs.collect());
         }
         let is_live = |w: &Arc<Worker>| live.get(&w.id).is_some_and(|l| Arc::ptr_eq(l, w));
-        let parked_ids: HashSet<TaskId> = self.parked.lock().keys().copied().collect();
+        let parked_ids: HashSet<crate::TaskId> = self.parked.lock().keys().copied().collect();
         let mut load: HashMap<WorkerId, (usize, usize)> =
             workers.iter().map(|w| (w.id, (0, 0))).collect();
         let mut parked = 0;
-        for cell in self.index.cells() {
-            let id = cell.id;
-            let l = cell.lock();
+        for (id, slot) in self.index.entries() {
+            let Some(l) = self.lock_slot(id, slot) else {
+                return Err(format!(
+                    "task {id} is indexed at slot {slot}, which does not hold it"
+                ));
+            };
             match &l.st.phase {
                 Phase::Queued {
                     holders,
@@ -195,12 +201,11 @@ impl Dispatcher {
                     if holders.is_empty() {
                         return Err(format!("task {id} is queued with no holder and not parked"));
                     }
-                    for h in holders {
+                    for h in holders.as_slice() {
                         if !is_live(h) {
                             return Err(format!("task {id} is held by departed worker {}", h.id));
                         }
-                        let key = (Arc::as_ptr(&cell) as usize, l.st.gen);
-                        if !copies[&h.id].contains(&key) {
+                        if !copies[&h.id].contains(&(slot, l.st.gen)) {
                             return Err(format!("task {id}: holder {} has no live copy", h.id));
                         }
                         load.get_mut(&h.id).expect("live").0 += 1;
@@ -213,9 +218,9 @@ impl Dispatcher {
                             worker.id
                         ));
                     }
-                    if slots[&worker.id].get(&id) != Some(&l.st.attempt) {
+                    if !records[&worker.id].contains(&(slot, l.st.gen, l.st.attempt)) {
                         return Err(format!(
-                            "task {id} runs on {} as attempt {} but its running set disagrees",
+                            "task {id} runs on {} as attempt {} but no running record says so",
                             worker.id, l.st.attempt
                         ));
                     }

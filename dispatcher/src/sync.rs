@@ -94,6 +94,17 @@ mod imp {
             self.0.iter().map(|e| e.value().clone()).collect()
         }
 
+        /// Clones out every entry (one shard lock at a time, none held on return).
+        pub(crate) fn entries(&self) -> Vec<(K, V)>
+        where
+            K: Clone,
+        {
+            self.0
+                .iter()
+                .map(|e| (e.key().clone(), e.value().clone()))
+                .collect()
+        }
+
         pub(crate) fn len(&self) -> usize {
             self.0.len()
         }
@@ -226,6 +237,14 @@ mod imp {
 
         pub(crate) fn values(&self) -> Vec<V> {
             self.0.lock().values().cloned().collect()
+        }
+
+        pub(crate) fn entries(&self) -> Vec<(K, V)>
+        where
+            K: Clone,
+        {
+            let map = self.0.lock();
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         }
 
         pub(crate) fn len(&self) -> usize {
