@@ -7,26 +7,21 @@
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use switchyard::{Assignment, Config, Dispatcher, Mode, Strategy, TaskId, TaskSpec, WorkerId};
-use switchyard_benches::{Actor, GlobalMutex, Queues, Rng};
+use switchyard::{Assignment, Mode, TaskId, TaskSpec, WorkerId};
+use switchyard_benches::scenario::{
+    balanced, dispatcher, drain, drain_mutex, loaded, loaded_queues, queues, scale, spec,
+    two_threads, WORKERS,
+};
+use switchyard_benches::{Actor, GlobalMutex, Rng};
+
+const NO_TAGS: &[&str] = &[];
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const WORKERS: u64 = 64;
-const NO_TAGS: &[&str] = &[];
-
-fn scale(n: u64) -> u64 {
-    let s: f64 = std::env::var("SWITCHYARD_BENCH_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1.0);
-    ((n as f64 * s) as u64).max(1_000)
-}
 
 /// Runs `f` as a task on `rt` (a worker thread of the runtime, where the actor's callers live
 /// in a server) and returns its result.
@@ -55,32 +50,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn dispatcher(mode: Mode, workers: u64) -> Dispatcher {
-    let d = Dispatcher::new(Config {
-        mode,
-        ..Config::default()
-    })
-    .expect("config");
-    for w in 0..workers {
-        d.register(WorkerId(w), &["g"], NO_TAGS).expect("register");
-    }
-    d
-}
-
-fn balanced() -> Mode {
-    Mode::Balanced(Strategy::RoundRobin)
-}
-
-fn spec(i: u64) -> TaskSpec {
-    TaskSpec::new(i, "g").priority((i % 8) as i32)
-}
-
-fn queues(workers: u64) -> Queues {
-    let mut q = Queues::default();
-    (0..workers).for_each(|w| q.register(w));
-    q
-}
-
 /// Times `run` on a fresh `setup()` per iteration.
 fn timed<S>(iters: u64, mut setup: impl FnMut() -> S, mut run: impl FnMut(S)) -> Duration {
     let mut total = Duration::ZERO;
@@ -91,25 +60,6 @@ fn timed<S>(iters: u64, mut setup: impl FnMut() -> S, mut run: impl FnMut(S)) ->
         total += start.elapsed();
     }
     total
-}
-
-/// Runs `f(0)` and `f(1)` on two threads and returns the time of the parallel section.
-fn two_threads(f: impl Fn(usize) + Sync) -> Duration {
-    let barrier = Barrier::new(3);
-    std::thread::scope(|s| {
-        for t in 0..2 {
-            let (f, barrier) = (&f, &barrier);
-            s.spawn(move || {
-                barrier.wait();
-                f(t);
-                barrier.wait();
-            });
-        }
-        barrier.wait();
-        let start = Instant::now();
-        barrier.wait();
-        start.elapsed()
-    })
 }
 
 fn configure<'a>(
@@ -263,44 +213,6 @@ fn a2_fanout_enqueue_64(c: &mut Criterion) {
 }
 
 // ----- B: fetch -----------------------------------------------------------------------------
-
-/// A dispatcher with `n` tasks spread over 64 workers (balanced).
-fn loaded(n: u64) -> Dispatcher {
-    let d = dispatcher(balanced(), WORKERS);
-    d.submit_many((0..n).map(spec)).unwrap();
-    d
-}
-
-fn loaded_queues(n: u64) -> Queues {
-    let mut q = queues(WORKERS);
-    (0..n).for_each(|i| q.enqueue(i, (i % 8) as i32, &[i % WORKERS]));
-    q
-}
-
-/// Drains workers `range` of `d` one task per fetch, round-robin over the workers.
-fn drain(d: &Dispatcher, workers: std::ops::Range<u64>) -> u64 {
-    let mut buf: Vec<Assignment> = Vec::with_capacity(1);
-    let mut got = 0;
-    let mut live: Vec<u64> = workers.collect();
-    while !live.is_empty() {
-        live.retain(|&w| {
-            buf.clear();
-            d.fetch_into(WorkerId(w), 1, &mut buf).unwrap() == 1
-        });
-        got += live.len() as u64;
-    }
-    got
-}
-
-fn drain_mutex(m: &GlobalMutex, workers: std::ops::Range<u64>) -> u64 {
-    let mut got = 0;
-    let mut live: Vec<u64> = workers.collect();
-    while !live.is_empty() {
-        live.retain(|&w| m.with(|q| q.fetch(w)).is_some());
-        got += live.len() as u64;
-    }
-    got
-}
 
 async fn drain_actor(a: &Actor, workers: std::ops::Range<u64>) -> u64 {
     let mut got = 0;

@@ -235,3 +235,116 @@ impl Rng {
         }
     }
 }
+
+/// Scenario builders shared by the criterion benches and the profiling binary.
+pub mod scenario {
+    use std::sync::Barrier;
+    use std::time::{Duration, Instant};
+
+    use switchyard::{Assignment, Config, Dispatcher, Mode, Strategy, TaskSpec, WorkerId};
+
+    use crate::{GlobalMutex, Queues};
+
+    /// Workers in the standard scenarios.
+    pub const WORKERS: u64 = 64;
+    const NO_TAGS: &[&str] = &[];
+
+    /// `n` scaled by `SWITCHYARD_BENCH_SCALE` (default 1), at least 1,000.
+    pub fn scale(n: u64) -> u64 {
+        let s: f64 = std::env::var("SWITCHYARD_BENCH_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1.0);
+        ((n as f64 * s) as u64).max(1_000)
+    }
+
+    /// Balanced placement as the scenarios use it (round-robin: even spread, O(1)).
+    pub fn balanced() -> Mode {
+        Mode::Balanced(Strategy::RoundRobin)
+    }
+
+    /// Task `i` of group "g", priority `i % 8`.
+    pub fn spec(i: u64) -> TaskSpec {
+        TaskSpec::new(i, "g").priority((i % 8) as i32)
+    }
+
+    /// A dispatcher in `mode` with `workers` workers serving group "g".
+    pub fn dispatcher(mode: Mode, workers: u64) -> Dispatcher {
+        let d = Dispatcher::new(Config {
+            mode,
+            ..Config::default()
+        })
+        .expect("config");
+        for w in 0..workers {
+            d.register(WorkerId(w), &["g"], NO_TAGS).expect("register");
+        }
+        d
+    }
+
+    /// A balanced dispatcher with `n` tasks spread over 64 workers.
+    pub fn loaded(n: u64) -> Dispatcher {
+        let d = dispatcher(balanced(), WORKERS);
+        d.submit_many((0..n).map(spec)).expect("submit");
+        d
+    }
+
+    /// Baseline queues with `workers` workers.
+    pub fn queues(workers: u64) -> Queues {
+        let mut q = Queues::default();
+        (0..workers).for_each(|w| q.register(w));
+        q
+    }
+
+    /// Baseline queues with `n` tasks spread over 64 workers.
+    pub fn loaded_queues(n: u64) -> Queues {
+        let mut q = queues(WORKERS);
+        (0..n).for_each(|i| q.enqueue(i, (i % 8) as i32, &[i % WORKERS]));
+        q
+    }
+
+    /// Drains `workers` of `d`, one task per fetch, round-robin; returns how many it got.
+    pub fn drain(d: &Dispatcher, workers: std::ops::Range<u64>) -> u64 {
+        let mut buf: Vec<Assignment> = Vec::with_capacity(1);
+        let mut got = 0;
+        let mut live: Vec<u64> = workers.collect();
+        while !live.is_empty() {
+            live.retain(|&w| {
+                buf.clear();
+                d.fetch_into(WorkerId(w), 1, &mut buf).expect("fetch") == 1
+            });
+            got += live.len() as u64;
+        }
+        got
+    }
+
+    /// The same drain on the global-mutex baseline.
+    pub fn drain_mutex(m: &GlobalMutex, workers: std::ops::Range<u64>) -> u64 {
+        let mut got = 0;
+        let mut live: Vec<u64> = workers.collect();
+        while !live.is_empty() {
+            live.retain(|&w| m.with(|q| q.fetch(w)).is_some());
+            got += live.len() as u64;
+        }
+        got
+    }
+
+    /// Runs `f(0)` and `f(1)` on two threads; returns the time of the parallel section only
+    /// (between two barriers).
+    pub fn two_threads(f: impl Fn(usize) + Sync) -> Duration {
+        let barrier = Barrier::new(3);
+        std::thread::scope(|s| {
+            for t in 0..2 {
+                let (f, barrier) = (&f, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    f(t);
+                    barrier.wait();
+                });
+            }
+            barrier.wait();
+            let start = Instant::now();
+            barrier.wait();
+            start.elapsed()
+        })
+    }
+}

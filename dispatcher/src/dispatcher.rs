@@ -199,6 +199,7 @@ impl Dispatcher {
                 seq,
                 class,
                 enqueued,
+                fanout: self.config.mode == Mode::Fanout,
             }));
         }
         for i in 0..locked.len() {
@@ -284,12 +285,21 @@ impl Dispatcher {
             return Err(Error::UnknownWorker(worker));
         }
         let recheck = !self.mutant(Mutant::ClaimWithoutRecheck);
+        let fanout = self.config.mode == Mode::Fanout;
         // Compact first: a heap mostly of tombstones is cheaper to rebuild than to pop through.
-        let (mut claimed, mut stale) = (0, q.compact_if_sparse(w.load.queued(), &self.cells));
+        // Balanced reads its exact counter; fanout's count is a sum over classes, so it is
+        // computed only after a quarter of the heap has been popped dead.
+        let (mut claimed, mut stale) = (0, 0);
+        if !fanout {
+            stale += q.compact_if_sparse(w.load.queued(), &self.cells);
+        }
         while claimed < max {
             let Some(entry) = q.pop() else { break };
             if !entry.is_live(&self.cells) {
                 stale += 1;
+                if fanout && q.note_dead_pop() {
+                    stale += q.compact_if_sparse(self.queued_of(&w), &self.cells);
+                }
                 continue;
             }
             let locked = if self.mutant(Mutant::FetchUnlocksBeforeClaim) {
@@ -363,6 +373,14 @@ impl Dispatcher {
             });
         }
         Ok(())
+    }
+
+    /// The tasks queued on `w` (see `Locked::set_holders` for how each mode counts).
+    pub(crate) fn queued_of(&self, w: &Worker) -> usize {
+        match self.config.mode {
+            Mode::Fanout => self.registry.fanout_queued(w),
+            Mode::Balanced(_) => w.load.queued(),
+        }
     }
 
     /// Locks the live task `id`. A task that ended (or whose slot was reused) between the index
@@ -519,16 +537,14 @@ impl Dispatcher {
 
     /// Makes every worker of `candidates` a holder of a queued task with none.
     fn assign_all(&self, l: &mut Locked<'_>, candidates: Candidates, pushes: &mut Pushes) {
-        candidates.iter().for_each(|w| w.load.inc_queued());
         pushes.all(&candidates, Self::entry(l));
-        set_holders(l, Holders::Shared(candidates));
+        l.set_holders(Holders::Shared(candidates));
     }
 
     /// Makes `worker` the one holder of a queued task with none.
     pub(crate) fn assign_one(l: &mut Locked<'_>, worker: &Arc<Worker>, pushes: &mut Pushes) {
-        worker.load.inc_queued();
         pushes.one(worker, Self::entry(l));
-        set_holders(l, Holders::One(worker.clone()));
+        l.set_holders(Holders::One(worker.clone()));
     }
 
     /// Pushes copies, one lock per target queue. Copies for closed queues are handed to
@@ -564,8 +580,8 @@ impl Dispatcher {
             return;
         }
         entries.iter().for_each(|e| q.push(*e));
-        let compacted = q.compact_if_sparse(w.load.queued(), &self.cells);
-        if compacted > 0 {
+        if self.config.mode != Mode::Fanout {
+            let compacted = q.compact_if_sparse(w.load.queued(), &self.cells);
             w.load.add_fetched(0, compacted);
         }
     }
@@ -579,28 +595,12 @@ impl Dispatcher {
         if l.st.gen != entry.gen {
             return;
         }
-        let Phase::Queued { holders, .. } = &mut l.st.phase else {
-            return;
-        };
-        if !holders.remove(worker) {
-            return;
-        }
-        worker.load.dec_queued();
-        if holders.is_empty() {
+        if l.remove_holder(worker) == Some(true) {
             l.requeue();
             self.place(&mut l, pushes);
             self.counters.redistributed.fetch_add(1, Ordering::Relaxed);
         }
     }
-}
-
-/// Sets the holders of a queued task (its phase stays queued, so the status word is unchanged).
-fn set_holders(l: &mut Locked<'_>, new: Holders) {
-    let Phase::Queued { holders, .. } = &mut l.st.phase else {
-        unreachable!("holders are assigned to queued tasks only")
-    };
-    debug_assert!(holders.is_empty());
-    *holders = new;
 }
 
 /// Where a locked task is, as reported to callers.

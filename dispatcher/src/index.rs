@@ -138,6 +138,8 @@ pub(crate) struct TaskState {
     pub(crate) class: Arc<Class>,
     /// Seconds after the dispatcher's epoch at which the task started waiting (for aging).
     pub(crate) enqueued: f64,
+    /// How the task's queue occupancy is counted (see [`Locked::set_holders`]).
+    pub(crate) fanout: bool,
 }
 
 /// One slab slot: the status word and the guarded state (`None` while the slot is free).
@@ -232,7 +234,7 @@ impl Locked<'_> {
             }
         }
         if let Phase::Queued { holders, .. } = &self.st.phase {
-            holders.as_slice().iter().for_each(|h| h.load.dec_queued());
+            self.count(holders, false);
         }
         worker.load.inc_running();
         self.st.attempt += 1;
@@ -250,15 +252,87 @@ impl Locked<'_> {
     pub(crate) fn release(&mut self) -> Phase {
         let phase = std::mem::replace(&mut self.st.phase, Phase::Gone);
         match &phase {
-            Phase::Queued { holders, .. } => {
-                holders.as_slice().iter().for_each(|h| h.load.dec_queued())
-            }
+            Phase::Queued { holders, .. } => self.count(holders, false),
             Phase::Running { worker } => worker.load.dec_running(),
             Phase::Gone => {}
         }
         self.st.gen = self.st.gen.wrapping_add(1);
         self.publish();
         phase
+    }
+
+    /// Counts `holders` in (`up`) or out of the queued counters.
+    ///
+    /// Balanced: each holder's own `queued` counter, exact per worker, which balanced placement
+    /// reads. Fanout: one counter per class — a fanout task is held by every live candidate of
+    /// its class, so a worker's queued count is the sum over the classes it serves, and a claim
+    /// or removal touches one counter instead of one per holder (on a contended fleet those
+    /// per-holder updates were most of a fanout claim's cost).
+    fn count(&self, holders: &Holders, up: bool) {
+        if holders.is_empty() {
+            return;
+        }
+        let step = |load: &crate::registry::Load| {
+            if up {
+                load.inc_queued()
+            } else {
+                load.dec_queued()
+            }
+        };
+        if self.st.fanout {
+            step(&self.st.class.queued);
+        } else {
+            holders.as_slice().iter().for_each(|h| step(&h.load));
+        }
+    }
+
+    /// Gives a queued task with no holders its holders, and counts them.
+    pub(crate) fn set_holders(&mut self, new: Holders) {
+        self.count(&new, true);
+        let Phase::Queued { holders, .. } = &mut self.st.phase else {
+            unreachable!("holders are assigned to queued tasks only")
+        };
+        debug_assert!(holders.is_empty());
+        *holders = new;
+    }
+
+    /// Adds `worker` as a holder of a queued task (fanout backfill), counting it. Returns false
+    /// if the task is not queued or `worker` already holds it.
+    pub(crate) fn add_holder(&mut self, worker: &Arc<Worker>) -> bool {
+        let (fanout, class) = (self.st.fanout, self.st.class.clone());
+        let Phase::Queued { holders, .. } = &mut self.st.phase else {
+            return false;
+        };
+        if holders.contains(worker) {
+            return false;
+        }
+        let was_empty = holders.is_empty();
+        holders.push(worker.clone());
+        match fanout {
+            true if was_empty => class.queued.inc_queued(),
+            true => {}
+            false => worker.load.inc_queued(),
+        }
+        true
+    }
+
+    /// Removes `worker` from the holders of a queued task, counting it out. Returns `None` if it
+    /// was not a holder, else whether the task is now without holders.
+    pub(crate) fn remove_holder(&mut self, worker: &Worker) -> Option<bool> {
+        let (fanout, class) = (self.st.fanout, self.st.class.clone());
+        let Phase::Queued { holders, .. } = &mut self.st.phase else {
+            return None;
+        };
+        if !holders.remove(worker) {
+            return None;
+        }
+        let empty = holders.is_empty();
+        match fanout {
+            true if empty => class.queued.dec_queued(),
+            true => {}
+            false => worker.load.dec_queued(),
+        }
+        Some(empty)
     }
 
     /// Marks a task that never entered any phase's counters (a rolled-back submission) gone.

@@ -106,6 +106,8 @@ pub(crate) struct Queue {
     pub(crate) running: Vec<RunningRecord>,
     /// Set once by `unregister`; a push into a closed queue fails and the pusher re-places.
     pub(crate) closed: bool,
+    /// Dead copies popped since the last compaction check (fanout).
+    dead_pops: usize,
 }
 
 impl Queue {
@@ -115,6 +117,17 @@ impl Queue {
 
     pub(crate) fn pop(&mut self) -> Option<Entry> {
         self.heap.pop()
+    }
+
+    /// Notes a dead copy popped; true when enough have been popped (a quarter of the heap, at
+    /// least `COMPACT_MIN`) that a compaction check is worth its O(classes) live count.
+    pub(crate) fn note_dead_pop(&mut self) -> bool {
+        self.dead_pops += 1;
+        if self.dead_pops >= COMPACT_MIN.max(self.heap.len() / 4) {
+            self.dead_pops = 0;
+            return true;
+        }
+        false
     }
 
     /// Entries in the heap, tombstones included.

@@ -152,22 +152,18 @@ impl Dispatcher {
     /// Fanout backfill of one task: gives `w` a copy at the current generation if `w` can run the
     /// task and lacks one. Returns whether it did.
     fn backfill(&self, l: &mut Locked<'_>, w: &Arc<Worker>, pushes: &mut Pushes) -> bool {
-        let entry = Entry::new(l.st.key, l.st.seq, l.slot, l.st.gen);
-        let id = l.st.id;
-        let st = &mut *l.st;
-        let Phase::Queued { holders, parked } = &mut st.phase else {
-            return false;
-        };
-        if !w.serves(&st.class) || holders.contains(w) {
+        if !w.serves(&l.st.class) || !l.add_holder(w) {
             return false;
         }
-        if *parked {
-            *parked = false;
+        let id = l.st.id;
+        if let Phase::Queued {
+            parked: was @ true, ..
+        } = &mut l.st.phase
+        {
+            *was = false;
             self.parked.lock().remove(&id);
         }
-        holders.push(w.clone());
-        w.load.inc_queued();
-        pushes.one(w, entry);
+        pushes.one(w, Entry::new(l.st.key, l.st.seq, l.slot, l.st.gen));
         true
     }
 
@@ -211,14 +207,10 @@ impl Dispatcher {
             if l.st.gen != entry.gen {
                 continue;
             }
-            let Phase::Queued { holders, .. } = &mut l.st.phase else {
+            let Some(left_empty) = l.remove_holder(&w) else {
                 continue;
             };
-            if !holders.remove(&w) {
-                continue;
-            }
-            w.load.dec_queued();
-            if holders.is_empty() {
+            if left_empty {
                 l.requeue();
                 self.place(&mut l, &mut pushes);
             }

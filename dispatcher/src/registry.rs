@@ -125,6 +125,9 @@ pub(crate) struct Class {
     cache: RwLock<CandidateCache>,
     /// Rotating cursor for round-robin choices and tie-breaks, and the seed of random draws.
     pub(crate) cursor: AtomicUsize,
+    /// Fanout mode: this class's queued tasks that have holders (each is held by every live
+    /// candidate). Only `queued` of this `Load` is used.
+    pub(crate) queued: Load,
 }
 
 struct CandidateCache {
@@ -250,6 +253,7 @@ impl Registry {
                     workers: Shared::from(Vec::new()),
                 }),
                 cursor: AtomicUsize::new(0),
+                queued: Load::default(),
             })
         }))
     }
@@ -307,6 +311,17 @@ impl Registry {
         }
         self.epoch.fetch_add(1, Ordering::Relaxed);
         Ok(worker)
+    }
+
+    /// Fanout: the tasks queued on `worker`, as the sum of the classes it serves. O(classes).
+    pub(crate) fn fanout_queued(&self, worker: &Worker) -> usize {
+        self.classes.fold(0, |n, class| {
+            if worker.serves(class) {
+                n + class.queued.queued()
+            } else {
+                n
+            }
+        })
     }
 
     /// The live candidates of `class`, from its cache when the registry has not changed.

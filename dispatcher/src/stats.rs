@@ -108,7 +108,7 @@ impl Dispatcher {
                     id: w.id,
                     groups: w.group_names(),
                     tags: w.tag_names(),
-                    queued: w.load.queued(),
+                    queued: self.queued_of(w),
                     running: w.load.running(),
                     heap_len,
                 }
@@ -236,7 +236,7 @@ impl Dispatcher {
             ));
         }
         for w in &workers {
-            let counted = (w.load.queued(), w.load.running());
+            let counted = (self.queued_of(w), w.load.running());
             if counted != load[&w.id] {
                 return Err(format!(
                     "worker {}: counters (queued, running) = {counted:?}, tasks say {:?}",

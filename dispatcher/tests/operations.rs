@@ -123,18 +123,40 @@ fn fanout_places_a_copy_on_every_candidate_and_the_first_fetch_claims_it() {
 }
 
 #[test]
-fn fanout_heaps_compact_when_tombstones_outnumber_live_copies() {
+fn fanout_heaps_compact_while_fetching_once_dead_copies_dominate() {
     let d = fanout();
     d.register(W1, &["g"], NO_TAGS).unwrap();
     d.register(W2, &["g"], NO_TAGS).unwrap();
     d.submit_many((0..200).map(task)).unwrap();
     assert_eq!(d.fetch(W1, 200).unwrap().len(), 200);
     assert_eq!(d.stats().tombstones, 200, "W2 holds 200 dead copies");
-    d.submit(task(1000)).unwrap(); // a push into W2's sparse heap compacts it
-    let s = d.stats();
-    assert_eq!(s.tombstones, 0);
-    assert_eq!(s.counters.stale_skipped, 200);
+    d.submit(task(1000)).unwrap();
+    assert_eq!(d.stats().tombstones, 200, "pushes do not compact in fanout");
+    // W2's fetch pops dead copies until a quarter of its heap is dead, then rebuilds it
+    // without the rest, and returns the one live task.
     assert_eq!(fetched(&d, W2, 10), [1000]);
+    let s = d.stats();
+    assert_eq!(
+        s.tombstones, 1,
+        "only W1's copy of the task W2 just claimed"
+    );
+    assert_eq!(s.counters.stale_skipped, 200);
+    assert_counters_agree(&d, ids(0..1001));
+}
+
+#[test]
+fn balanced_heaps_compact_on_push_when_tombstones_outnumber_live_copies() {
+    let d = balanced(Strategy::RoundRobin);
+    d.register(W1, &["g"], NO_TAGS).unwrap();
+    d.submit_many((0..200).map(task)).unwrap();
+    for i in 0..200 {
+        d.cancel(TaskId(i)).unwrap(); // lazy deletion: 200 dead copies stay in W1's heap
+    }
+    assert_eq!(d.stats().tombstones, 200);
+    d.submit(task(1000)).unwrap(); // the push finds the heap sparse and rebuilds it
+    let s = d.stats();
+    assert_eq!((s.tombstones, s.counters.stale_skipped), (0, 200));
+    assert_eq!(fetched(&d, W1, 10), [1000]);
 }
 
 #[test]

@@ -29,7 +29,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         // SAFETY: forwarded unchanged.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -53,12 +56,21 @@ fn main() {
     let copies = (n * WORKERS) as f64;
 
     let base = live();
-    let d = Dispatcher::new(Config { mode: Mode::Fanout, ..Config::default() }).unwrap();
+    let d = Dispatcher::new(Config {
+        mode: Mode::Fanout,
+        ..Config::default()
+    })
+    .unwrap();
     for w in 0..WORKERS {
         d.register(WorkerId(w), &["g"], &[] as &[&str]).unwrap();
     }
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        d.submit_many(chunk.iter().map(|&i| TaskSpec::new(i, "g").priority((i % 8) as i32))).unwrap();
+        d.submit_many(
+            chunk
+                .iter()
+                .map(|&i| TaskSpec::new(i, "g").priority((i % 8) as i32)),
+        )
+        .unwrap();
     }
     let ours = (live() - base) as f64;
     assert_eq!(d.stats().copies as f64, copies);
