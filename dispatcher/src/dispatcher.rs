@@ -25,22 +25,22 @@ use crate::config::{Config, Mode, Mutant};
 use crate::error::{Error, Result};
 use crate::index::{Cells, Holders, Index, Locked, Phase, Slot, TaskState};
 use crate::placement;
+use crate::queue::Queue;
 use crate::queue::{order_key, Entry, RunningRecord};
 use crate::redistribute::{Parked, Placement};
-use crate::registry::{Candidates, Registry, Worker};
+use crate::registry::{Class, Registry, Worker};
 use crate::stats::CounterCells;
-use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, Ordering, Shared};
+use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, Ordering};
 use crate::task::{Assignment, Cancelled, SeedTask, TaskInfo, TaskSpec, TaskStatus};
 use crate::{TaskId, WorkerId};
 
-/// Copies waiting to be pushed once the critical sections that chose them have ended.
+/// Entries waiting to be pushed once the critical sections that chose them have ended.
 #[derive(Default)]
 pub(crate) struct Pushes {
-    /// Single copies (balanced placement, backfill, rebalance moves).
+    /// Balanced: entries for one worker's heap.
     one: Vec<(Arc<Worker>, Entry)>,
-    /// Fanout: each entry goes to every worker of the list. Consecutive tasks of one class
-    /// share a batch.
-    fans: Vec<(Candidates, Vec<Entry>)>,
+    /// Fanout: entries for a class's shared heap. Consecutive tasks of one class share a batch.
+    classes: Vec<(Arc<Class>, Vec<Entry>)>,
 }
 
 impl Pushes {
@@ -48,15 +48,15 @@ impl Pushes {
         self.one.push((worker.clone(), entry));
     }
 
-    fn all(&mut self, workers: &Candidates, entry: Entry) {
-        match self.fans.last_mut() {
-            Some((list, entries)) if Shared::ptr_eq(list, workers) => entries.push(entry),
-            _ => self.fans.push((workers.clone(), vec![entry])),
+    fn class(&mut self, class: &Arc<Class>, entry: Entry) {
+        match self.classes.last_mut() {
+            Some((c, entries)) if Arc::ptr_eq(c, class) => entries.push(entry),
+            _ => self.classes.push((class.clone(), vec![entry])),
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.one.is_empty() && self.fans.is_empty()
+        self.one.is_empty() && self.classes.is_empty()
     }
 }
 
@@ -199,7 +199,6 @@ impl Dispatcher {
                 seq,
                 class,
                 enqueued,
-                fanout: self.config.mode == Mode::Fanout,
             }));
         }
         for i in 0..locked.len() {
@@ -285,21 +284,17 @@ impl Dispatcher {
             return Err(Error::UnknownWorker(worker));
         }
         let recheck = !self.mutant(Mutant::ClaimWithoutRecheck);
-        let fanout = self.config.mode == Mode::Fanout;
-        // Compact first: a heap mostly of tombstones is cheaper to rebuild than to pop through.
-        // Balanced reads its exact counter; fanout's count is a sum over classes, so it is
-        // computed only after a quarter of the heap has been popped dead.
-        let (mut claimed, mut stale) = (0, 0);
-        if !fanout {
-            stale += q.compact_if_sparse(w.load.queued(), &self.cells);
+        if self.config.mode == Mode::Fanout {
+            let (claimed, stale) = self.fetch_fanout(&w, &mut q, max, out, recheck);
+            w.load.add_fetched(claimed, stale);
+            return Ok(claimed);
         }
+        // Compact first: a heap mostly of tombstones is cheaper to rebuild than to pop through.
+        let (mut claimed, mut stale) = (0, q.heap.compact_if_sparse(w.load.queued(), &self.cells));
         while claimed < max {
-            let Some(entry) = q.pop() else { break };
+            let Some(entry) = q.heap.pop() else { break };
             if !entry.is_live(&self.cells) {
                 stale += 1;
-                if fanout && q.note_dead_pop() {
-                    stale += q.compact_if_sparse(self.queued_of(&w), &self.cells);
-                }
                 continue;
             }
             let locked = if self.mutant(Mutant::FetchUnlocksBeforeClaim) {
@@ -334,6 +329,77 @@ impl Dispatcher {
         Ok(claimed)
     }
 
+    /// Fanout fetch: takes the best live head among the heaps of the classes `w` serves, while
+    /// `w`'s queue lock (`q`) is held so `unregister` sees every claim. Returns (claimed, dead
+    /// entries dropped).
+    fn fetch_fanout(
+        &self,
+        w: &Arc<Worker>,
+        q: &mut Queue,
+        max: usize,
+        out: &mut Vec<Assignment>,
+        recheck: bool,
+    ) -> (usize, usize) {
+        let classes = w.classes.lock().clone();
+        let (mut claimed, mut stale) = (0, 0);
+        while claimed < max {
+            let entry = if let [class] = &*classes {
+                // One class: pop its live head under one lock.
+                let mut h = class.heap.lock();
+                let (head, dropped) = h.live_head(&self.cells);
+                stale += dropped;
+                match head {
+                    Some(head) => {
+                        h.pop();
+                        head
+                    }
+                    None => break,
+                }
+            } else {
+                let mut best: Option<(&Arc<Class>, Entry)> = None;
+                for class in classes.iter() {
+                    let (head, dropped) = class.heap.lock().live_head(&self.cells);
+                    stale += dropped;
+                    if let Some(head) = head {
+                        if best.is_none_or(|(_, b)| head > b) {
+                            best = Some((class, head));
+                        }
+                    }
+                }
+                let Some((class, head)) = best else { break };
+                // Take it if it is still that class's head (another candidate may have).
+                let mut h = class.heap.lock();
+                if h.live_head(&self.cells).0 != Some(head) {
+                    continue;
+                }
+                h.pop();
+                head
+            };
+            let Some(mut l) = self.cells.lock(entry.slot) else {
+                stale += 1;
+                continue;
+            };
+            let Some((attempt, gen)) = l.claim(entry.gen, w, recheck) else {
+                stale += 1;
+                continue;
+            };
+            out.push(Assignment {
+                task: l.st.id,
+                attempt,
+                priority: l.st.priority,
+            });
+            drop(l);
+            let record = RunningRecord {
+                slot: entry.slot,
+                gen,
+                attempt,
+            };
+            q.record_running(record, w.load.running(), &self.cells);
+            claimed += 1;
+        }
+        (claimed, stale)
+    }
+
     /// Reports `task` finished or failed by `worker` as `attempt`. The task leaves the
     /// dispatcher. A report for any other attempt is refused with [`Error::StaleAttempt`].
     pub fn complete(&self, worker: WorkerId, task: TaskId, attempt: u32) -> Result<()> {
@@ -356,7 +422,7 @@ impl Dispatcher {
         self.release(&mut l);
         l.requeue();
         self.place(&mut l, &mut pushes);
-        let placement = placement_of(&l);
+        let placement = self.placement_of(&l);
         drop(l);
         self.flush(pushes);
         self.counters.given_back.fetch_add(1, Ordering::Relaxed);
@@ -375,10 +441,10 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// The tasks queued on `w` (see `Locked::set_holders` for how each mode counts).
+    /// The tasks queued on `w`: balanced, its own counter; fanout, the sum over its classes.
     pub(crate) fn queued_of(&self, w: &Worker) -> usize {
         match self.config.mode {
-            Mode::Fanout => self.registry.fanout_queued(w),
+            Mode::Fanout => w.classes.lock().iter().map(|c| c.queued.queued()).sum(),
             Mode::Balanced(_) => w.load.queued(),
         }
     }
@@ -446,7 +512,7 @@ impl Dispatcher {
         l.st.class = class;
         l.requeue();
         self.place(&mut l, &mut pushes);
-        let placement = placement_of(&l);
+        let placement = self.placement_of(&l);
         drop(l);
         self.flush(pushes);
         Ok(placement)
@@ -456,12 +522,12 @@ impl Dispatcher {
     pub fn get(&self, task: TaskId) -> Option<TaskInfo> {
         let l = self.lock_task(task).ok()?;
         let status = match &l.st.phase {
-            Phase::Queued { parked: true, .. } => TaskStatus::Parked,
-            Phase::Queued { holders, .. } => {
-                TaskStatus::Queued(holders.as_slice().iter().map(|w| w.id).collect())
-            }
             Phase::Running { worker } => TaskStatus::Running(worker.id),
             Phase::Gone => return None,
+            Phase::Queued { .. } => match self.placement_of(&l) {
+                Placement::Queued(holders) => TaskStatus::Queued(holders),
+                Placement::Parked => TaskStatus::Parked,
+            },
         };
         Some(TaskInfo {
             id: task,
@@ -474,6 +540,30 @@ impl Dispatcher {
     }
 
     // ----- the placing machinery --------------------------------------------------------------
+
+    /// Where a locked, queued task is, as reported to callers. A fanout task is held by every
+    /// live candidate of its class, and parked while there is none.
+    pub(crate) fn placement_of(&self, l: &Locked<'_>) -> Placement {
+        match &l.st.phase {
+            Phase::Queued {
+                holders: Holders::Class,
+                ..
+            } => {
+                let candidates = self.registry.candidates(&l.st.class);
+                if candidates.is_empty() {
+                    Placement::Parked
+                } else {
+                    Placement::Queued(candidates.iter().map(|w| w.id).collect())
+                }
+            }
+            Phase::Queued {
+                holders: Holders::One(w),
+                ..
+            } => Placement::Queued(vec![w.id]),
+            Phase::Queued { .. } => Placement::Parked,
+            _ => unreachable!("placements are reported for queued tasks"),
+        }
+    }
 
     /// Whether the loom-only mutant `m` is switched on (always false in normal builds).
     #[inline(always)]
@@ -510,9 +600,20 @@ impl Dispatcher {
     pub(crate) fn place(&self, l: &mut Locked<'_>, pushes: &mut Pushes) -> Placed {
         loop {
             let candidates = self.registry.candidates(&l.st.class);
+            if let Mode::Fanout = self.config.mode {
+                // Into the class's heap, where every candidate (present or future) reads it.
+                let class = l.st.class.clone();
+                pushes.class(&class, Self::entry(l));
+                l.set_holders(Holders::Class);
+                if candidates.is_empty() {
+                    self.counters.parked.fetch_add(1, Ordering::Relaxed);
+                    return Placed::Parked;
+                }
+                return Placed::Queued;
+            }
             if !candidates.is_empty() {
                 match self.config.mode {
-                    Mode::Fanout => self.assign_all(l, candidates, pushes),
+                    Mode::Fanout => unreachable!("handled above"),
                     Mode::Balanced(strategy) => {
                         let i = placement::choose(
                             strategy,
@@ -535,12 +636,6 @@ impl Dispatcher {
         Entry::new(l.st.key, l.st.seq, l.slot, l.st.gen)
     }
 
-    /// Makes every worker of `candidates` a holder of a queued task with none.
-    fn assign_all(&self, l: &mut Locked<'_>, candidates: Candidates, pushes: &mut Pushes) {
-        pushes.all(&candidates, Self::entry(l));
-        l.set_holders(Holders::Shared(candidates));
-    }
-
     /// Makes `worker` the one holder of a queued task with none.
     pub(crate) fn assign_one(l: &mut Locked<'_>, worker: &Arc<Worker>, pushes: &mut Pushes) {
         pushes.one(worker, Self::entry(l));
@@ -551,12 +646,14 @@ impl Dispatcher {
     /// `push_failed`, which may place their tasks again; repeats until nothing is left.
     pub(crate) fn flush(&self, mut pushes: Pushes) {
         while !pushes.is_empty() {
-            let Pushes { one, fans } = std::mem::take(&mut pushes);
+            let Pushes { one, classes } = std::mem::take(&mut pushes);
             let mut failed = Vec::new();
-            for (workers, entries) in &fans {
-                for w in workers.iter() {
-                    self.push_to(w, entries, &mut failed);
-                }
+            for (class, entries) in &classes {
+                let mut h = class.heap.lock();
+                entries.iter().for_each(|e| h.push(*e));
+                let compacted = h.compact_if_sparse(class.queued.queued(), &self.cells);
+                drop(h);
+                self.counters.add_stale(compacted);
             }
             if one.len() == 1 {
                 let (w, entry) = &one[0];
@@ -579,11 +676,9 @@ impl Dispatcher {
             failed.extend(entries.iter().map(|e| (w.clone(), *e)));
             return;
         }
-        entries.iter().for_each(|e| q.push(*e));
-        if self.config.mode != Mode::Fanout {
-            let compacted = q.compact_if_sparse(w.load.queued(), &self.cells);
-            w.load.add_fetched(0, compacted);
-        }
+        entries.iter().for_each(|e| q.heap.push(*e));
+        let compacted = q.heap.compact_if_sparse(w.load.queued(), &self.cells);
+        w.load.add_fetched(0, compacted);
     }
 
     /// A copy could not be pushed because `worker` is leaving: drop it from the task's holders
@@ -603,14 +698,9 @@ impl Dispatcher {
     }
 }
 
-/// Where a locked task is, as reported to callers.
-pub(crate) fn placement_of(l: &Locked<'_>) -> Placement {
-    match &l.st.phase {
-        Phase::Queued { parked: true, .. } => Placement::Parked,
-        Phase::Queued { holders, .. } => {
-            Placement::Queued(holders.as_slice().iter().map(|w| w.id).collect())
-        }
-        _ => unreachable!("placements are reported for queued tasks"),
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        self.registry.clear();
     }
 }
 

@@ -35,7 +35,7 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::OnceLock;
 
-use crate::registry::{Candidates, Class, Worker};
+use crate::registry::{Class, Worker};
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Map, Mutex, MutexGuard, Ordering};
 use crate::TaskId;
 
@@ -61,66 +61,28 @@ pub(crate) enum Phase {
     Gone,
 }
 
-/// The holders of a queued task. Fanout shares its class's candidate list (one reference count
-/// for the whole list instead of one per holder) until a holder joins or leaves.
+/// The holders of a queued task.
 pub(crate) enum Holders {
+    /// None (parked in balanced mode, or not yet placed).
     None,
+    /// Balanced: the one worker whose heap holds the task.
     One(Arc<Worker>),
-    Shared(Candidates),
-    Many(Vec<Arc<Worker>>),
+    /// Fanout: the task waits once, in its class's shared heap, and every live candidate of the
+    /// class holds it (reads that heap).
+    Class,
 }
 
 impl Holders {
-    pub(crate) fn as_slice(&self) -> &[Arc<Worker>] {
-        match self {
-            Holders::None => &[],
-            Holders::One(w) => std::slice::from_ref(w),
-            Holders::Shared(list) => list,
-            Holders::Many(list) => list,
-        }
-    }
-
     pub(crate) fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
+        matches!(self, Holders::None)
     }
 
+    /// Whether `worker` holds the task. A fanout fetch reads only classes its worker serves.
     pub(crate) fn contains(&self, worker: &Worker) -> bool {
-        self.as_slice()
-            .iter()
-            .any(|h| std::ptr::eq(Arc::as_ptr(h), worker))
-    }
-
-    /// Adds a holder.
-    pub(crate) fn push(&mut self, worker: Arc<Worker>) {
-        let mut list = std::mem::replace(self, Holders::None).into_vec();
-        list.push(worker);
-        *self = Holders::Many(list);
-    }
-
-    /// Removes `worker` if it is a holder; returns whether it was.
-    pub(crate) fn remove(&mut self, worker: &Worker) -> bool {
-        let Some(pos) = self
-            .as_slice()
-            .iter()
-            .position(|h| std::ptr::eq(Arc::as_ptr(h), worker))
-        else {
-            return false;
-        };
-        let mut list = std::mem::replace(self, Holders::None).into_vec();
-        list.swap_remove(pos);
-        *self = match list.len() {
-            0 => Holders::None,
-            _ => Holders::Many(list),
-        };
-        true
-    }
-
-    fn into_vec(self) -> Vec<Arc<Worker>> {
         match self {
-            Holders::None => Vec::new(),
-            Holders::One(w) => vec![w],
-            Holders::Shared(list) => list.to_vec(),
-            Holders::Many(list) => list,
+            Holders::None => false,
+            Holders::One(w) => std::ptr::eq(Arc::as_ptr(w), worker),
+            Holders::Class => true,
         }
     }
 }
@@ -138,8 +100,6 @@ pub(crate) struct TaskState {
     pub(crate) class: Arc<Class>,
     /// Seconds after the dispatcher's epoch at which the task started waiting (for aging).
     pub(crate) enqueued: f64,
-    /// How the task's queue occupancy is counted (see [`Locked::set_holders`]).
-    pub(crate) fanout: bool,
 }
 
 /// One slab slot: the status word and the guarded state (`None` while the slot is free).
@@ -261,28 +221,19 @@ impl Locked<'_> {
         phase
     }
 
-    /// Counts `holders` in (`up`) or out of the queued counters.
-    ///
-    /// Balanced: each holder's own `queued` counter, exact per worker, which balanced placement
-    /// reads. Fanout: one counter per class — a fanout task is held by every live candidate of
-    /// its class, so a worker's queued count is the sum over the classes it serves, and a claim
-    /// or removal touches one counter instead of one per holder (on a contended fleet those
-    /// per-holder updates were most of a fanout claim's cost).
+    /// Counts `holders` in (`up`) or out of the queued counters: balanced, the holder's own
+    /// `queued` counter (exact per worker, which balanced placement reads); fanout, the class's
+    /// counter (a worker's queued count is the sum over the classes it serves).
     fn count(&self, holders: &Holders, up: bool) {
-        if holders.is_empty() {
-            return;
-        }
-        let step = |load: &crate::registry::Load| {
-            if up {
-                load.inc_queued()
-            } else {
-                load.dec_queued()
-            }
+        let load = match holders {
+            Holders::None => return,
+            Holders::One(w) => &w.load,
+            Holders::Class => &self.st.class.queued,
         };
-        if self.st.fanout {
-            step(&self.st.class.queued);
+        if up {
+            load.inc_queued()
         } else {
-            holders.as_slice().iter().for_each(|h| step(&h.load));
+            load.dec_queued()
         }
     }
 
@@ -296,43 +247,20 @@ impl Locked<'_> {
         *holders = new;
     }
 
-    /// Adds `worker` as a holder of a queued task (fanout backfill), counting it. Returns false
-    /// if the task is not queued or `worker` already holds it.
-    pub(crate) fn add_holder(&mut self, worker: &Arc<Worker>) -> bool {
-        let (fanout, class) = (self.st.fanout, self.st.class.clone());
-        let Phase::Queued { holders, .. } = &mut self.st.phase else {
-            return false;
-        };
-        if holders.contains(worker) {
-            return false;
-        }
-        let was_empty = holders.is_empty();
-        holders.push(worker.clone());
-        match fanout {
-            true if was_empty => class.queued.inc_queued(),
-            true => {}
-            false => worker.load.inc_queued(),
-        }
-        true
-    }
-
     /// Removes `worker` from the holders of a queued task, counting it out. Returns `None` if it
     /// was not a holder, else whether the task is now without holders.
+    ///
+    /// Balanced only: a fanout task is held by its class, not by workers.
     pub(crate) fn remove_holder(&mut self, worker: &Worker) -> Option<bool> {
-        let (fanout, class) = (self.st.fanout, self.st.class.clone());
         let Phase::Queued { holders, .. } = &mut self.st.phase else {
             return None;
         };
-        if !holders.remove(worker) {
+        if !matches!(holders, Holders::One(w) if std::ptr::eq(Arc::as_ptr(w), worker)) {
             return None;
         }
-        let empty = holders.is_empty();
-        match fanout {
-            true if empty => class.queued.dec_queued(),
-            true => {}
-            false => worker.load.dec_queued(),
-        }
-        Some(empty)
+        *holders = Holders::None;
+        worker.load.dec_queued();
+        Some(true)
     }
 
     /// Marks a task that never entered any phase's counters (a rolled-back submission) gone.

@@ -1,5 +1,6 @@
-//! One worker's queue: a binary max-heap of small plain entries, the worker's running records
-//! and the `closed` flag, all behind the worker's own lock.
+//! Heaps of small plain entries: one worker's queue (with its running records and `closed`
+//! flag, behind the worker's own lock) in balanced mode, and one shared queue per class in
+//! fanout mode.
 //!
 //! # Entries
 //! An [`Entry`] is 24 bytes of plain integers: the static ordering key, the submission sequence,
@@ -13,8 +14,8 @@
 //! (re)placement, and the heap never needs re-sorting. `r = 0` gives strict priority.
 //!
 //! # Lazy deletion
-//! Claims and removals never touch other workers' heaps: they move the task's generation, which
-//! makes every other copy a *tombstone*. A tombstone is skipped when popped — one atomic load,
+//! Claims and removals never touch a heap: they move the task's generation, which makes the
+//! task's entry a *tombstone*. A tombstone is skipped when popped — one atomic load,
 //! [`TaskCell::is_live`](crate::index::TaskCell::is_live) — and a heap rebuilds itself without
 //! them when they outnumber its live entries. Running records are pruned the same way.
 
@@ -98,19 +99,14 @@ impl RunningRecord {
     }
 }
 
-/// What sits behind one worker's lock.
+/// A binary max-heap of entries with lazy deletion: a worker's queue (balanced) or a class's
+/// shared queue (fanout).
 #[derive(Default)]
-pub(crate) struct Queue {
+pub(crate) struct Heap {
     heap: BinaryHeap<Entry>,
-    /// Assignments of this worker; stale ones are pruned when they outnumber current ones.
-    pub(crate) running: Vec<RunningRecord>,
-    /// Set once by `unregister`; a push into a closed queue fails and the pusher re-places.
-    pub(crate) closed: bool,
-    /// Dead copies popped since the last compaction check (fanout).
-    dead_pops: usize,
 }
 
-impl Queue {
+impl Heap {
     pub(crate) fn push(&mut self, entry: Entry) {
         self.heap.push(entry);
     }
@@ -119,23 +115,26 @@ impl Queue {
         self.heap.pop()
     }
 
-    /// Notes a dead copy popped; true when enough have been popped (a quarter of the heap, at
-    /// least `COMPACT_MIN`) that a compaction check is worth its O(classes) live count.
-    pub(crate) fn note_dead_pop(&mut self) -> bool {
-        self.dead_pops += 1;
-        if self.dead_pops >= COMPACT_MIN.max(self.heap.len() / 4) {
-            self.dead_pops = 0;
-            return true;
+    /// Pops dead entries off the top; returns the first live one (still in the heap) and how
+    /// many it dropped.
+    pub(crate) fn live_head(&mut self, cells: &Cells) -> (Option<Entry>, usize) {
+        let mut dropped = 0;
+        while let Some(top) = self.heap.peek() {
+            if top.is_live(cells) {
+                return (Some(*top), dropped);
+            }
+            self.heap.pop();
+            dropped += 1;
         }
-        false
+        (None, dropped)
     }
 
     /// Entries in the heap, tombstones included.
-    pub(crate) fn heap_len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.heap.len()
     }
 
-    /// Live entries (for `rebalance` and `audit`).
+    /// Live entries (for `rebalance`, `unregister` and `audit`).
     pub(crate) fn live_entries(&self, cells: &Cells) -> Vec<Entry> {
         self.heap
             .iter()
@@ -144,24 +143,15 @@ impl Queue {
             .collect()
     }
 
-    /// Records an assignment, pruning stale records when they outnumber the `running` ones.
-    pub(crate) fn record_running(&mut self, record: RunningRecord, running: usize, cells: &Cells) {
-        let len = self.running.len();
-        if len >= COMPACT_MIN && len > running.saturating_mul(2) {
-            self.running.retain(|r| r.is_current(cells));
-        }
-        self.running.push(record);
-    }
-
-    /// Rebuilds the heap without tombstones when they outnumber the `live` copies the worker's
-    /// counter reports. Amortised O(1) per pop: a rebuild of n entries follows ≥ n/2 deaths.
-    /// Returns how many tombstones it dropped.
+    /// Rebuilds the heap without tombstones when they outnumber the `live` entries the owner's
+    /// exact counter reports. Amortised O(1) per pop: a rebuild of n entries follows ≥ n/2
+    /// deaths. Returns how many tombstones it dropped.
     pub(crate) fn compact_if_sparse(&mut self, live: usize, cells: &Cells) -> usize {
         let len = self.heap.len();
         if live == 0 {
-            // Nothing here is live (the counter is exact at this lock: every copy pushed to this
-            // heap was counted before its push, and a task leaves the count only when it dies),
-            // so drop everything at once: entries are plain integers, this is O(1).
+            // Nothing here is live (the counter is exact at this lock: every entry pushed here
+            // was counted before its push, and a task leaves the count only when it dies), so
+            // drop everything at once: entries are plain integers, this is O(1).
             self.heap.clear();
             return len;
         }
@@ -172,10 +162,35 @@ impl Queue {
         len - self.heap.len()
     }
 
+    fn take(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.heap).into_vec()
+    }
+}
+
+/// What sits behind one worker's lock.
+#[derive(Default)]
+pub(crate) struct Queue {
+    /// Balanced mode: the worker's own heap. (Fanout tasks live in their class's heap.)
+    pub(crate) heap: Heap,
+    /// Assignments of this worker; stale ones are pruned when they outnumber current ones.
+    pub(crate) running: Vec<RunningRecord>,
+    /// Set once by `unregister`; a push into a closed queue fails and the pusher re-places.
+    pub(crate) closed: bool,
+}
+
+impl Queue {
+    /// Records an assignment, pruning stale records when they outnumber the `running` ones.
+    pub(crate) fn record_running(&mut self, record: RunningRecord, running: usize, cells: &Cells) {
+        let len = self.running.len();
+        if len >= COMPACT_MIN && len > running.saturating_mul(2) {
+            self.running.retain(|r| r.is_current(cells));
+        }
+        self.running.push(record);
+    }
+
     /// Marks the queue closed and takes everything it holds.
     pub(crate) fn close(&mut self) -> (Vec<Entry>, Vec<RunningRecord>) {
         self.closed = true;
-        let heap = std::mem::take(&mut self.heap).into_vec();
-        (heap, std::mem::take(&mut self.running))
+        (self.heap.take(), std::mem::take(&mut self.running))
     }
 }

@@ -35,12 +35,12 @@
 use std::collections::HashSet;
 
 use crate::config::Mode;
-use crate::dispatcher::{placement_of, Dispatcher, Pushes};
+use crate::dispatcher::{Dispatcher, Pushes};
 use crate::error::Result;
-use crate::index::{Locked, Phase, Slot};
+use crate::index::{Holders, Locked, Phase, Slot};
 use crate::placement;
-use crate::queue::Entry;
-use crate::registry::{Class, Worker};
+use crate::registry::Class;
+use crate::sync::Shared;
 use crate::sync::{Arc, Ordering};
 use crate::{TaskId, WorkerId};
 
@@ -111,13 +111,8 @@ impl Dispatcher {
         let mut pushes = Pushes::default();
         let mut done = Registration::default();
         if self.config.mode == Mode::Fanout {
-            for (id, slot) in self.index.entries() {
-                if let Some(mut l) = self.lock_slot(id, slot) {
-                    if self.backfill(&mut l, &w, &mut pushes) {
-                        done.backfilled += 1;
-                    }
-                }
-            }
+            // Nothing moves: the worker reads its classes' heaps from now on.
+            done.backfilled = w.classes.lock().iter().map(|c| c.queued.queued()).sum();
         } else {
             let unparked: Vec<(TaskId, Slot)> = {
                 let mut parked = self.parked.lock();
@@ -149,24 +144,6 @@ impl Dispatcher {
         Ok(done)
     }
 
-    /// Fanout backfill of one task: gives `w` a copy at the current generation if `w` can run the
-    /// task and lacks one. Returns whether it did.
-    fn backfill(&self, l: &mut Locked<'_>, w: &Arc<Worker>, pushes: &mut Pushes) -> bool {
-        if !w.serves(&l.st.class) || !l.add_holder(w) {
-            return false;
-        }
-        let id = l.st.id;
-        if let Phase::Queued {
-            parked: was @ true, ..
-        } = &mut l.st.phase
-        {
-            *was = false;
-            self.parked.lock().remove(&id);
-        }
-        pushes.one(w, Entry::new(l.st.key, l.st.seq, l.slot, l.st.gen));
-        true
-    }
-
     /// Parks a queued task with no holders if it still has no live candidate, re-checked under
     /// the parked-set lock (see the module docs). Returns false if a candidate appeared.
     pub(crate) fn park(&self, l: &mut Locked<'_>) -> bool {
@@ -196,6 +173,11 @@ impl Dispatcher {
         self.counters.fold(&w.load);
         let mut pushes = Pushes::default();
         let mut tasks = Vec::new();
+        if self.config.mode == Mode::Fanout {
+            // Taking the list also breaks the worker ↔ class reference cycle.
+            let classes = std::mem::replace(&mut *w.classes.lock(), Shared::from(Vec::new()));
+            self.report_fanout_departure(&classes, &mut tasks);
+        }
         for entry in entries {
             // A copy that is not live now never will be: skip it without locking.
             if !entry.is_live(&self.cells) {
@@ -217,7 +199,7 @@ impl Dispatcher {
             tasks.push(Relocation {
                 task: l.st.id,
                 was: Was::Queued,
-                now: placement_of(&l),
+                now: self.placement_of(&l),
             });
         }
         for record in running {
@@ -236,7 +218,7 @@ impl Dispatcher {
             tasks.push(Relocation {
                 task: l.st.id,
                 was: Was::Running(record.attempt),
-                now: placement_of(&l),
+                now: self.placement_of(&l),
             });
         }
         self.flush(pushes);
@@ -244,6 +226,39 @@ impl Dispatcher {
             .redistributed
             .fetch_add(tasks.len() as u64, Ordering::Relaxed);
         Ok(Departure { worker, tasks })
+    }
+
+    /// Fanout departure: the tasks of the departed worker's classes stay in their heaps; each is
+    /// reported as still held by the remaining candidates, or parked if none is left.
+    fn report_fanout_departure(&self, classes: &Shared<[Arc<Class>]>, tasks: &mut Vec<Relocation>) {
+        for class in classes.iter() {
+            let now = {
+                let candidates = self.registry.candidates(class);
+                if candidates.is_empty() {
+                    Placement::Parked
+                } else {
+                    Placement::Queued(candidates.iter().map(|w| w.id).collect())
+                }
+            };
+            let live = class.heap.lock().live_entries(&self.cells);
+            let before = tasks.len();
+            for entry in live {
+                let Some(l) = self.cells.lock(entry.slot) else {
+                    continue;
+                };
+                if l.st.gen == entry.gen && matches!(l.st.phase, Phase::Queued { .. }) {
+                    tasks.push(Relocation {
+                        task: l.st.id,
+                        was: Was::Queued,
+                        now: now.clone(),
+                    });
+                }
+            }
+            if now == Placement::Parked {
+                let parked = (tasks.len() - before) as u64;
+                self.counters.parked.fetch_add(parked, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Balanced mode: moves queued tasks from overloaded workers to less loaded candidates until
@@ -264,7 +279,7 @@ impl Dispatcher {
                 if q.closed {
                     continue;
                 }
-                q.live_entries(&self.cells)
+                q.heap.live_entries(&self.cells)
             };
             entries.sort(); // least urgent first
             let mut pushes = Pushes::default();
@@ -279,8 +294,10 @@ impl Dispatcher {
                     continue;
                 }
                 match &l.st.phase {
-                    Phase::Queued { holders, .. }
-                        if holders.as_slice().len() == 1 && holders.contains(src) => {}
+                    Phase::Queued {
+                        holders: Holders::One(h),
+                        ..
+                    } if Arc::ptr_eq(h, src) => {}
                     _ => continue,
                 }
                 let candidates = self.registry.candidates(&l.st.class);

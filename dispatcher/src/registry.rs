@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::queue::Queue;
+use crate::queue::{Heap, Queue};
 use crate::sync::{Arc, AtomicU64, AtomicUsize, CachePadded, Map, Mutex, Ordering, RwLock, Shared};
 use crate::WorkerId;
 
@@ -88,6 +88,9 @@ pub(crate) struct Worker {
     tags: Box<[NameId]>,
     pub(crate) queue: CachePadded<Mutex<Queue>>,
     pub(crate) load: CachePadded<Load>,
+    /// Fanout: the classes this worker serves (a snapshot, replaced when a class appears). A
+    /// leaf lock: held only to clone or replace the snapshot.
+    pub(crate) classes: Mutex<Shared<[Arc<Class>]>>,
     group_names: Box<[Shared<str>]>,
     tag_names: Box<[Shared<str>]>,
 }
@@ -113,7 +116,7 @@ fn is_subset(small: &[NameId], big: &[NameId]) -> bool {
     small.iter().all(|t| big.any(|b| b == t))
 }
 
-/// A class's live candidates: an immutable list, shared by every fanout task placed from it.
+/// A class's live candidates: an immutable list, shared by every reader of the cache.
 pub(crate) type Candidates = Shared<[Arc<Worker>]>;
 
 /// A (group, tag set) class with its cached candidate list.
@@ -125,9 +128,10 @@ pub(crate) struct Class {
     cache: RwLock<CandidateCache>,
     /// Rotating cursor for round-robin choices and tie-breaks, and the seed of random draws.
     pub(crate) cursor: AtomicUsize,
-    /// Fanout mode: this class's queued tasks that have holders (each is held by every live
-    /// candidate). Only `queued` of this `Load` is used.
+    /// Fanout: the class's queued tasks (each held by every live candidate), and the one shared
+    /// heap they wait in. Only `queued` of this `Load` is used.
     pub(crate) queued: Load,
+    pub(crate) heap: CachePadded<Mutex<Heap>>,
 }
 
 struct CandidateCache {
@@ -144,6 +148,9 @@ pub(crate) struct Registry {
     names: Map<Shared<str>, NameId>,
     name_list: Mutex<Vec<Shared<str>>>,
     classes: Map<Box<[NameId]>, Arc<Class>>,
+    /// Serialises class creation against worker registration, so each worker's class list is
+    /// complete: whichever runs second sees the other.
+    topology: Mutex<()>,
     limits: Limits,
 }
 
@@ -156,6 +163,7 @@ impl Registry {
             names: Map::with_shards(shards),
             name_list: Mutex::new(Vec::new()),
             classes: Map::with_shards(shards),
+            topology: Mutex::new(()),
             limits,
         }
     }
@@ -242,7 +250,8 @@ impl Registry {
         if let Some(class) = self.classes.get(key.as_slice()) {
             return Ok(class);
         }
-        Ok(self.classes.get_or_insert_with(key.into(), || {
+        let _topology = self.topology.lock();
+        let class = self.classes.get_or_insert_with(key.into(), || {
             Arc::new(Class {
                 group,
                 group_name: self.names_of(&[group])[0].clone(),
@@ -254,8 +263,18 @@ impl Registry {
                 }),
                 cursor: AtomicUsize::new(0),
                 queued: Load::default(),
+                heap: CachePadded::new(Mutex::new(Heap::default())),
             })
-        }))
+        });
+        for w in self.workers.values() {
+            if w.serves(&class) {
+                let mut list = w.classes.lock();
+                if !list.iter().any(|c| Arc::ptr_eq(c, &class)) {
+                    *list = list.iter().cloned().chain([class.clone()]).collect();
+                }
+            }
+        }
+        Ok(class)
     }
 
     /// Builds a worker from validated input (not yet registered).
@@ -276,6 +295,7 @@ impl Registry {
             id,
             queue: CachePadded::new(Mutex::new(Queue::default())),
             load: CachePadded::new(Load::default()),
+            classes: Mutex::new(Shared::from(Vec::new())),
             group_names: self.names_of(&groups),
             tag_names: self.names_of(&tags),
             groups: groups.into(),
@@ -285,6 +305,14 @@ impl Registry {
 
     /// Publishes `worker`; from here on placements may choose it.
     pub(crate) fn insert(&self, worker: &Arc<Worker>) -> Result<()> {
+        let _topology = self.topology.lock();
+        let served: Vec<Arc<Class>> = self
+            .classes
+            .values()
+            .into_iter()
+            .filter(|c| worker.serves(c))
+            .collect();
+        *worker.classes.lock() = served.into();
         let mut by_group = self.by_group.write();
         if self.workers.insert_new(worker.id, worker.clone()).is_err() {
             return Err(Error::DuplicateWorker(worker.id));
@@ -313,15 +341,22 @@ impl Registry {
         Ok(worker)
     }
 
-    /// Fanout: the tasks queued on `worker`, as the sum of the classes it serves. O(classes).
-    pub(crate) fn fanout_queued(&self, worker: &Worker) -> usize {
-        self.classes.fold(0, |n, class| {
-            if worker.serves(class) {
-                n + class.queued.queued()
-            } else {
-                n
-            }
-        })
+    /// Breaks the worker ↔ class reference cycles (a worker lists its classes, a class caches
+    /// its candidates) when the dispatcher is dropped.
+    pub(crate) fn clear(&self) {
+        for class in self.classes.values() {
+            let mut cache = class.cache.write();
+            cache.epoch = u64::MAX;
+            cache.workers = Shared::from(Vec::new());
+        }
+        for w in self.workers.values() {
+            *w.classes.lock() = Shared::from(Vec::new());
+        }
+    }
+
+    /// Every class (fanout statistics and audit).
+    pub(crate) fn classes(&self) -> Vec<Arc<Class>> {
+        self.classes.values()
     }
 
     /// The live candidates of `class`, from its cache when the registry has not changed.

@@ -2,9 +2,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::config::Mode;
 use crate::dispatcher::Dispatcher;
-use crate::index::{Phase, Slot};
-use crate::registry::{Load, Worker};
+use crate::index::{Holders, Phase, Slot};
+use crate::registry::{Class, Load, Worker};
 use crate::sync::{Arc, AtomicU64, CachePadded, Ordering};
 use crate::WorkerId;
 
@@ -86,6 +87,13 @@ pub struct Stats {
 }
 
 impl CounterCells {
+    /// Counts dead entries dropped from a class heap.
+    pub(crate) fn add_stale(&self, n: usize) {
+        if n > 0 {
+            self.stale_skipped.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Adds a departing worker's fetch counts to the totals.
     pub(crate) fn fold(&self, load: &Load) {
         let take = |a: &AtomicU64| a.swap(0, Ordering::Relaxed);
@@ -103,7 +111,7 @@ impl Dispatcher {
         let mut workers: Vec<WorkerStats> = live
             .iter()
             .map(|w| {
-                let heap_len = w.queue.lock().heap_len();
+                let heap_len = w.queue.lock().heap.len();
                 WorkerStats {
                     id: w.id,
                     groups: w.group_names(),
@@ -118,7 +126,20 @@ impl Dispatcher {
         let tasks = self.index.len();
         let running: usize = workers.iter().map(|w| w.running).sum();
         let copies: usize = workers.iter().map(|w| w.queued).sum();
-        let heap: usize = workers.iter().map(|w| w.heap_len).sum();
+        let mut heap: usize = workers.iter().map(|w| w.heap_len).sum();
+        let (mut live_entries, mut parked) = (copies, self.parked.lock().len());
+        if self.config.mode == Mode::Fanout {
+            // Tasks wait once, in their class's heap; a class without candidates is parked.
+            live_entries = 0;
+            for class in self.registry.classes() {
+                let queued = class.queued.queued();
+                heap += class.heap.lock().len();
+                live_entries += queued;
+                if self.registry.candidates(&class).is_empty() {
+                    parked += queued;
+                }
+            }
+        }
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let per_worker =
@@ -127,9 +148,9 @@ impl Dispatcher {
             tasks,
             queued: tasks.saturating_sub(running),
             running,
-            parked: self.parked.lock().len(),
+            parked,
             copies,
-            tombstones: heap.saturating_sub(copies),
+            tombstones: heap.saturating_sub(live_entries),
             counters: Counters {
                 submitted: get(&c.submitted),
                 claimed: get(&c.claimed) + per_worker(|l| &l.claimed),
@@ -165,7 +186,7 @@ impl Dispatcher {
             if q.closed {
                 return Err(format!("registered worker {} has a closed queue", w.id));
             }
-            let live_copies = q.live_entries(&self.cells);
+            let live_copies = q.heap.live_entries(&self.cells);
             copies.insert(w.id, live_copies.iter().map(|e| (e.slot, e.gen)).collect());
             let recs = q.running.iter().map(|r| (r.slot, r.gen, r.attempt));
             records.insert(w.id, recs.collect());
@@ -175,6 +196,19 @@ impl Dispatcher {
         let mut load: HashMap<WorkerId, (usize, usize)> =
             workers.iter().map(|w| (w.id, (0, 0))).collect();
         let mut parked = 0;
+        // Fanout: each class's live heap entries, and how many queued tasks name the class.
+        let classes = self.registry.classes();
+        let class_copies: HashMap<*const Class, HashSet<(Slot, u32)>> = classes
+            .iter()
+            .map(|c| {
+                let live = c.heap.lock().live_entries(&self.cells);
+                (
+                    Arc::as_ptr(c),
+                    live.iter().map(|e| (e.slot, e.gen)).collect(),
+                )
+            })
+            .collect();
+        let mut class_load: HashMap<*const Class, usize> = HashMap::new();
         for (id, slot) in self.index.entries() {
             let Some(l) = self.lock_slot(id, slot) else {
                 return Err(format!(
@@ -197,11 +231,11 @@ impl Dispatcher {
                 Phase::Queued {
                     holders,
                     parked: false,
-                } => {
-                    if holders.is_empty() {
+                } => match holders {
+                    Holders::None => {
                         return Err(format!("task {id} is queued with no holder and not parked"));
                     }
-                    for h in holders.as_slice() {
+                    Holders::One(h) => {
                         if !is_live(h) {
                             return Err(format!("task {id} is held by departed worker {}", h.id));
                         }
@@ -210,7 +244,14 @@ impl Dispatcher {
                         }
                         load.get_mut(&h.id).expect("live").0 += 1;
                     }
-                }
+                    Holders::Class => {
+                        let class = Arc::as_ptr(&l.st.class);
+                        if !class_copies[&class].contains(&(slot, l.st.gen)) {
+                            return Err(format!("task {id} is missing from its class's heap"));
+                        }
+                        *class_load.entry(class).or_default() += 1;
+                    }
+                },
                 Phase::Running { worker } => {
                     if !is_live(worker) {
                         return Err(format!(
@@ -235,7 +276,33 @@ impl Dispatcher {
                 parked_ids.len()
             ));
         }
+        for c in &classes {
+            let expected = class_load.get(&Arc::as_ptr(c)).copied().unwrap_or(0);
+            if c.queued.queued() != expected {
+                return Err(format!(
+                    "class in group {}: counter says {} queued, tasks say {expected}",
+                    c.group_name,
+                    c.queued.queued()
+                ));
+            }
+        }
         for w in &workers {
+            if self.config.mode == Mode::Fanout {
+                let served = w.classes.lock().clone();
+                let want = classes.iter().filter(|c| w.serves(c)).count();
+                if served.len() != want {
+                    return Err(format!(
+                        "worker {} lists {} classes but serves {want}",
+                        w.id,
+                        served.len()
+                    ));
+                }
+                let expected: usize = served
+                    .iter()
+                    .map(|c| class_load.get(&Arc::as_ptr(c)).copied().unwrap_or(0))
+                    .sum();
+                load.get_mut(&w.id).expect("live").0 = expected;
+            }
             let counted = (self.queued_of(w), w.load.running());
             if counted != load[&w.id] {
                 return Err(format!(

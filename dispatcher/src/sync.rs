@@ -105,11 +105,6 @@ mod imp {
                 .collect()
         }
 
-        /// Folds over the values (one shard lock at a time).
-        pub(crate) fn fold<A>(&self, init: A, mut f: impl FnMut(A, &V) -> A) -> A {
-            self.0.iter().fold(init, |acc, e| f(acc, e.value()))
-        }
-
         pub(crate) fn len(&self) -> usize {
             self.0.len()
         }
@@ -250,10 +245,6 @@ mod imp {
         {
             let map = self.0.lock();
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-        }
-
-        pub(crate) fn fold<A>(&self, init: A, mut f: impl FnMut(A, &V) -> A) -> A {
-            self.0.lock().values().fold(init, |acc, v| f(acc, v))
         }
 
         pub(crate) fn len(&self) -> usize {

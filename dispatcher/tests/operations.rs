@@ -93,16 +93,24 @@ fn candidates_serve_the_group_and_have_every_tag() {
 }
 
 #[test]
-fn fanout_places_a_copy_on_every_candidate_and_the_first_fetch_claims_it() {
+fn fanout_gives_every_candidate_the_task_and_the_first_fetch_claims_it() {
     let d = fanout();
     for w in [W1, W2, W3] {
         d.register(w, &["g"], NO_TAGS).unwrap();
     }
     d.submit(task(1)).unwrap();
     assert_eq!(holders(&d, 1), [W1, W2, W3]);
+    assert_eq!(
+        d.stats()
+            .workers
+            .iter()
+            .map(|w| w.queued)
+            .collect::<Vec<_>>(),
+        [1, 1, 1]
+    );
     let a = d.fetch(W2, 1).unwrap();
     assert_eq!((a[0].task, a[0].attempt), (TaskId(1), 1));
-    // Every other copy died at the claim: both other holders' counters dropped at once...
+    // The task left every candidate at once: all three counters dropped, nothing is left.
     let s = d.stats();
     assert_eq!(
         s.workers
@@ -111,36 +119,43 @@ fn fanout_places_a_copy_on_every_candidate_and_the_first_fetch_claims_it() {
             .collect::<Vec<_>>(),
         [(0, 0), (0, 1), (0, 0)]
     );
-    assert_eq!(s.tombstones, 2);
-    // ...and their fetches skip the dead copies.
+    assert_eq!((s.tombstones, s.counters.claimed), (0, 1));
     assert!(d.fetch(W1, 5).unwrap().is_empty());
     assert!(d.fetch(W3, 5).unwrap().is_empty());
-    let s = d.stats();
-    assert_eq!(s.tombstones, 0);
-    assert_eq!(s.counters.stale_skipped, 2);
-    assert_eq!(s.counters.claimed, 1);
     assert_counters_agree(&d, ids(1..2));
 }
 
 #[test]
-fn fanout_heaps_compact_while_fetching_once_dead_copies_dominate() {
+fn fanout_fetch_takes_the_best_head_over_every_class_the_worker_serves() {
+    let d = fanout();
+    d.register(W1, &["g", "h"], &["a", "b"]).unwrap();
+    d.register(W2, &["g"], &["a"]).unwrap();
+    d.submit(task(1).tags(["a"]).priority(1)).unwrap();
+    d.submit(task(2).tags(["a", "b"]).priority(5)).unwrap();
+    d.submit(TaskSpec::new(3, "h").priority(3)).unwrap();
+    d.submit(task(4).priority(3)).unwrap();
+    // W1 serves all four classes: global priority order, FIFO among the two 3s.
+    assert_eq!(fetched(&d, W1, 2), [2, 3]);
+    // W2 serves only (g, {a}) and (g, {}): 4 outranks 1.
+    assert_eq!(fetched(&d, W2, 5), [4, 1]);
+    assert!(d.fetch(W1, 5).unwrap().is_empty());
+    assert_counters_agree(&d, ids(1..5));
+}
+
+#[test]
+fn fanout_class_heaps_compact_on_push_when_removals_leave_them_sparse() {
     let d = fanout();
     d.register(W1, &["g"], NO_TAGS).unwrap();
     d.register(W2, &["g"], NO_TAGS).unwrap();
     d.submit_many((0..200).map(task)).unwrap();
-    assert_eq!(d.fetch(W1, 200).unwrap().len(), 200);
-    assert_eq!(d.stats().tombstones, 200, "W2 holds 200 dead copies");
-    d.submit(task(1000)).unwrap();
-    assert_eq!(d.stats().tombstones, 200, "pushes do not compact in fanout");
-    // W2's fetch pops dead copies until a quarter of its heap is dead, then rebuilds it
-    // without the rest, and returns the one live task.
-    assert_eq!(fetched(&d, W2, 10), [1000]);
+    for i in 0..200 {
+        d.cancel(TaskId(i)).unwrap(); // lazy deletion: 200 dead entries stay in the class heap
+    }
+    assert_eq!(d.stats().tombstones, 200);
+    d.submit(task(1000)).unwrap(); // the push finds the heap sparse and rebuilds it
     let s = d.stats();
-    assert_eq!(
-        s.tombstones, 1,
-        "only W1's copy of the task W2 just claimed"
-    );
-    assert_eq!(s.counters.stale_skipped, 200);
+    assert_eq!((s.tombstones, s.counters.stale_skipped), (0, 200));
+    assert_eq!(fetched(&d, W2, 10), [1000]);
     assert_counters_agree(&d, ids(0..1001));
 }
 

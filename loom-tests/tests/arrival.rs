@@ -6,8 +6,9 @@ use loom::thread;
 use switchyard::{Mode, TaskSpec, TaskStatus};
 use switchyard_loom_tests::*;
 
-/// **Invariant 1 (and fanout placement)**: a worker registers while a task of its class is
-/// submitted. Whichever comes first, the task ends with a copy on both workers.
+/// **Invariant 1 (and fanout placement)**: a worker registers while a task of a new class is
+/// submitted (creating the class races with computing the worker's class list). Whichever comes
+/// first, both workers end up holding the task, and the new worker can fetch it.
 #[test]
 fn fanout_backfill_races_submit() {
     model("register-with-backfill vs submit (fanout)", || {
@@ -23,6 +24,11 @@ fn fanout_backfill_races_submit() {
         h.sort();
         assert_eq!(h, [W1, W2]);
         at_rest(&d);
+        assert_eq!(
+            d.fetch(W2, 1).unwrap().len(),
+            1,
+            "the new worker reads the class"
+        );
     });
 }
 

@@ -6,11 +6,14 @@ use loom::thread;
 use switchyard::{Cancelled, Mode, Mutant, TaskId, TaskSpec, TaskStatus};
 use switchyard_loom_tests::*;
 
-/// **Invariant 2 (exclusive claim)**, and 3: two workers fetch the two fanout copies of one task
-/// at once. Exactly one gets it, and both holders' queued counters drop.
-fn fanout_claim(mutant: Option<Mutant>) {
-    model("fanout claim: two holders fetch one task", move || {
-        let d = dispatcher(Mode::Fanout, mutant);
+/// **Invariants 2 and 3**: two candidates fetch one fanout task at once. The task waits once,
+/// in its class's heap: exactly one fetch gets it, and both workers' queued counts drop. (Its
+/// protection is the heap's lock — one pop — which safe code cannot remove, so this model has
+/// no mutant; the next one shows the claim's own re-check failing when removed.)
+#[test]
+fn two_candidates_claim_one_fanout_task() {
+    model("fanout claim: two candidates fetch one task", || {
+        let d = dispatcher(Mode::Fanout, None);
         d.register(W1, &["g"], NO_TAGS).unwrap();
         d.register(W2, &["g"], NO_TAGS).unwrap();
         d.submit(TaskSpec::new(1, "g")).unwrap();
@@ -20,26 +23,50 @@ fn fanout_claim(mutant: Option<Mutant>) {
         let b = t.join().unwrap();
         assert_eq!(a.len() + b.len(), 1, "exactly one assignment: {a:?} {b:?}");
         let s = d.stats();
-        assert!(
-            s.workers.iter().all(|w| w.queued == 0),
-            "both counters drop"
-        );
+        assert!(s.workers.iter().all(|w| w.queued == 0), "both counts drop");
         assert_eq!(s.running, 1);
         at_rest(&d);
     });
 }
 
-#[test]
-fn two_holders_claim_one_fanout_task() {
-    fanout_claim(None);
+/// **Invariant 2 (exclusive claim)**: a rebalance moves a queued task from W1 to W2 while both
+/// fetch. The old copy (on W1) and the new one (on W2) can both pass the lock-free liveness
+/// check; the re-check under the cell lock lets exactly one of them claim it.
+fn moved_task_claimed_once(mutant: Option<Mutant>) {
+    model(
+        "moved task: old and new holder fetch while it moves",
+        move || {
+            let d = dispatcher(balanced(), mutant);
+            d.register(W1, &["g"], NO_TAGS).unwrap();
+            d.submit(TaskSpec::new(0, "g")).unwrap();
+            d.fetch(W1, 1).unwrap(); // W1 runs task 0...
+            d.submit(TaskSpec::new(1, "g")).unwrap(); // ...and holds task 1: load 2
+            d.register(W2, &["g"], NO_TAGS).unwrap(); // load 0: a rebalance moves task 1
+            let (d2, d3) = (d.clone(), d.clone());
+            let mover = thread::spawn(move || d2.rebalance());
+            let new_holder = thread::spawn(move || d3.fetch(W2, 1).unwrap());
+            let old = d.fetch(W1, 1).unwrap();
+            mover.join().unwrap();
+            let new = new_holder.join().unwrap();
+            assert!(
+                old.len() + new.len() <= 1,
+                "task 1 assigned twice: {old:?} {new:?}"
+            );
+            at_rest(&d);
+        },
+    );
 }
 
-/// Without the re-check under the cell lock, both fetches can pass the lock-free liveness check
-/// and both claim: the model must catch it.
 #[test]
-#[should_panic(expected = "exactly one assignment")]
+fn moved_task_is_claimed_once() {
+    moved_task_claimed_once(None);
+}
+
+/// Without the re-check under the cell lock, both copies' fetches claim: the model must catch it.
+#[test]
+#[should_panic(expected = "assigned twice")]
 fn mutant_claim_without_recheck_is_caught() {
-    fanout_claim(Some(Mutant::ClaimWithoutRecheck));
+    moved_task_claimed_once(Some(Mutant::ClaimWithoutRecheck));
 }
 
 /// **Invariant 2 and 6**: cancel against fetch of the same task. Either the fetch gets it and the
