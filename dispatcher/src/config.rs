@@ -5,8 +5,9 @@ use crate::error::{Error, Result};
 /// How a submitted task is placed on its candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Every live candidate holds a copy; the first fetch claims the task and every other copy
-    /// dies at that instant (late binding, as in Sparrow). New workers are backfilled.
+    /// Every live candidate holds the task (it waits once, in its class's shared heap, which all
+    /// candidates read); the first fetch claims it (late binding, as in Sparrow). A worker that
+    /// registers later holds the queued tasks of its classes at once.
     Fanout,
     /// Exactly one candidate holds the task, chosen by the strategy.
     Balanced(Strategy),

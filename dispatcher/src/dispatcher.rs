@@ -3,20 +3,18 @@
 //! and rebalancing are in [`crate::redistribute`]; statistics and the audit in [`crate::stats`].
 //!
 //! # Placing happens in two steps
-//! 1. Inside the task's critical section, the policy picks holders, the task's holder list and
-//!    the holders' `queued` counters are updated, and the copies to push are collected.
-//! 2. After the critical section, [`Dispatcher::flush`] pushes the copies, locking each target
-//!    queue once per batch (a fanout batch of one class pushes all its copies to each candidate
-//!    under one lock). A push into a *closed* queue (its worker is leaving) fails; the pusher
-//!    then removes that holder in the task's critical section and, if no holder is left, places
-//!    the task afresh. `unregister` withdraws the worker from the registry before closing its
-//!    queue, so a fresh placement never picks the same worker again and the loop ends.
+//! 1. Inside the task's critical section, the policy picks the holder (balanced) or the class
+//!    (fanout), the counters are updated, and the entry to push is collected.
+//! 2. After the critical section, [`Dispatcher::flush`] pushes the entries, locking each target
+//!    heap once per batch. A push into a *closed* worker queue (its worker is leaving) fails;
+//!    the pusher then removes that holder in the task's critical section and places the task
+//!    afresh. `unregister` withdraws the worker from the registry before closing its queue, so a
+//!    fresh placement never picks the same worker again and the loop ends. (Class heaps are
+//!    never closed: a fanout task outlives any one candidate.)
 //!
-//! Keeping pushes out of the critical section is what gives one lock order everywhere:
-//! **worker queue → task cell → parked set → class cache → registry**, with the index, the
-//! registry maps and the slab's free lists as leaves. A fetch holds its own queue while it
-//! claims, so a copy is never "in flight" between a heap and a claim where `unregister` could
-//! miss it.
+//! Keeping pushes out of the critical section is what gives one lock order everywhere (see the
+//! crate docs). A fetch holds its own worker queue while it claims, so a claim is never "in
+//! flight" where `unregister` could miss it.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -264,7 +262,7 @@ impl Dispatcher {
     // ----- fetch and reports ------------------------------------------------------------------
 
     /// Assigns up to `max` of `worker`'s queued tasks to it, highest effective priority first and
-    /// FIFO among equals. Each returned task is claimed: every other copy died at that instant.
+    /// FIFO among equals. Each returned task is claimed: no other worker can get it any more.
     pub fn fetch(&self, worker: WorkerId, max: usize) -> Result<Vec<Assignment>> {
         let mut out = Vec::new();
         self.fetch_into(worker, max, &mut out)?;
@@ -642,7 +640,7 @@ impl Dispatcher {
         l.set_holders(Holders::One(worker.clone()));
     }
 
-    /// Pushes copies, one lock per target queue. Copies for closed queues are handed to
+    /// Pushes entries, one lock per target heap. Entries for closed queues are handed to
     /// `push_failed`, which may place their tasks again; repeats until nothing is left.
     pub(crate) fn flush(&self, mut pushes: Pushes) {
         while !pushes.is_empty() {
@@ -681,7 +679,7 @@ impl Dispatcher {
         w.load.add_fetched(0, compacted);
     }
 
-    /// A copy could not be pushed because `worker` is leaving: drop it from the task's holders
+    /// An entry could not be pushed because `worker` is leaving: drop it from the task's holders
     /// and, if it was the last, place the task afresh.
     fn push_failed(&self, worker: &Arc<Worker>, entry: Entry, pushes: &mut Pushes) {
         let Some(mut l) = self.cells.lock(entry.slot) else {

@@ -2,8 +2,8 @@
 //!
 //! A [`TaskCell`] sits in a slab slot for the dispatcher's lifetime; a task occupies a slot from
 //! submission until it ends, then the slot is reused. Heap entries and running records name a
-//! task by `(slot, generation)` — plain integers, no reference counts — so popping a dead copy
-//! reads one atomic and writes nothing. (An earlier cut kept an `Arc` per copy: each dead copy
+//! task by `(slot, generation)` — plain integers, no reference counts — so popping a dead entry
+//! reads one atomic and writes nothing. (An earlier cut kept an `Arc` per entry: each dead entry
 //! then cost an atomic decrement on the task's cache line, which bounced between the fetching
 //! cores.)
 //!
@@ -15,14 +15,14 @@
 //! The generation grows at every fresh placement (submit, re-placement after a departure,
 //! give-back, priority or tag change, rebalance move), at every claim, and when the task ends;
 //! it carries on across the slot's occupants. So `(slot, generation)` names one placement of one
-//! task, and every copy or running record made earlier is dead the instant the generation moves.
-//! Backfilling a new fanout holder adds a copy at the *current* generation. Generations are 32
-//! bits; should one wrap while an ancient copy survives, the claim also checks that the claiming
-//! worker is a current holder, so the worst case is one fetch taking a task it holds anyway.
+//! task, and every entry or running record made earlier is dead the instant the generation
+//! moves. Generations are 32 bits; should one wrap while an ancient entry survives, the claim
+//! also checks that the claiming worker is a current holder, so the worst case is one fetch
+//! taking a task it holds anyway.
 //!
 //! # Why `status` may be read `Relaxed`
-//! The status is stored (under the cell lock) *before* any copy at that generation is pushed, and
-//! a fetcher reads it only after popping that copy under the heap lock, so the push's unlock
+//! The status is stored (under the cell lock) *before* any entry at that generation is pushed,
+//! and a fetcher reads it only after popping that entry under the heap lock, so the push's unlock
 //! orders the store before the read. Every later store moves the status away from
 //! `(gen, Queued)` for good (generations only grow), so a read that says "not live" is final and
 //! a read that says "live" is re-checked under the cell lock. No stronger ordering adds anything.
@@ -57,7 +57,7 @@ pub(crate) enum Phase {
     Queued { holders: Holders, parked: bool },
     /// Assigned to `worker` as attempt `TaskState::attempt`.
     Running { worker: Arc<Worker> },
-    /// Finished, failed or cancelled: every copy is a tombstone.
+    /// Finished, failed or cancelled: every entry of the task is a tombstone.
     Gone,
 }
 
@@ -116,7 +116,7 @@ impl TaskCell {
         }
     }
 
-    /// Whether a copy placed at `gen` may still be claimed. One load, no lock (see module docs).
+    /// Whether an entry placed at `gen` may still be claimed. One load, no lock (see module docs).
     pub(crate) fn is_live(&self, gen: u32) -> bool {
         self.status.load(Ordering::Relaxed) == pack(gen, QUEUED)
     }
@@ -175,7 +175,7 @@ impl Locked<'_> {
         self.publish();
     }
 
-    /// Claims the task for `worker` if the copy placed at `gen` is still current and `worker`
+    /// Claims the task for `worker` if the entry placed at `gen` is still current and `worker`
     /// holds it. Every holder's queued counter drops; returns `(attempt, generation)` of the
     /// assignment. `recheck: false` is the `ClaimWithoutRecheck` mutant, for loom models only.
     pub(crate) fn claim(

@@ -26,30 +26,45 @@
 //! ## Shape
 //! | module | what it holds |
 //! |---|---|
-//! | [`sync`](crate::sync) (private) | the only place naming `parking_lot`, `dashmap`, atomics or `loom` |
-//! | `queue` | one worker's heap of 24-byte entries, its running set and `closed` flag |
-//! | `index` | task cells (the critical section) and the id → cell reverse index |
-//! | `registry` | workers, name interning, the candidate cache per (group, tag set) class |
-//! | `placement` | the policy: fanout, least-loaded, round-robin, power of two choices |
+//! | `sync` (private) | the only place naming `parking_lot`, `dashmap`, atomics or `loom` |
+//! | `queue` | heaps of 24-byte plain entries; a worker's running records and `closed` flag |
+//! | `index` | the slab of task cells (each task's critical section) and the id → slot index |
+//! | `registry` | workers, name interning, classes (candidate cache, fanout heap) |
+//! | `placement` | the policy: least-loaded, round-robin, power of two choices |
 //! | `dispatcher` | submission, fetch, reports, updates; placing and pushing |
-//! | `redistribute` | register/backfill, unregister, parking, rebalance |
-//! | `stats` | counters and the snapshot |
+//! | `redistribute` | register, unregister, parking, rebalance |
+//! | `stats` | counters, the snapshot, the audit |
 //!
-//! Fetches for different workers share no lock: a fetch locks its worker's heap, pops, checks the
-//! copy with one atomic load, and claims it in the task's critical section. Balanced placement
-//! reads per-worker atomic load counters without locks.
+//! **Balanced** tasks wait in their one holder's heap; each worker's heap has its own lock, so
+//! fetches for different workers share no lock, and placement reads per-worker atomic load
+//! counters without locks. **Fanout** tasks wait once, in the shared heap of their class — the
+//! (group, tag set) pair that fixes their candidates — and a worker fetches the best live head
+//! over the classes it serves. A fetch checks an entry with one atomic load and claims it in the
+//! task's critical section.
+//!
+//! ### Why fanout uses class heaps, not copies
+//! The first cut copied each fanout task into every candidate's heap, as the design card
+//! suggested. A claim then left 63 dead copies that the other workers had to pop one by one, and
+//! a profile of the fanout-claim benchmark (B3, 64 candidates, two fetchers) spent 88% of its
+//! time in `BinaryHeap::pop`. Reading one shared heap per class keeps each worker's priority
+//! order (the best head over its classes) and removes dead copies, backfill and per-copy memory.
+//! Measured in one run each on the 2-vCPU machine (`benches/bench-report`, quick mode), against
+//! the actor baseline: fanout submit 6.7× → 35×, fanout claim 2.7× → 23×, fanout removal 88× →
+//! 159×, memory per task 0.49× → 0.04×. A worker serving k classes pays O(k) heap peeks per
+//! fetch; workers usually serve a few.
 //!
 //! ## Invariants
 //! These are what the unit tests, the property test, the stress test and the loom models check.
 //!
-//! 1. **Conservation.** Every live task is in exactly one place: queued on one or more live
-//!    holders, running on exactly one live worker, or parked. No operation, interleaving or
+//! 1. **Conservation.** Every live task is in exactly one place: queued (on one live holder in
+//!    balanced mode; in its class's heap, held by every live candidate, in fanout), running on
+//!    exactly one live worker, or parked (no live candidate). No operation, interleaving or
 //!    worker departure loses one.
 //! 2. **Exclusive claim.** Concurrent fetches of the copies of one task assign it to exactly one
 //!    worker.
-//! 3. **Counters agree.** At rest, each worker's `queued` counter equals the number of tasks that
-//!    list it as a holder, and `running` the number it runs. Counters change only inside the
-//!    task's critical section.
+//! 3. **Counters agree.** At rest, each worker's queued count equals the number of tasks it
+//!    holds (balanced: its own counter; fanout: the sum of its classes' counters), and `running`
+//!    the number it runs. Counters change only inside the task's critical section.
 //! 4. **Redistribution is complete.** When `unregister` returns, every task the worker held or
 //!    ran is queued on a live candidate or parked. A task being placed on the worker at the
 //!    moment it leaves is redirected by its placer, not stranded.
@@ -58,18 +73,20 @@
 //! 6. **Fencing.** An assignment carries its attempt; a report for any other attempt is refused.
 //!
 //! ## Locks
-//! One order everywhere: **worker queue → task cell → parked set → class cache → registry**;
-//! index and registry map shards are leaves. Copies are pushed only after the critical section
-//! that chose them has ended (see [`dispatcher`](crate::Dispatcher) docs in the source).
+//! One order everywhere: **worker queue → class heap**, and **worker queue → task cell → parked
+//! set → class cache → registry**; a class heap is never held while a cell is locked, and the
+//! index, the registry maps, the slab's free lists and a worker's class list are leaves. Entries
+//! are pushed only after the critical section that chose them has ended (see the `dispatcher`
+//! module docs in the source).
 //!
 //! ## Costs
-//! * fetch: O(log n) per pop in the worker's heap, plus O(holders) counter decrements per claim;
-//!   a dead copy costs one pop and one atomic load.
-//! * submit: O(candidates) (fanout pushes a copy to each; balanced LeastLoaded scans their
-//!   counters), plus one candidate-list recomputation per class after the registry changes.
-//! * cancel / complete: O(holders) counter updates; no heap is touched (lazy deletion).
-//! * unregister: O(entries in the departing heap + its running tasks).
-//! * register: balanced O(parked); fanout O(live tasks) (the backfill scans the index).
+//! * fetch: O(log n) per pop; fanout adds one heap peek per class the worker serves. A dead
+//!   entry (left by a cancel or re-placement) costs one pop and one atomic load.
+//! * submit: O(log n) push; balanced LeastLoaded scans its candidates' counters; one
+//!   candidate-list recomputation per class after the registry changes.
+//! * cancel / complete: O(1): one counter, no heap touched (lazy deletion).
+//! * unregister: O(its heap entries and running tasks); fanout reports the tasks of its classes.
+//! * register: balanced O(parked); fanout O(classes).
 
 #![warn(missing_docs)]
 

@@ -3,8 +3,8 @@
 //! The policy is kept apart from the primitives (heaps, cells, counters): it sees a candidate list
 //! and the load counters and returns indices, nothing more.
 //!
-//! * **Fanout** — every candidate (late binding, as in Sparrow: the first worker to fetch the task
-//!   runs it).
+//! * **Fanout** — every candidate: the task waits in its class's shared heap, which they all read
+//!   (late binding, as in Sparrow: the first worker to fetch the task runs it).
 //! * **LeastLoaded** — the candidate with the least `queued + running × weight`. The scan starts at
 //!   a rotating offset and keeps the *first* minimum it meets, so ties go round-robin and never to
 //!   whichever candidate happens to be listed first. O(candidates).

@@ -41,7 +41,7 @@ pub(crate) fn order_key(priority: i32, aging_rate: f64, enqueued_secs: f64) -> i
     }
 }
 
-/// One copy of a task in one worker's heap.
+/// A task's entry in a heap (a worker's or a class's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Entry {
     key: i64,
@@ -60,7 +60,7 @@ impl Entry {
         }
     }
 
-    /// Whether this copy may still be claimed (one atomic load).
+    /// Whether this entry may still be claimed (one atomic load).
     pub(crate) fn is_live(&self, cells: &Cells) -> bool {
         cells.get(self.slot).is_live(self.gen)
     }

@@ -1,13 +1,14 @@
-//! Workers arriving and leaving, parking, backfill and rebalancing.
+//! Workers arriving and leaving, parking and rebalancing.
 //!
 //! # Departure (`unregister`)
 //! 1. The worker is withdrawn from the registry (the epoch moves, so fresh candidate lists
 //!    exclude it).
 //! 2. Its queue is closed and emptied under the queue lock. From here, pushes to it fail and
 //!    their pushers re-place (see [`crate::dispatcher`]); fetches on it are refused.
-//! 3. Every live copy it held is dropped from its task's holders, in the task's critical section;
-//!    a task left with no holder is placed afresh (balanced: another candidate, keeping its
-//!    priority and FIFO position) or parked. Fanout tasks held by other candidates stay there.
+//! 3. Balanced: every live entry it held is dropped from its task, in the task's critical
+//!    section, and the task is placed afresh (another candidate, keeping its priority and FIFO
+//!    position) or parked. Fanout: nothing moves — the tasks of its classes stay in the class
+//!    heaps, held by the remaining candidates, or parked if none is left; each is reported.
 //! 4. Every task it ran goes back to queued (a new generation; its next fetch is a new attempt).
 //!
 //! When `unregister` returns, no task lists the worker as holder or runner, except a task whose
@@ -15,15 +16,15 @@
 //! and it re-places the task itself ("redirected, not stranded").
 //!
 //! # Parking and arrival (`register`)
-//! A task with no live candidate is parked. Parking re-checks the candidates *while holding the
-//! parked-set lock*, and `register` publishes the worker *before* taking that lock to collect the
-//! parked tasks it can run. Whichever takes the lock second sees the other's work, so a task is
-//! never parked while a live candidate exists.
+//! Balanced: a task with no live candidate is parked. Parking re-checks the candidates *while
+//! holding the parked-set lock*, and `register` publishes the worker *before* taking that lock to
+//! collect the parked tasks it can run. Whichever takes the lock second sees the other's work,
+//! so a task is never parked while a live candidate exists.
 //!
-//! In fanout, `register` also backfills: every queued task the worker can run gets a copy. It
-//! locks every live task once (O(tasks); registration is rare). A placement that runs
-//! concurrently either holds the cell first (and the backfill then sees its holders) or comes
-//! after the backfill's lock hand-off (and then its candidate list includes the new worker).
+//! Fanout: a task of a class with no live candidate waits in the class heap, parked in effect;
+//! the first candidate to register reads that heap. Registering computes the worker's class list
+//! under the registry's topology lock, which class creation also takes, so a class created
+//! concurrently is either in the list or added to it.
 //!
 //! # Rebalancing (balanced mode)
 //! One pass over the workers, most loaded first, moving each task at most once: a queued task
@@ -91,15 +92,15 @@ pub struct Departure {
 /// The result of `register`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Registration {
-    /// Fanout: queued tasks that got a copy on the new worker.
+    /// Fanout: queued tasks the new worker can fetch from now on (its classes' tasks).
     pub backfilled: usize,
     /// Parked tasks placed now that a candidate exists.
     pub unparked: usize,
 }
 
 impl Dispatcher {
-    /// Registers `worker`, serving `groups`, with `tags`. Parked tasks it can run are placed, and
-    /// in fanout mode it is backfilled with every queued task it can run.
+    /// Registers `worker`, serving `groups`, with `tags`. Balanced: parked tasks it can run are
+    /// placed. Fanout: it reads the heaps of the classes it serves from now on.
     pub fn register<G: AsRef<str>, T: AsRef<str>>(
         &self,
         worker: WorkerId,

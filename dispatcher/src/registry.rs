@@ -8,11 +8,13 @@
 //! list, not the registry.
 //!
 //! Group and tag names are interned to small integers; classes are interned too, so a task
-//! carries one `Arc<Class>`.
+//! carries one `Arc<Class>`. In fanout mode a class also owns the shared heap its tasks wait in,
+//! and each worker keeps a snapshot list of the classes it serves (see `Registry::class` and
+//! `Registry::insert` for how the two stay consistent).
 //!
 //! # Ordering of the epoch
 //! The epoch is bumped inside the group table's write lock and read `Relaxed`. Whenever a
-//! placement must see a registration (the parked-set and backfill hand-offs described in
+//! placement must see a registration (the parked-set hand-off described in
 //! `redistribute`), a lock hand-off already orders the bump before the read, and then any
 //! ordering returns the bumped value; where there is no hand-off, no ordering could help.
 
@@ -39,7 +41,7 @@ pub(crate) type NameId = u32;
 pub(crate) struct Load {
     queued: AtomicUsize,
     running: AtomicUsize,
-    /// Assignments this worker's fetches made, and dead copies they skipped or compacted away
+    /// Assignments this worker's fetches made, and dead entries they skipped or compacted away
     /// (per worker, so fetches on different workers never share a counter's cache line; folded
     /// into the dispatcher's totals when the worker leaves).
     pub(crate) claimed: AtomicU64,

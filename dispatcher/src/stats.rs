@@ -31,7 +31,7 @@ pub struct Counters {
     pub submitted: u64,
     /// Assignments handed out by fetches.
     pub claimed: u64,
-    /// Dead copies (tombstones) popped and skipped by fetches or dropped by compaction.
+    /// Dead entries (tombstones) popped and skipped by fetches or dropped by compaction.
     pub stale_skipped: u64,
     /// Assignments reported finished or failed.
     pub completed: u64,
@@ -56,11 +56,11 @@ pub struct WorkerStats {
     pub groups: Vec<String>,
     /// Its tags, sorted.
     pub tags: Vec<String>,
-    /// Tasks that list it as a holder.
+    /// Tasks it holds (fanout: the queued tasks of the classes it serves).
     pub queued: usize,
     /// Tasks it runs.
     pub running: usize,
-    /// Entries in its heap, tombstones included.
+    /// Entries in its own heap, tombstones included (balanced; fanout tasks are in class heaps).
     pub heap_len: usize,
 }
 
@@ -78,9 +78,10 @@ pub struct Stats {
     pub running: usize,
     /// Parked tasks.
     pub parked: usize,
-    /// Live copies over all heaps (equals `queued - parked` in balanced mode).
+    /// Sum of the workers' queued counts: `queued - parked` in balanced mode; in fanout each
+    /// task counts once per candidate that could fetch it.
     pub copies: usize,
-    /// Dead copies still in heaps, waiting to be popped or compacted away.
+    /// Dead entries still in heaps (worker and class heaps), waiting to be popped or compacted.
     pub tombstones: usize,
     /// Monotonic counters.
     pub counters: Counters,
