@@ -112,10 +112,7 @@ fn a1_enqueue_one_of_64(c: &mut Criterion) {
             on_runtime(&rt, async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let a = Actor::spawn();
-                    for w in 0..WORKERS {
-                        a.register(w).await;
-                    }
+                    let a = actor_with(WORKERS, 0, |_| Arc::from(Vec::new())).await;
                     let lists: Vec<Arc<[u64]>> = (0..WORKERS).map(|w| Arc::from(vec![w])).collect();
                     let start = Instant::now();
                     for i in 0..n {
@@ -182,10 +179,7 @@ fn a2_fanout_enqueue_64(c: &mut Criterion) {
             on_runtime(&rt, async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let a = Actor::spawn();
-                    for w in 0..WORKERS {
-                        a.register(w).await;
-                    }
+                    let a = actor_with(WORKERS, 0, |_| Arc::from(Vec::new())).await;
                     let start = Instant::now();
                     for i in 0..n {
                         a.enqueue(i, (i % 8) as i32, all.clone()).await;
@@ -213,6 +207,18 @@ fn a2_fanout_enqueue_64(c: &mut Criterion) {
 }
 
 // ----- B: fetch -----------------------------------------------------------------------------
+
+/// An actor with `workers` workers and tasks `0..n`, task `i` queued on `candidates(i)`.
+async fn actor_with(workers: u64, n: u64, candidates: impl Fn(u64) -> Arc<[u64]>) -> Actor {
+    let a = Actor::spawn();
+    for w in 0..workers {
+        a.register(w).await;
+    }
+    for i in 0..n {
+        a.enqueue(i, (i % 8) as i32, candidates(i)).await;
+    }
+    a
+}
 
 async fn drain_actor(a: &Actor, workers: std::ops::Range<u64>) -> u64 {
     let mut got = 0;
@@ -250,14 +256,7 @@ fn b1_fetch_one_thread(c: &mut Criterion) {
             on_runtime(&rt, async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let a = Actor::spawn();
-                    for w in 0..WORKERS {
-                        a.register(w).await;
-                    }
-                    for i in 0..n {
-                        a.enqueue(i, (i % 8) as i32, Arc::from(vec![i % WORKERS]))
-                            .await;
-                    }
+                    let a = actor_with(WORKERS, n, |i| Arc::from(vec![i % WORKERS])).await;
                     let start = Instant::now();
                     black_box(drain_actor(&a, 0..WORKERS).await);
                     total += start.elapsed();
@@ -303,14 +302,7 @@ fn b2_fetch_two_threads(c: &mut Criterion) {
             on_runtime(&rt, async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let a = Actor::spawn();
-                    for w in 0..WORKERS {
-                        a.register(w).await;
-                    }
-                    for i in 0..n {
-                        a.enqueue(i, (i % 8) as i32, Arc::from(vec![i % WORKERS]))
-                            .await;
-                    }
+                    let a = actor_with(WORKERS, n, |i| Arc::from(vec![i % WORKERS])).await;
                     let start = Instant::now();
                     let callers: Vec<_> = (0..2)
                         .map(|t| {
@@ -385,14 +377,7 @@ fn b2_fetch_64_async_callers(c: &mut Criterion) {
             on_runtime(&rt, async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let a = Actor::spawn();
-                    for w in 0..WORKERS {
-                        a.register(w).await;
-                    }
-                    for i in 0..n {
-                        a.enqueue(i, (i % 8) as i32, Arc::from(vec![i % WORKERS]))
-                            .await;
-                    }
+                    let a = actor_with(WORKERS, n, |i| Arc::from(vec![i % WORKERS])).await;
                     let start = Instant::now();
                     let callers: Vec<_> = (0..WORKERS)
                         .map(|w| {
@@ -483,13 +468,7 @@ fn b3_fanout_claim(c: &mut Criterion) {
                 on_runtime(&rt, async move {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        let a = Actor::spawn();
-                        for w in 0..WORKERS {
-                            a.register(w).await;
-                        }
-                        for i in 0..n {
-                            a.enqueue(i, (i % 8) as i32, all.clone()).await;
-                        }
+                        let a = actor_with(WORKERS, n, |_| all.clone()).await;
                         // The database compare-and-set of the replaced design, one flag per task.
                         let claimed: Arc<Vec<AtomicBool>> =
                             Arc::new((0..n).map(|_| AtomicBool::new(false)).collect());
@@ -593,19 +572,15 @@ fn removal(c: &mut Criterion, name: &str, mode: Mode, workers: u64) {
             on_runtime(&rt, async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let a = Actor::spawn();
-                    for w in 0..workers {
-                        a.register(w).await;
-                    }
                     let all: Arc<[u64]> = (0..workers).collect::<Vec<_>>().into();
-                    for i in 0..n {
-                        let c: Arc<[u64]> = if fanout {
+                    let a = actor_with(workers, n, |i| {
+                        if fanout {
                             all.clone()
                         } else {
                             Arc::from(vec![i % workers])
-                        };
-                        a.enqueue(i, (i % 8) as i32, c).await;
-                    }
+                        }
+                    })
+                    .await;
                     let start = Instant::now();
                     for &i in order.iter() {
                         a.remove(i).await;
@@ -670,14 +645,7 @@ fn d_churn(c: &mut Criterion) {
             on_runtime(&rt, async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let a = Actor::spawn();
-                    for w in 0..WORKERS {
-                        a.register(w).await;
-                    }
-                    for i in 0..n {
-                        a.enqueue(i, (i % 8) as i32, Arc::from(vec![i % WORKERS]))
-                            .await;
-                    }
+                    let a = actor_with(WORKERS, n, |i| Arc::from(vec![i % WORKERS])).await;
                     let start = Instant::now();
                     for w in 0..cycles {
                         black_box(a.unregister(w).await);

@@ -300,27 +300,11 @@ impl Dispatcher {
             } else {
                 self.cells.lock(entry.slot)
             };
-            let Some(mut l) = locked else {
+            if self.claim_entry(locked, entry, &w, &mut q, recheck, out) {
+                claimed += 1;
+            } else {
                 stale += 1;
-                continue;
-            };
-            let Some((attempt, gen)) = l.claim(entry.gen, &w, recheck) else {
-                stale += 1;
-                continue;
-            };
-            out.push(Assignment {
-                task: l.st.id,
-                attempt,
-                priority: l.st.priority,
-            });
-            drop(l);
-            let record = RunningRecord {
-                slot: entry.slot,
-                gen,
-                attempt,
-            };
-            q.record_running(record, w.load.running(), &self.cells);
-            claimed += 1;
+            }
         }
         // Counted under the queue lock, so `unregister` (which closes it) folds them in.
         w.load.add_fetched(claimed, stale);
@@ -373,29 +357,44 @@ impl Dispatcher {
                 h.pop();
                 head
             };
-            let Some(mut l) = self.cells.lock(entry.slot) else {
+            if self.claim_entry(self.cells.lock(entry.slot), entry, w, q, recheck, out) {
+                claimed += 1;
+            } else {
                 stale += 1;
-                continue;
-            };
-            let Some((attempt, gen)) = l.claim(entry.gen, w, recheck) else {
-                stale += 1;
-                continue;
-            };
-            out.push(Assignment {
-                task: l.st.id,
-                attempt,
-                priority: l.st.priority,
-            });
-            drop(l);
-            let record = RunningRecord {
-                slot: entry.slot,
-                gen,
-                attempt,
-            };
-            q.record_running(record, w.load.running(), &self.cells);
-            claimed += 1;
+            }
         }
         (claimed, stale)
+    }
+
+    /// Claims the task of a popped `entry` (its cell `locked`, if still occupied) for `w`,
+    /// appends the assignment to `out` and records it in `w`'s queue `q`, whose lock the caller
+    /// holds. False if the entry was dead.
+    fn claim_entry(
+        &self,
+        locked: Option<Locked<'_>>,
+        entry: Entry,
+        w: &Arc<Worker>,
+        q: &mut Queue,
+        recheck: bool,
+        out: &mut Vec<Assignment>,
+    ) -> bool {
+        let Some(mut l) = locked else { return false };
+        let Some((attempt, gen)) = l.claim(entry.gen, w, recheck) else {
+            return false;
+        };
+        out.push(Assignment {
+            task: l.st.id,
+            attempt,
+            priority: l.st.priority,
+        });
+        drop(l);
+        let record = RunningRecord {
+            slot: entry.slot,
+            gen,
+            attempt,
+        };
+        q.record_running(record, w.load.running(), &self.cells);
+        true
     }
 
     /// Reports `task` finished or failed by `worker` as `attempt`. The task leaves the
