@@ -690,8 +690,13 @@ fn e_scaling(c: &mut Criterion) {
         shapes.push((64, 10_000_000));
     }
     let mut g = configure(c, "E_fetch_scaling", fetches);
+    // Scaled down, two shapes can coincide; criterion needs distinct ids.
+    let mut shapes: Vec<(u64, u64)> = shapes
+        .into_iter()
+        .map(|(w, t)| (w, scale(t).max(fetches * 2)))
+        .collect();
+    shapes.dedup();
     for (workers, tasks) in shapes {
-        let tasks = scale(tasks).max(fetches * 2);
         let d = dispatcher(balanced(), workers);
         for chunk in (0..tasks).collect::<Vec<_>>().chunks(100_000) {
             d.submit_many(chunk.iter().map(|&i| spec(i))).unwrap();
