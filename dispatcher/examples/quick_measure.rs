@@ -99,8 +99,7 @@ fn main() {
         per_op(batched, TASKS)
     );
 
-    // Fanout claim: 64 holders each; drained by one worker after another, so every claim
-    // leaves 63 dead copies that the other workers pop and skip.
+    // Fanout claim: 64 candidates each, drained by one worker after another.
     let claim = best_of(|| {
         let d = with_workers(Config::default());
         d.submit_many(specs().take(20_000)).unwrap();
@@ -113,7 +112,7 @@ fn main() {
         t
     });
     println!(
-        "fanout claim (20k × 64 copies, per task)      {}",
+        "fanout claim (20k tasks × 64 candidates)      {}",
         per_op(claim, 20_000)
     );
 }
