@@ -143,12 +143,32 @@ impl Dispatcher {
 
     fn insert_batch(&self, tasks: impl IntoIterator<Item = SeedTask>) -> Result<usize> {
         let now = self.now_secs();
-        let mut seen = std::collections::HashSet::new();
-        let mut prepared = Vec::new();
+        let tasks = tasks.into_iter();
+        let mut prepared = Vec::with_capacity(tasks.size_hint().0);
+        // Ids seen in this batch; a batch of one needs no set (the common single submit).
+        let mut seen: Option<std::collections::HashSet<TaskId, Hasher>> = None;
+        let mut first = None;
         // Validate everything before touching shared state.
         for task in tasks {
             let spec = task.spec;
-            if !seen.insert(spec.id) {
+            let repeated = match (&mut seen, first) {
+                (Some(seen), _) => !seen.insert(spec.id),
+                (None, None) => {
+                    first = Some(spec.id);
+                    false
+                }
+                (None, Some(first)) => {
+                    let mut set = std::collections::HashSet::with_capacity_and_hasher(
+                        prepared.capacity().max(2),
+                        Hasher::default(),
+                    );
+                    set.insert(first);
+                    let repeated = !set.insert(spec.id);
+                    seen = Some(set);
+                    repeated
+                }
+            };
+            if repeated {
                 return Err(Error::InvalidInput(format!(
                     "task {} appears twice in the batch",
                     spec.id

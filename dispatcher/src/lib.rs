@@ -87,6 +87,8 @@
 //! * cancel / complete: O(1): one counter, no heap touched (lazy deletion).
 //! * unregister: O(its heap entries and running tasks); fanout reports the tasks of its classes.
 //! * register: balanced O(parked); fanout O(classes).
+//! * the first task of a new (group, tag set) class: O(workers), to add the class to the lists
+//!   of the workers that serve it.
 
 #![warn(missing_docs)]
 
