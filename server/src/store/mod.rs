@@ -1,0 +1,203 @@
+//! The durable store: what the coordinator must not forget, behind a trait so the embedded
+//! SQLite default and a later PostgreSQL backend are interchangeable.
+//!
+//! The dispatcher decides (placement, claims, fencing); the store records each decision as a
+//! [`Change`]. Changes reach the store only through the group-commit [`Writer`](crate::writer),
+//! and a caller is answered only after its changes are durable: a submission is acknowledged,
+//! an assignment leaves in a fetch reply, a report is confirmed — each after its commit.
+//!
+//! Changes that depend on an assignment (`Finish`, `Fail`, `Requeue`) are fenced by attempt in
+//! the store too: if the stored task is not running that attempt, the change is refused with
+//! [`StoreError::Conflict`] and nothing is written. The dispatcher already fences; the store's
+//! check keeps a bug or a race between them from corrupting durable state.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a stored task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for a worker (possibly parked).
+    Queued,
+    /// Assigned to `TaskRecord::worker` as attempt `TaskRecord::attempt`.
+    Running,
+    /// Reported finished.
+    Finished,
+    /// Reported failed.
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+}
+
+impl TaskState {
+    fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Finished => "finished",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => TaskState::Queued,
+            "running" => TaskState::Running,
+            "finished" => TaskState::Finished,
+            "failed" => TaskState::Failed,
+            "cancelled" => TaskState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Whether the task has ended.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Finished | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Its id (assigned by the coordinator).
+    pub id: u64,
+    /// Its group.
+    pub group: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// The opaque payload handed to the worker.
+    pub payload: Vec<u8>,
+    /// Where it is.
+    pub state: TaskState,
+    /// Assignments so far (the running attempt while running).
+    pub attempt: u32,
+    /// The worker running it, while running.
+    pub worker: Option<u64>,
+    /// The reported result (finished) or message (failed).
+    pub outcome: Option<String>,
+    /// When it was submitted, in milliseconds since the Unix epoch (restores aging on restart).
+    pub submitted_ms: i64,
+}
+
+/// A worker as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// Its id (assigned by the coordinator).
+    pub id: u64,
+    /// Groups it serves.
+    pub groups: Vec<String>,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// A hash of its bearer token (the token itself is never stored).
+    pub token_hash: String,
+}
+
+/// One durable state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new queued task.
+    Submit(TaskRecord),
+    /// The task is now running `attempt` on `worker`.
+    Assign {
+        /// The task.
+        task: u64,
+        /// The worker.
+        worker: u64,
+        /// The new attempt.
+        attempt: u32,
+    },
+    /// Running `attempt` goes back to queued (given back, or its worker left or died).
+    Requeue {
+        /// The task.
+        task: u64,
+        /// The attempt that was running.
+        attempt: u32,
+    },
+    /// Running `attempt` finished.
+    Finish {
+        /// The task.
+        task: u64,
+        /// The attempt that was running.
+        attempt: u32,
+        /// The reported result.
+        result: Option<String>,
+    },
+    /// Running `attempt` failed.
+    Fail {
+        /// The task.
+        task: u64,
+        /// The attempt that was running.
+        attempt: u32,
+        /// The reported message.
+        message: String,
+    },
+    /// A queued or running task is cancelled.
+    Cancel {
+        /// The task.
+        task: u64,
+    },
+    /// A queued task's priority and/or tags change.
+    Update {
+        /// The task.
+        task: u64,
+        /// The new priority, if it changes.
+        priority: Option<i32>,
+        /// The new tags, if they change.
+        tags: Option<Vec<String>>,
+    },
+    /// A worker registered.
+    AddWorker(WorkerRecord),
+    /// A worker left or was declared dead.
+    RemoveWorker {
+        /// The worker.
+        worker: u64,
+    },
+}
+
+/// What the coordinator reloads on start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Registered workers.
+    pub workers: Vec<WorkerRecord>,
+    /// Live tasks (queued and running), in submission order.
+    pub tasks: Vec<TaskRecord>,
+    /// The next free task id.
+    pub next_task_id: u64,
+    /// The next free worker id.
+    pub next_worker_id: u64,
+}
+
+/// Why the store refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The change names a task or worker the store does not have.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The change does not fit the stored state (a duplicate id, or a fenced change whose
+    /// attempt is not the running one). Nothing was written.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database failed (I/O, corruption, a full disk).
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+/// A durable store. `apply` is called by one writer at a time; reads may run concurrently.
+pub trait Store: Send + Sync + 'static {
+    /// Applies `changes` in order, atomically (all or none) and durably.
+    fn apply(&self, changes: &[Change]) -> Result<(), StoreError>;
+    /// Everything the coordinator needs to restart.
+    fn recover(&self) -> Result<Recovery, StoreError>;
+    /// One task, live or ended.
+    fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError>;
+}

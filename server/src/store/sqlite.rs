@@ -1,0 +1,349 @@
+//! The embedded default store: SQLite in WAL mode, in a data directory, with nothing to install.
+//!
+//! One connection writes (the group-commit writer calls `apply`, one batch per transaction) and
+//! one reads, so reads never wait behind a commit's fsync. `synchronous = FULL`: a committed
+//! batch survives power loss, which is what an acknowledgement promises; group commit pays that
+//! fsync once per batch instead of once per request.
+//!
+//! Workers are never deleted, only marked removed, so worker ids are never reused (a reused id
+//! could inherit a departed worker's token or assignments).
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Change, Recovery, Store, StoreError, TaskRecord, TaskState, WorkerRecord};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    id           INTEGER PRIMARY KEY,
+    grp          TEXT    NOT NULL,
+    tags         TEXT    NOT NULL,
+    priority     INTEGER NOT NULL,
+    payload      BLOB    NOT NULL,
+    state        TEXT    NOT NULL,
+    attempt      INTEGER NOT NULL,
+    worker       INTEGER,
+    outcome      TEXT,
+    submitted_ms INTEGER NOT NULL,
+    updated_ms   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_live ON tasks (state) WHERE state IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS workers (
+    id         INTEGER PRIMARY KEY,
+    groups     TEXT    NOT NULL,
+    tags       TEXT    NOT NULL,
+    token_hash TEXT    NOT NULL,
+    removed    INTEGER NOT NULL DEFAULT 0
+);
+";
+
+/// SQLite in WAL mode. See the module docs.
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `dir`, as `dir/switchyard.db`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| backend(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join("switchyard.db");
+        let writer = Connection::open(&path).map_err(backend)?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+            )
+            .map_err(backend)?;
+        writer.execute_batch(SCHEMA).map_err(backend)?;
+        let reader = Connection::open(&path).map_err(backend)?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+}
+
+/// The outcome of a fenced or keyed update that matched no row: the task is missing, or its
+/// state does not allow the change.
+fn unmatched(tx: &Connection, task: u64, what: &str) -> StoreError {
+    let state: Option<(String, u32)> = tx
+        .query_row(
+            "SELECT state, attempt FROM tasks WHERE id = ?1",
+            [task as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .unwrap_or(None);
+    match state {
+        None => StoreError::NotFound(format!("task {task}")),
+        Some((state, attempt)) => StoreError::Conflict(format!(
+            "task {task} is {state} (attempt {attempt}); cannot {what}"
+        )),
+    }
+}
+
+fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreError> {
+    let json = |v: &Vec<String>| serde_json::to_string(v).map_err(backend);
+    let changed = match change {
+        Change::Submit(t) => {
+            let inserted = tx.execute(
+                "INSERT INTO tasks (id, grp, tags, priority, payload, state, attempt, worker,
+                                    outcome, submitted_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    t.id as i64,
+                    t.group,
+                    json(&t.tags)?,
+                    t.priority,
+                    t.payload,
+                    t.state.as_str(),
+                    t.attempt,
+                    t.worker.map(|w| w as i64),
+                    t.outcome,
+                    t.submitted_ms,
+                    now
+                ],
+            );
+            return match inserted {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::Conflict(format!("task {} exists", t.id)))
+                }
+                Err(e) => Err(backend(e)),
+            };
+        }
+        Change::Assign {
+            task,
+            worker,
+            attempt,
+        } => {
+            let n = tx
+                .execute(
+                    "UPDATE tasks SET state = 'running', attempt = ?2, worker = ?3, updated_ms = ?4
+                     WHERE id = ?1 AND state = 'queued'",
+                    params![*task as i64, attempt, *worker as i64, now],
+                )
+                .map_err(backend)?;
+            (n, *task, "assign it")
+        }
+        Change::Requeue { task, attempt } => {
+            let n = tx
+                .execute(
+                    "UPDATE tasks SET state = 'queued', worker = NULL, updated_ms = ?3
+                     WHERE id = ?1 AND state = 'running' AND attempt = ?2",
+                    params![*task as i64, attempt, now],
+                )
+                .map_err(backend)?;
+            (n, *task, "requeue that attempt")
+        }
+        Change::Finish {
+            task,
+            attempt,
+            result,
+        } => {
+            let n = tx
+                .execute(
+                    "UPDATE tasks SET state = 'finished', outcome = ?3, updated_ms = ?4
+                     WHERE id = ?1 AND state = 'running' AND attempt = ?2",
+                    params![*task as i64, attempt, result, now],
+                )
+                .map_err(backend)?;
+            (n, *task, "finish that attempt")
+        }
+        Change::Fail {
+            task,
+            attempt,
+            message,
+        } => {
+            let n = tx
+                .execute(
+                    "UPDATE tasks SET state = 'failed', outcome = ?3, updated_ms = ?4
+                     WHERE id = ?1 AND state = 'running' AND attempt = ?2",
+                    params![*task as i64, attempt, message, now],
+                )
+                .map_err(backend)?;
+            (n, *task, "fail that attempt")
+        }
+        Change::Cancel { task } => {
+            let n = tx
+                .execute(
+                    "UPDATE tasks SET state = 'cancelled', updated_ms = ?2
+                     WHERE id = ?1 AND state IN ('queued', 'running')",
+                    params![*task as i64, now],
+                )
+                .map_err(backend)?;
+            (n, *task, "cancel it")
+        }
+        Change::Update {
+            task,
+            priority,
+            tags,
+        } => {
+            let tags = tags.as_ref().map(json).transpose()?;
+            let n = tx
+                .execute(
+                    "UPDATE tasks SET priority = COALESCE(?2, priority), tags = COALESCE(?3, tags),
+                                      updated_ms = ?4
+                     WHERE id = ?1 AND state = 'queued'",
+                    params![*task as i64, priority, tags, now],
+                )
+                .map_err(backend)?;
+            (n, *task, "update it")
+        }
+        Change::AddWorker(w) => {
+            let inserted = tx.execute(
+                "INSERT INTO workers (id, groups, tags, token_hash) VALUES (?1, ?2, ?3, ?4)",
+                params![w.id as i64, json(&w.groups)?, json(&w.tags)?, w.token_hash],
+            );
+            return match inserted {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::Conflict(format!("worker {} exists", w.id)))
+                }
+                Err(e) => Err(backend(e)),
+            };
+        }
+        Change::RemoveWorker { worker } => {
+            let n = tx
+                .execute(
+                    "UPDATE workers SET removed = 1 WHERE id = ?1 AND removed = 0",
+                    [*worker as i64],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("worker {worker}")));
+            }
+            return Ok(());
+        }
+    };
+    match changed {
+        (0, task, what) => Err(unmatched(tx, task, what)),
+        _ => Ok(()),
+    }
+}
+
+fn strings(json: String) -> rusqlite::Result<Vec<String>> {
+    serde_json::from_str(&json).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn task_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRecord> {
+    let state: String = r.get(5)?;
+    Ok(TaskRecord {
+        id: r.get::<_, i64>(0)? as u64,
+        group: r.get(1)?,
+        tags: strings(r.get(2)?)?,
+        priority: r.get(3)?,
+        payload: r.get(4)?,
+        state: TaskState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                5,
+                rusqlite::types::Type::Text,
+                format!("unknown task state {state:?}").into(),
+            )
+        })?,
+        attempt: r.get(6)?,
+        worker: r.get::<_, Option<i64>>(7)?.map(|w| w as u64),
+        outcome: r.get(8)?,
+        submitted_ms: r.get(9)?,
+    })
+}
+
+const TASK_COLUMNS: &str =
+    "id, grp, tags, priority, payload, state, attempt, worker, outcome, submitted_ms";
+
+impl Store for SqliteStore {
+    fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut conn = self
+            .writer
+            .lock()
+            .map_err(|_| backend("writer lock poisoned"))?;
+        let tx = conn.transaction().map_err(backend)?;
+        let now = now_ms();
+        for change in changes {
+            // An error drops `tx`, which rolls the whole batch back.
+            apply_one(&tx, change, now)?;
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn recover(&self) -> Result<Recovery, StoreError> {
+        let conn = self
+            .reader
+            .lock()
+            .map_err(|_| backend("reader lock poisoned"))?;
+        let workers = conn
+            .prepare(
+                "SELECT id, groups, tags, token_hash FROM workers WHERE removed = 0 ORDER BY id",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok(WorkerRecord {
+                        id: r.get::<_, i64>(0)? as u64,
+                        groups: strings(r.get(1)?)?,
+                        tags: strings(r.get(2)?)?,
+                        token_hash: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(backend)?;
+        let tasks = conn
+            .prepare(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('queued', 'running') ORDER BY id"
+            ))
+            .and_then(|mut s| {
+                s.query_map([], task_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(backend)?;
+        let next = |table: &str| -> Result<u64, StoreError> {
+            conn.query_row(
+                &format!("SELECT COALESCE(MAX(id), 0) + 1 FROM {table}"),
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        };
+        Ok(Recovery {
+            workers,
+            tasks,
+            next_task_id: next("tasks")?,
+            next_worker_id: next("workers")?,
+        })
+    }
+
+    fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
+        let conn = self
+            .reader
+            .lock()
+            .map_err(|_| backend("reader lock poisoned"))?;
+        conn.query_row(
+            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"),
+            [id as i64],
+            task_row,
+        )
+        .optional()
+        .map_err(backend)
+    }
+}

@@ -1,0 +1,314 @@
+//! The SQLite store and the group-commit writer: round trips, durability across reopening,
+//! fencing, all-or-nothing batches, conflict isolation and group commit.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use switchyard_server::store::{
+    Change, Recovery, SqliteStore, Store, StoreError, TaskRecord, TaskState, WorkerRecord,
+};
+use switchyard_server::writer::Writer;
+
+fn task(id: u64) -> TaskRecord {
+    TaskRecord {
+        id,
+        group: "g".into(),
+        tags: vec!["gpu".into()],
+        priority: (id % 3) as i32,
+        payload: format!("payload {id}").into_bytes(),
+        state: TaskState::Queued,
+        attempt: 0,
+        worker: None,
+        outcome: None,
+        submitted_ms: 1_700_000_000_000 + id as i64,
+    }
+}
+
+fn worker(id: u64) -> WorkerRecord {
+    WorkerRecord {
+        id,
+        groups: vec!["g".into()],
+        tags: vec!["gpu".into()],
+        token_hash: format!("hash-{id}"),
+    }
+}
+
+fn store() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(dir.path()).unwrap();
+    (dir, s)
+}
+
+fn state(s: &SqliteStore, id: u64) -> (TaskState, u32, Option<u64>, Option<String>) {
+    let t = s.task(id).unwrap().unwrap();
+    (t.state, t.attempt, t.worker, t.outcome)
+}
+
+#[test]
+fn a_task_goes_through_its_life_and_recovery_sees_only_live_tasks() {
+    let (_dir, s) = store();
+    s.apply(&[
+        Change::AddWorker(worker(1)),
+        Change::Submit(task(1)),
+        Change::Submit(task(2)),
+    ])
+    .unwrap();
+    s.apply(&[Change::Submit(task(3))]).unwrap();
+    s.apply(&[Change::Assign {
+        task: 1,
+        worker: 1,
+        attempt: 1,
+    }])
+    .unwrap();
+    assert_eq!(state(&s, 1), (TaskState::Running, 1, Some(1), None));
+    s.apply(&[Change::Requeue {
+        task: 1,
+        attempt: 1,
+    }])
+    .unwrap();
+    s.apply(&[Change::Assign {
+        task: 1,
+        worker: 1,
+        attempt: 2,
+    }])
+    .unwrap();
+    s.apply(&[Change::Finish {
+        task: 1,
+        attempt: 2,
+        result: Some("ok".into()),
+    }])
+    .unwrap();
+    assert_eq!(
+        state(&s, 1),
+        (TaskState::Finished, 2, Some(1), Some("ok".into()))
+    );
+    s.apply(&[Change::Assign {
+        task: 2,
+        worker: 1,
+        attempt: 1,
+    }])
+    .unwrap();
+    s.apply(&[Change::Update {
+        task: 3,
+        priority: Some(9),
+        tags: Some(vec![]),
+    }])
+    .unwrap();
+    let r = s.recover().unwrap();
+    assert_eq!(r.workers, vec![worker(1)]);
+    let live: Vec<(u64, TaskState)> = r.tasks.iter().map(|t| (t.id, t.state)).collect();
+    assert_eq!(live, [(2, TaskState::Running), (3, TaskState::Queued)]);
+    assert_eq!((r.tasks[1].priority, r.tasks[1].tags.len()), (9, 0));
+    assert_eq!(r.tasks[1].payload, b"payload 3");
+    assert_eq!((r.next_task_id, r.next_worker_id), (4, 2));
+}
+
+#[test]
+fn committed_changes_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SqliteStore::open(dir.path()).unwrap();
+        s.apply(&[Change::AddWorker(worker(7)), Change::Submit(task(1))])
+            .unwrap();
+        s.apply(&[Change::Assign {
+            task: 1,
+            worker: 7,
+            attempt: 1,
+        }])
+        .unwrap();
+    }
+    let s = SqliteStore::open(dir.path()).unwrap();
+    let r = s.recover().unwrap();
+    assert_eq!(r.workers.len(), 1);
+    assert_eq!(
+        (r.tasks[0].state, r.tasks[0].worker),
+        (TaskState::Running, Some(7))
+    );
+}
+
+#[test]
+fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
+    let (_dir, s) = store();
+    s.apply(&[
+        Change::Submit(task(1)),
+        Change::Assign {
+            task: 1,
+            worker: 3,
+            attempt: 1,
+        },
+    ])
+    .unwrap();
+    for stale in [
+        Change::Finish {
+            task: 1,
+            attempt: 2,
+            result: None,
+        },
+        Change::Fail {
+            task: 1,
+            attempt: 0,
+            message: "x".into(),
+        },
+        Change::Requeue {
+            task: 1,
+            attempt: 5,
+        },
+        Change::Update {
+            task: 1,
+            priority: Some(1),
+            tags: None,
+        },
+        Change::Assign {
+            task: 1,
+            worker: 4,
+            attempt: 2,
+        },
+    ] {
+        assert!(
+            matches!(
+                s.apply(std::slice::from_ref(&stale)),
+                Err(StoreError::Conflict(_))
+            ),
+            "{stale:?}"
+        );
+    }
+    assert_eq!(state(&s, 1), (TaskState::Running, 1, Some(3), None));
+    assert!(matches!(
+        s.apply(&[Change::Finish {
+            task: 9,
+            attempt: 1,
+            result: None
+        }]),
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.apply(&[Change::Submit(task(1))]),
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.apply(&[Change::RemoveWorker { worker: 9 }]),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn a_batch_is_all_or_nothing() {
+    let (_dir, s) = store();
+    s.apply(&[Change::Submit(task(1))]).unwrap();
+    let batch = [
+        Change::Submit(task(2)),
+        Change::Cancel { task: 1 },
+        Change::Submit(task(1)),
+    ];
+    assert!(matches!(s.apply(&batch), Err(StoreError::Conflict(_))));
+    assert_eq!(
+        s.task(2).unwrap(),
+        None,
+        "the batch's first change was rolled back"
+    );
+    assert_eq!(state(&s, 1).0, TaskState::Queued, "and so was the cancel");
+}
+
+#[test]
+fn removed_workers_leave_recovery_and_their_ids_are_not_reused() {
+    let (_dir, s) = store();
+    s.apply(&[Change::AddWorker(worker(1)), Change::AddWorker(worker(2))])
+        .unwrap();
+    s.apply(&[Change::RemoveWorker { worker: 2 }]).unwrap();
+    let r: Recovery = s.recover().unwrap();
+    assert_eq!(r.workers, vec![worker(1)]);
+    assert_eq!(r.next_worker_id, 3);
+    assert!(matches!(
+        s.apply(&[Change::AddWorker(worker(2))]),
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+/// A store that holds its first `apply` until the test opens a gate, and records batch sizes.
+struct Gated {
+    inner: SqliteStore,
+    gate: Barrier,
+    first: Mutex<bool>,
+    batches: Mutex<Vec<usize>>,
+}
+
+impl Store for Gated {
+    fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let wait = std::mem::replace(&mut *self.first.lock().unwrap(), false);
+        if wait {
+            self.gate.wait(); // the test queues more requests meanwhile
+            self.gate.wait();
+        }
+        self.batches.lock().unwrap().push(changes.len());
+        self.inner.apply(changes)
+    }
+    fn recover(&self) -> Result<Recovery, StoreError> {
+        self.inner.recover()
+    }
+    fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
+        self.inner.task(id)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_share_one_commit_and_a_conflict_fails_only_its_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Gated {
+        inner: SqliteStore::open(dir.path()).unwrap(),
+        gate: Barrier::new(2),
+        first: Mutex::new(true),
+        batches: Mutex::new(Vec::new()),
+    });
+    let (writer, writer_task) = Writer::spawn(store.clone(), 1024, 10_000);
+    // The first commit enters the store and is held there.
+    let first = tokio::spawn({
+        let w = writer.clone();
+        async move { w.commit(vec![Change::Submit(task(0))]).await }
+    });
+    let gate = store.clone();
+    tokio::task::spawn_blocking(move || gate.gate.wait())
+        .await
+        .unwrap();
+    // Meanwhile 100 requests queue up, one of them a duplicate that must fail alone.
+    let mut waiting = Vec::new();
+    for i in 1..=100u64 {
+        let w = writer.clone();
+        let id = if i == 50 { 0 } else { i };
+        waiting.push(tokio::spawn(async move {
+            (i, w.commit(vec![Change::Submit(task(id))]).await)
+        }));
+    }
+    while writer.waiting() < 100 {
+        tokio::task::yield_now().await;
+    }
+    let gate = store.clone();
+    tokio::task::spawn_blocking(move || gate.gate.wait())
+        .await
+        .unwrap();
+    first.await.unwrap().unwrap();
+    for w in waiting {
+        let (i, result) = w.await.unwrap();
+        if i == 50 {
+            assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+        } else {
+            result.unwrap();
+        }
+    }
+    let batches = store.batches.lock().unwrap().clone();
+    // The held commit, then one batch of the 100 waiting requests (which failed on the
+    // duplicate), then each of the 100 alone.
+    assert_eq!(batches[0], 1);
+    assert_eq!(batches[1], 100, "{batches:?}");
+    assert_eq!(batches.len(), 2 + 100);
+    let r = store.recover().unwrap();
+    assert_eq!(r.tasks.len(), 100, "tasks 0..=100 except the duplicate");
+    assert_eq!(
+        writer
+            .stats()
+            .largest_batch
+            .load(std::sync::atomic::Ordering::Relaxed),
+        100
+    );
+    // Dropping the last handle drains the writer and ends its task.
+    drop(writer);
+    writer_task.await.unwrap();
+}
