@@ -145,6 +145,11 @@ impl Dispatcher {
         Ok(done)
     }
 
+    /// Whether `worker` is registered.
+    pub fn is_registered(&self, worker: WorkerId) -> bool {
+        self.registry.get(worker).is_ok()
+    }
+
     /// Parks a queued task with no holders if it still has no live candidate, re-checked under
     /// the parked-set lock (see the module docs). Returns false if a candidate appeared.
     pub(crate) fn park(&self, l: &mut Locked<'_>) -> bool {
