@@ -133,6 +133,12 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Checks a spec as `submit` would (group, tags, limits) without submitting it; for callers
+    /// that must make a task durable before the dispatcher may hand it out.
+    pub fn validate(&self, spec: &TaskSpec) -> Result<()> {
+        self.registry.class(&spec.group, &spec.tags).map(drop)
+    }
+
     /// Loads tasks at start-up (after the workers are registered): queued tasks are placed,
     /// running tasks stay on their worker if it is registered and are queued again (as a new
     /// attempt on their next fetch) if it is not. All or nothing, like `submit_many`.

@@ -145,6 +145,17 @@ impl Dispatcher {
         Ok(done)
     }
 
+    /// Checks a registration's groups and tags as `register` would, without registering.
+    pub fn validate_worker<G: AsRef<str>, T: AsRef<str>>(
+        &self,
+        groups: &[G],
+        tags: &[T],
+    ) -> Result<()> {
+        self.registry
+            .new_worker(WorkerId(0), groups, tags)
+            .map(drop)
+    }
+
     /// Whether `worker` is registered.
     pub fn is_registered(&self, worker: WorkerId) -> bool {
         self.registry.get(worker).is_ok()

@@ -8,14 +8,20 @@
 //! | [`store`] | the `Store` trait, its records and changes; SQLite (WAL) as the embedded default | done |
 //! | [`writer`] | the group-commit writer: one transaction per batch of waiting requests | done |
 //! | [`recovery`] | restart: workers into the dispatcher first, then tasks (queued and running) | done |
+//! | [`app`] | the HTTP API (axum): workers register, fetch, report, leave; tasks submit, get, cancel; stats, health | first slice |
+//! | [`error`] | one error type, mapped to a status and a JSON body in one place | done |
+//! | `main.rs` | the `switchyard` CLI: `serve` | first slice |
 //!
-//! Still to come: the HTTP API (axum), leases and the reaper, auth, metrics, and the
-//! `switchyard` CLI.
+//! Still to come: bearer-token auth, leases and the reaper, long-poll fetch, list/update routes,
+//! admin routes, request limits beyond fetch size and payload, Prometheus metrics, OpenAPI, and
+//! the client subcommands.
 //!
 //! The rule that joins the dispatcher and the store: the dispatcher decides, the writer makes
 //! the decision durable, and only then is the caller answered (a submission acknowledged, an
 //! assignment sent, a report confirmed).
 
+pub mod app;
+pub mod error;
 pub mod recovery;
 pub mod store;
 pub mod writer;

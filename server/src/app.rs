@@ -1,0 +1,487 @@
+//! The coordinator's state and its HTTP routes.
+//!
+//! Every handler follows one rule: the dispatcher decides, the writer makes the decision
+//! durable, and only then is the caller answered. A submission is the one exception in order:
+//! it is validated, committed, and only then handed to the dispatcher, so no fetch can ever
+//! assign a task the store does not have.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use switchyard::{Config, Dispatcher, TaskId, TaskSpec, WorkerId};
+
+use crate::error::{no_route, ApiError, JsonBody, PathParams};
+use crate::recovery::recover;
+use crate::store::{Change, SqliteStore, Store, TaskRecord, TaskState, WorkerRecord};
+use crate::writer::Writer;
+
+/// Bounds on requests.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most tasks one fetch may return.
+    pub max_fetch: usize,
+    /// Largest payload, in bytes of its JSON text.
+    pub max_payload: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_fetch: 256,
+            max_payload: 1 << 20,
+        }
+    }
+}
+
+/// The coordinator: dispatcher, store and writer.
+pub struct App {
+    dispatcher: Dispatcher,
+    store: Arc<SqliteStore>,
+    writer: Writer,
+    next_task: AtomicU64,
+    next_worker: AtomicU64,
+    limits: Limits,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl App {
+    /// Opens the store in `data_dir`, recovers its state into a dispatcher with `config`, and
+    /// starts the writer. Returns the app and the writer's task (await it after the last
+    /// request to drain the writer).
+    pub async fn open(
+        data_dir: &Path,
+        config: Config,
+        limits: Limits,
+    ) -> anyhow_free::Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
+        let store = Arc::new(SqliteStore::open(data_dir)?);
+        let dispatcher = Dispatcher::new(config)?;
+        let recovered = recover(store.as_ref(), &dispatcher, now_ms())?;
+        let (writer, writer_task) = Writer::spawn(store.clone(), 65_536, 4_096);
+        writer.commit(recovered.requeued.clone()).await?;
+        tracing::info!(
+            workers = recovered.workers,
+            queued = recovered.queued,
+            running = recovered.running,
+            requeued = recovered.requeued.len(),
+            "recovered"
+        );
+        let app = Arc::new(Self {
+            dispatcher,
+            store,
+            writer,
+            next_task: AtomicU64::new(recovered.next_task_id),
+            next_worker: AtomicU64::new(recovered.next_worker_id),
+            limits,
+        });
+        Ok((app, writer_task))
+    }
+
+    /// The dispatcher (for tests and statistics).
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+}
+
+/// Errors from opening the app, without pulling in an error crate.
+pub mod anyhow_free {
+    /// Any error that can stop the coordinator from starting.
+    pub type Error = Box<dyn std::error::Error + Send + Sync>;
+    /// A result with [`Error`].
+    pub type Result<T> = std::result::Result<T, Error>;
+}
+
+/// The HTTP routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/stats", get(stats))
+        .route("/v1/workers", post(register))
+        .route("/v1/workers/{worker}", delete(leave))
+        .route("/v1/workers/{worker}/fetch", post(fetch))
+        .route("/v1/workers/{worker}/tasks/{task}/report", post(report))
+        .route("/v1/tasks", post(submit))
+        .route("/v1/tasks/{task}", get(task).delete(cancel))
+        .fallback(no_route)
+        .with_state(app)
+}
+
+/// Serves `router(app)` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "serving");
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+type Reply<T> = Result<(StatusCode, Json<T>), ApiError>;
+
+fn ok<T>(body: T) -> Reply<T> {
+    Ok((StatusCode::OK, Json(body)))
+}
+
+// ----- health and stats -------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[derive(Serialize)]
+struct StatsBody {
+    workers: Vec<WorkerLoad>,
+    tasks: usize,
+    queued: usize,
+    running: usize,
+    parked: usize,
+    claimed: u64,
+    submitted: u64,
+    store_batches: u64,
+    store_largest_batch: u64,
+}
+
+#[derive(Serialize)]
+struct WorkerLoad {
+    id: u64,
+    queued: usize,
+    running: usize,
+}
+
+async fn stats(State(app): State<Arc<App>>) -> Json<StatsBody> {
+    let s = app.dispatcher.stats();
+    let w = app.writer.stats();
+    Json(StatsBody {
+        workers: s
+            .workers
+            .iter()
+            .map(|w| WorkerLoad {
+                id: w.id.0,
+                queued: w.queued,
+                running: w.running,
+            })
+            .collect(),
+        tasks: s.tasks,
+        queued: s.queued,
+        running: s.running,
+        parked: s.parked,
+        claimed: s.counters.claimed,
+        submitted: s.counters.submitted,
+        store_batches: w.batches.load(Ordering::Relaxed),
+        store_largest_batch: w.largest_batch.load(Ordering::Relaxed),
+    })
+}
+
+// ----- workers ------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    groups: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Registered {
+    id: u64,
+}
+
+async fn register(
+    State(app): State<Arc<App>>,
+    JsonBody(body): JsonBody<RegisterBody>,
+) -> Reply<Registered> {
+    let id = app.next_worker.fetch_add(1, Ordering::Relaxed);
+    // Validate against the dispatcher's limits before anything is written.
+    app.dispatcher.validate_worker(&body.groups, &body.tags)?;
+    let record = WorkerRecord {
+        id,
+        groups: body.groups.clone(),
+        tags: body.tags.clone(),
+        token_hash: String::new(),
+    };
+    app.writer.commit(vec![Change::AddWorker(record)]).await?;
+    app.dispatcher
+        .register(WorkerId(id), &body.groups, &body.tags)?;
+    Ok((StatusCode::CREATED, Json(Registered { id })))
+}
+
+#[derive(Serialize)]
+struct Left {
+    requeued: usize,
+}
+
+async fn leave(State(app): State<Arc<App>>, PathParams(worker): PathParams<u64>) -> Reply<Left> {
+    let departure = app.dispatcher.unregister(WorkerId(worker))?;
+    let mut changes = vec![Change::RemoveWorker { worker }];
+    for r in &departure.tasks {
+        if let switchyard::Was::Running(attempt) = r.was {
+            changes.push(Change::Requeue {
+                task: r.task.0,
+                attempt,
+            });
+        }
+    }
+    let requeued = changes.len() - 1;
+    app.writer.commit(changes).await?;
+    ok(Left { requeued })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchBody {
+    #[serde(default = "one")]
+    max: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Serialize)]
+struct Fetched {
+    tasks: Vec<Assigned>,
+}
+
+#[derive(Serialize)]
+struct Assigned {
+    id: u64,
+    attempt: u32,
+    priority: i32,
+    payload: serde_json::Value,
+}
+
+async fn fetch(
+    State(app): State<Arc<App>>,
+    PathParams(worker): PathParams<u64>,
+    JsonBody(body): JsonBody<FetchBody>,
+) -> Reply<Fetched> {
+    if body.max == 0 || body.max > app.limits.max_fetch {
+        return Err(ApiError::bad_request(format!(
+            "max must be in 1..={}",
+            app.limits.max_fetch
+        )));
+    }
+    let got = app.dispatcher.fetch(WorkerId(worker), body.max)?;
+    let changes = got
+        .iter()
+        .map(|a| Change::Assign {
+            task: a.task.0,
+            worker,
+            attempt: a.attempt,
+        })
+        .collect();
+    if let Err(e) = app.writer.commit(changes).await {
+        // Not durable: hand the tasks back rather than run them unrecorded.
+        for a in &got {
+            let _ = app
+                .dispatcher
+                .give_back(WorkerId(worker), a.task, a.attempt);
+        }
+        return Err(e.into());
+    }
+    let mut tasks = Vec::with_capacity(got.len());
+    for a in got {
+        let record = app.store.task(a.task.0)?;
+        let payload = record
+            .map(|t| serde_json::from_slice(&t.payload).unwrap_or(serde_json::Value::Null))
+            .unwrap_or(serde_json::Value::Null);
+        tasks.push(Assigned {
+            id: a.task.0,
+            attempt: a.attempt,
+            priority: a.priority,
+            payload,
+        });
+    }
+    ok(Fetched { tasks })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum Outcome {
+    Finished,
+    Failed,
+    GivenBack,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportBody {
+    attempt: u32,
+    outcome: Outcome,
+    #[serde(default)]
+    result: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Reported {
+    task: u64,
+}
+
+async fn report(
+    State(app): State<Arc<App>>,
+    PathParams((worker, task)): PathParams<(u64, u64)>,
+    JsonBody(body): JsonBody<ReportBody>,
+) -> Reply<Reported> {
+    let (w, t, attempt) = (WorkerId(worker), TaskId(task), body.attempt);
+    let change = match body.outcome {
+        Outcome::Finished => {
+            app.dispatcher.complete(w, t, attempt)?;
+            Change::Finish {
+                task,
+                attempt,
+                result: body.result,
+            }
+        }
+        Outcome::Failed => {
+            app.dispatcher.complete(w, t, attempt)?;
+            Change::Fail {
+                task,
+                attempt,
+                message: body.message.unwrap_or_default(),
+            }
+        }
+        Outcome::GivenBack => {
+            app.dispatcher.give_back(w, t, attempt)?;
+            Change::Requeue { task, attempt }
+        }
+    };
+    app.writer.commit(vec![change]).await?;
+    ok(Reported { task })
+}
+
+// ----- tasks --------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    group: String,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    payload: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct Submitted {
+    id: u64,
+}
+
+async fn submit(
+    State(app): State<Arc<App>>,
+    JsonBody(body): JsonBody<SubmitBody>,
+) -> Reply<Submitted> {
+    let payload =
+        serde_json::to_vec(&body.payload).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if payload.len() > app.limits.max_payload {
+        return Err(ApiError::bad_request(format!(
+            "payload is {} bytes; the limit is {}",
+            payload.len(),
+            app.limits.max_payload
+        )));
+    }
+    let id = app.next_task.fetch_add(1, Ordering::Relaxed);
+    let spec = TaskSpec::new(id, body.group.clone())
+        .tags(body.tags.iter().cloned())
+        .priority(body.priority);
+    app.dispatcher.validate(&spec)?;
+    let record = TaskRecord {
+        id,
+        group: body.group,
+        tags: body.tags,
+        priority: body.priority,
+        payload,
+        state: TaskState::Queued,
+        attempt: 0,
+        worker: None,
+        outcome: None,
+        submitted_ms: now_ms(),
+    };
+    // Durable first: only then may a worker fetch it.
+    app.writer.commit(vec![Change::Submit(record)]).await?;
+    app.dispatcher.submit(spec)?;
+    Ok((StatusCode::CREATED, Json(Submitted { id })))
+}
+
+async fn task(
+    State(app): State<Arc<App>>,
+    PathParams(task): PathParams<u64>,
+) -> Reply<TaskRecordBody> {
+    match app.store.task(task)? {
+        Some(t) => ok(TaskRecordBody::from(t)),
+        None => Err(switchyard::Error::UnknownTask(TaskId(task)).into()),
+    }
+}
+
+#[derive(Serialize)]
+struct TaskRecordBody {
+    id: u64,
+    group: String,
+    tags: Vec<String>,
+    priority: i32,
+    state: TaskState,
+    attempt: u32,
+    worker: Option<u64>,
+    outcome: Option<String>,
+}
+
+impl From<TaskRecord> for TaskRecordBody {
+    fn from(t: TaskRecord) -> Self {
+        Self {
+            id: t.id,
+            group: t.group,
+            tags: t.tags,
+            priority: t.priority,
+            state: t.state,
+            attempt: t.attempt,
+            worker: t.worker,
+            outcome: t.outcome,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CancelledBody {
+    task: u64,
+    was_running_on: Option<u64>,
+}
+
+async fn cancel(
+    State(app): State<Arc<App>>,
+    PathParams(task): PathParams<u64>,
+) -> Reply<CancelledBody> {
+    let outcome = app.dispatcher.cancel(TaskId(task))?;
+    app.writer.commit(vec![Change::Cancel { task }]).await?;
+    let was_running_on = match outcome {
+        switchyard::Cancelled::Running { worker, .. } => Some(worker.0),
+        switchyard::Cancelled::Queued => None,
+    };
+    ok(CancelledBody {
+        task,
+        was_running_on,
+    })
+}

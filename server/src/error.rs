@@ -1,0 +1,107 @@
+//! One error type for the HTTP API, mapped to a status code in one place. Every error response
+//! is JSON: `{"error": "<kind>", "message": "<what happened>"}`.
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::FromRequest;
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+/// An API error: a status and a message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// A 400 with `message`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error: self.kind,
+            message: &self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<switchyard::Error> for ApiError {
+    fn from(e: switchyard::Error) -> Self {
+        use switchyard::Error::*;
+        let (status, kind) = match &e {
+            // A worker the coordinator no longer knows must register again.
+            UnknownWorker(_) => (StatusCode::GONE, "unknown_worker"),
+            UnknownTask(_) => (StatusCode::NOT_FOUND, "unknown_task"),
+            DuplicateWorker(_) | DuplicateTask(_) => (StatusCode::CONFLICT, "duplicate"),
+            StaleAttempt { .. } => (StatusCode::CONFLICT, "stale_attempt"),
+            NotQueued(_) => (StatusCode::CONFLICT, "not_queued"),
+            InvalidInput(_) => (StatusCode::BAD_REQUEST, "invalid_input"),
+        };
+        Self::new(status, kind, e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let (status, kind) = match &e {
+            StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            StoreError::Backend(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+        };
+        tracing::warn!(error = %e, "store refused a change");
+        Self::new(status, kind, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_json", e.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_path", e.body_text())
+    }
+}
+
+/// `axum::Json`, whose rejections (malformed JSON, wrong content type, unknown fields) are
+/// JSON errors too.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct JsonBody<T>(pub T);
+
+/// `axum::extract::Path`, whose rejections (for example a non-numeric id) are JSON errors.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct PathParams<T>(pub T);
+
+/// The answer for routes that do not exist.
+pub async fn no_route() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route")
+}

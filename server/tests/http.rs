@@ -1,0 +1,292 @@
+//! The HTTP API against a real server on an ephemeral loopback port: the worker and task
+//! flows in both modes, every error status with its JSON body, and restart recovery.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use switchyard::{Config, Mode, Strategy};
+use switchyard_server::app::{serve, App, Limits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+struct Server {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+    writer: tokio::task::JoinHandle<()>,
+    app: Arc<App>,
+}
+
+async fn start(dir: &Path, mode: Mode) -> Server {
+    let limits = Limits {
+        max_fetch: 16,
+        max_payload: 64,
+    };
+    let (app, writer) = App::open(
+        dir,
+        Config {
+            mode,
+            ..Config::default()
+        },
+        limits,
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(serve(listener, app.clone(), async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop,
+        served,
+        writer,
+        app,
+    }
+}
+
+impl Server {
+    /// Stops serving and drains the writer (a clean shutdown).
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.served.await.unwrap().unwrap();
+        drop(self.app);
+        self.writer.await.unwrap();
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns the status and the JSON body.
+async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let status: u16 = text[9..12].parse().unwrap();
+    let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let value = serde_json::from_str(json).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, value)
+}
+
+async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    call(addr, "POST", path, Some(&body.to_string())).await
+}
+
+#[tokio::test]
+async fn a_worker_fetches_and_reports_a_submitted_task_in_both_modes() {
+    for mode in [Mode::Fanout, Mode::Balanced(Strategy::LeastLoaded)] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = start(dir.path(), mode).await;
+        let a = s.addr;
+        let (st, w) = post(a, "/v1/workers", json!({"groups": ["g"], "tags": ["gpu"]})).await;
+        assert_eq!(st, 201, "{w}");
+        let w = w["id"].as_u64().unwrap();
+        let (st, t1) = post(
+            a,
+            "/v1/tasks",
+            json!({"group": "g", "tags": ["gpu"], "payload": {"x": 1}}),
+        )
+        .await;
+        assert_eq!(st, 201);
+        let (_, t2) = post(a, "/v1/tasks", json!({"group": "g", "priority": 5})).await;
+        let (t1, t2) = (t1["id"].as_u64().unwrap(), t2["id"].as_u64().unwrap());
+        let (st, got) = post(a, &format!("/v1/workers/{w}/fetch"), json!({"max": 10})).await;
+        assert_eq!(st, 200);
+        let tasks = got["tasks"].as_array().unwrap();
+        assert_eq!(
+            tasks
+                .iter()
+                .map(|t| t["id"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            [t2, t1]
+        );
+        assert_eq!(tasks[1]["payload"], json!({"x": 1}));
+        let (_, running) = call(a, "GET", &format!("/v1/tasks/{t1}"), None).await;
+        assert_eq!(
+            (running["state"].as_str(), running["worker"].as_u64()),
+            (Some("running"), Some(w))
+        );
+        let finished = json!({"attempt": 1, "outcome": "finished", "result": "done"});
+        let path = format!("/v1/workers/{w}/tasks/{t1}/report");
+        assert_eq!(post(a, &path, finished).await.0, 200);
+        let path = format!("/v1/workers/{w}/tasks/{t2}/report");
+        assert_eq!(
+            post(a, &path, json!({"attempt": 1, "outcome": "given_back"}))
+                .await
+                .0,
+            200
+        );
+        let (_, again) = post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
+        assert_eq!(
+            again["tasks"][0]["attempt"], 2,
+            "a given-back task comes back as attempt 2"
+        );
+        let (_, done) = call(a, "GET", &format!("/v1/tasks/{t1}"), None).await;
+        assert_eq!(
+            (done["state"].as_str(), done["outcome"].as_str()),
+            (Some("finished"), Some("done"))
+        );
+        let (st, stats) = call(a, "GET", "/v1/stats", None).await;
+        assert_eq!((st, stats["running"].as_u64()), (200, Some(1)));
+        s.app.dispatcher().audit().unwrap();
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn every_error_is_a_json_4xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), Mode::Balanced(Strategy::RoundRobin)).await;
+    let a = s.addr;
+    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w = w["id"].as_u64().unwrap();
+    let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
+    let t = t["id"].as_u64().unwrap();
+    post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
+    let cases: Vec<(u16, &str, (u16, Value))> = vec![
+        (
+            400,
+            "bad_json",
+            call(a, "POST", "/v1/tasks", Some("{not json")).await,
+        ),
+        (
+            400,
+            "bad_json",
+            post(a, "/v1/tasks", json!({"group": "g", "extra": 1})).await,
+        ),
+        (
+            400,
+            "invalid_input",
+            post(a, "/v1/tasks", json!({"group": ""})).await,
+        ),
+        (
+            400,
+            "bad_request",
+            post(
+                a,
+                "/v1/tasks",
+                json!({"group": "g", "payload": "x".repeat(100)}),
+            )
+            .await,
+        ),
+        (
+            400,
+            "invalid_input",
+            post(a, "/v1/workers", json!({"groups": []})).await,
+        ),
+        (
+            400,
+            "bad_request",
+            post(a, &format!("/v1/workers/{w}/fetch"), json!({"max": 0})).await,
+        ),
+        (
+            400,
+            "bad_request",
+            post(a, &format!("/v1/workers/{w}/fetch"), json!({"max": 17})).await,
+        ),
+        (400, "bad_path", call(a, "GET", "/v1/tasks/abc", None).await),
+        (
+            410,
+            "unknown_worker",
+            post(a, "/v1/workers/999/fetch", json!({})).await,
+        ),
+        (
+            404,
+            "unknown_task",
+            call(a, "GET", "/v1/tasks/999", None).await,
+        ),
+        (
+            404,
+            "unknown_task",
+            call(a, "DELETE", "/v1/tasks/999", None).await,
+        ),
+        (404, "no_route", call(a, "GET", "/nowhere", None).await),
+        (
+            409,
+            "stale_attempt",
+            post(
+                a,
+                &format!("/v1/workers/{w}/tasks/{t}/report"),
+                json!({"attempt": 2, "outcome": "finished"}),
+            )
+            .await,
+        ),
+    ];
+    for (status, kind, (got, body)) in cases {
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(kind)),
+            "{body}"
+        );
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+    // None of them changed anything.
+    let (_, task) = call(a, "GET", &format!("/v1/tasks/{t}"), None).await;
+    assert_eq!(
+        (task["state"].as_str(), task["attempt"].as_u64()),
+        (Some("running"), Some(1))
+    );
+    s.app.dispatcher().audit().unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_recovers_workers_then_tasks_and_keeps_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mode = Mode::Balanced(Strategy::LeastLoaded);
+    let s = start(dir.path(), mode).await;
+    let a = s.addr;
+    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w = w["id"].as_u64().unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (_, t) = post(a, "/v1/tasks", json!({"group": "g", "priority": i})).await;
+        ids.push(t["id"].as_u64().unwrap());
+    }
+    let (_, got) = post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
+    let running = got["tasks"][0]["id"].as_u64().unwrap();
+    assert_eq!(running, ids[2]);
+    s.stop().await;
+
+    let s = start(dir.path(), mode).await;
+    let a = s.addr;
+    // The worker is back; its running task is still its own, at the same attempt.
+    let report = json!({"attempt": 1, "outcome": "finished"});
+    assert_eq!(
+        post(
+            a,
+            &format!("/v1/workers/{w}/tasks/{running}/report"),
+            report
+        )
+        .await
+        .0,
+        200
+    );
+    // The queued tasks were placed again and come out in priority order, exactly once.
+    let (_, got) = post(a, &format!("/v1/workers/{w}/fetch"), json!({"max": 10})).await;
+    let rest: Vec<u64> = got["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rest, [ids[1], ids[0]]);
+    // New ids continue after the recovered ones.
+    let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
+    assert!(t["id"].as_u64().unwrap() > ids[2]);
+    s.app.dispatcher().audit().unwrap();
+    s.stop().await;
+}
