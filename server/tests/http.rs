@@ -1,14 +1,16 @@
 //! The HTTP API against a real server on an ephemeral loopback port: the worker and task
 //! flows in both modes, every error status with its JSON body, and restart recovery.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use common::{call, post};
 use serde_json::{json, Value};
 use switchyard::{Config, Mode, Strategy};
 use switchyard_server::app::{serve, App, Limits};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 struct Server {
@@ -57,29 +59,6 @@ impl Server {
         drop(self.app);
         self.writer.await.unwrap();
     }
-}
-
-/// One HTTP/1.1 request over a fresh connection; returns the status and the JSON body.
-async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let status: u16 = text[9..12].parse().unwrap();
-    let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let value = serde_json::from_str(json).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    (status, value)
-}
-
-async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
-    call(addr, "POST", path, Some(&body.to_string())).await
 }
 
 #[tokio::test]

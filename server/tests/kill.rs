@@ -1,0 +1,99 @@
+//! Restart recovery with a real process kill: the `switchyard` binary acknowledges tasks, is
+//! killed with SIGKILL (no shutdown, no drain), and restarted on the same data directory. Every
+//! acknowledged task must be there and be handed out exactly once; running tasks keep their
+//! worker and attempt.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::post;
+use serde_json::json;
+
+/// Starts the binary on an ephemeral port; returns it and the address it logged.
+fn start(dir: &Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--mode",
+            "least-loaded",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the switchyard binary starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("readable log");
+        if let Some((_, addr)) = line.split_once("addr=") {
+            let addr = addr.split_whitespace().next().unwrap().parse().unwrap();
+            // Keep draining the log so the server never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, addr);
+        }
+    }
+    panic!("the server exited before serving");
+}
+
+#[tokio::test]
+async fn acknowledged_tasks_survive_sigkill_and_are_handed_out_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, a) = start(dir.path());
+    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w = w["id"].as_u64().unwrap();
+    let mut acked = BTreeSet::new();
+    for i in 0..40 {
+        let (status, t) = post(a, "/v1/tasks", json!({"group": "g", "priority": i % 4})).await;
+        assert_eq!(status, 201);
+        acked.insert(t["id"].as_u64().unwrap());
+    }
+    let (_, got) = post(a, &format!("/v1/workers/{w}/fetch"), json!({"max": 5})).await;
+    let running: Vec<u64> = got["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(running.len(), 5);
+    server.kill().unwrap(); // SIGKILL
+    server.wait().unwrap();
+
+    let (mut server, a) = start(dir.path());
+    // The running tasks are still assigned to the worker, at attempt 1.
+    for t in &running {
+        let report = json!({"attempt": 1, "outcome": "finished"});
+        let (status, body) = post(a, &format!("/v1/workers/{w}/tasks/{t}/report"), report).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Every other acknowledged task comes out exactly once, as attempt 1.
+    let mut seen = BTreeSet::new();
+    loop {
+        let (_, got) = post(a, &format!("/v1/workers/{w}/fetch"), json!({"max": 16})).await;
+        let tasks = got["tasks"].as_array().unwrap();
+        if tasks.is_empty() {
+            break;
+        }
+        for t in tasks {
+            assert_eq!(t["attempt"], 1);
+            assert!(
+                seen.insert(t["id"].as_u64().unwrap()),
+                "handed out twice: {t}"
+            );
+        }
+    }
+    let expected: BTreeSet<u64> = acked
+        .difference(&running.iter().copied().collect())
+        .copied()
+        .collect();
+    assert_eq!(seen, expected);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
