@@ -40,7 +40,9 @@ fn start(dir: &Path) -> (Child, SocketAddr) {
             return (child, addr);
         }
     }
-    panic!("the server exited before serving");
+    let _ = child.kill();
+    let status = child.wait();
+    panic!("the server exited before serving: {status:?}");
 }
 
 #[tokio::test]
