@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -19,24 +19,28 @@ use serde::{Deserialize, Serialize};
 use switchyard::{Config, Dispatcher, TaskId, TaskSpec, WorkerId};
 
 use crate::error::{no_route, ApiError, JsonBody, PathParams};
+use crate::liveness::{reap, Leases};
 use crate::recovery::recover;
 use crate::store::{Change, SqliteStore, Store, TaskRecord, TaskState, WorkerRecord};
 use crate::writer::Writer;
 
-/// Bounds on requests.
+/// The coordinator's settings beyond the dispatcher's `Config`.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub struct Settings {
     /// Most tasks one fetch may return.
     pub max_fetch: usize,
     /// Largest payload, in bytes of its JSON text.
     pub max_payload: usize,
+    /// A worker silent for longer than this is declared dead.
+    pub lease_timeout: Duration,
 }
 
-impl Default for Limits {
+impl Default for Settings {
     fn default() -> Self {
         Self {
             max_fetch: 256,
             max_payload: 1 << 20,
+            lease_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -48,7 +52,8 @@ pub struct App {
     writer: Writer,
     next_task: AtomicU64,
     next_worker: AtomicU64,
-    limits: Limits,
+    limits: Settings,
+    leases: Leases,
 }
 
 fn now_ms() -> i64 {
@@ -64,7 +69,7 @@ impl App {
     pub async fn open(
         data_dir: &Path,
         config: Config,
-        limits: Limits,
+        limits: Settings,
     ) -> anyhow_free::Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
         let store = Arc::new(SqliteStore::open(data_dir)?);
         let dispatcher = Dispatcher::new(config)?;
@@ -78,6 +83,11 @@ impl App {
             requeued = recovered.requeued.len(),
             "recovered"
         );
+        let leases = Leases::new(limits.lease_timeout);
+        // Restored workers start with a fresh lease: a full timeout to come back.
+        for w in store.recover()?.workers {
+            leases.renew(w.id);
+        }
         let app = Arc::new(Self {
             dispatcher,
             store,
@@ -85,8 +95,35 @@ impl App {
             next_task: AtomicU64::new(recovered.next_task_id),
             next_worker: AtomicU64::new(recovered.next_worker_id),
             limits,
+            leases,
         });
+        // The reaper holds only a weak reference, so dropping the app still drains the writer.
+        tokio::spawn(reap(Arc::downgrade(&app), app.leases.timeout() / 4));
         Ok((app, writer_task))
+    }
+
+    /// Worker leases (renewed by worker requests, read by the reaper).
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    /// Removes `worker` (it left, or its lease expired): unregisters it, which redistributes
+    /// its tasks, and records that durably. Returns how many running tasks were requeued.
+    pub async fn remove_worker(&self, worker: u64) -> Result<usize, ApiError> {
+        self.leases.forget(worker);
+        let departure = self.dispatcher.unregister(WorkerId(worker))?;
+        let mut changes = vec![Change::RemoveWorker { worker }];
+        for r in &departure.tasks {
+            if let switchyard::Was::Running(attempt) = r.was {
+                changes.push(Change::Requeue {
+                    task: r.task.0,
+                    attempt,
+                });
+            }
+        }
+        let requeued = changes.len() - 1;
+        self.writer.commit(changes).await?;
+        Ok(requeued)
     }
 
     /// The dispatcher (for tests and statistics).
@@ -223,6 +260,7 @@ async fn register(
     app.writer.commit(vec![Change::AddWorker(record)]).await?;
     app.dispatcher
         .register(WorkerId(id), &body.groups, &body.tags)?;
+    app.leases.renew(id);
     Ok((StatusCode::CREATED, Json(Registered { id })))
 }
 
@@ -232,18 +270,7 @@ struct Left {
 }
 
 async fn leave(State(app): State<Arc<App>>, PathParams(worker): PathParams<u64>) -> Reply<Left> {
-    let departure = app.dispatcher.unregister(WorkerId(worker))?;
-    let mut changes = vec![Change::RemoveWorker { worker }];
-    for r in &departure.tasks {
-        if let switchyard::Was::Running(attempt) = r.was {
-            changes.push(Change::Requeue {
-                task: r.task.0,
-                attempt,
-            });
-        }
-    }
-    let requeued = changes.len() - 1;
-    app.writer.commit(changes).await?;
+    let requeued = app.remove_worker(worker).await?;
     ok(Left { requeued })
 }
 
@@ -283,6 +310,7 @@ async fn fetch(
         )));
     }
     let got = app.dispatcher.fetch(WorkerId(worker), body.max)?;
+    app.leases.renew(worker);
     let changes = got
         .iter()
         .map(|a| Change::Assign {
@@ -368,6 +396,7 @@ async fn report(
             Change::Requeue { task, attempt }
         }
     };
+    app.leases.renew(worker);
     app.writer.commit(vec![change]).await?;
     ok(Reported { task })
 }

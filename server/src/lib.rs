@@ -10,9 +10,10 @@
 //! | [`recovery`] | restart: workers into the dispatcher first, then tasks (queued and running) | done |
 //! | [`app`] | the HTTP API (axum): workers register, fetch, report, leave; tasks submit, get, cancel; stats, health | first slice |
 //! | [`error`] | one error type, mapped to a status and a JSON body in one place | done |
+//! | [`liveness`] | worker leases, renewed by every worker request; the reaper declares silent workers dead | done |
 //! | `main.rs` | the `switchyard` CLI: `serve` | first slice |
 //!
-//! Still to come: bearer-token auth, leases and the reaper, long-poll fetch, list/update routes,
+//! Still to come: bearer-token auth, long-poll fetch, list/update routes,
 //! admin routes, request limits beyond fetch size and payload, Prometheus metrics, OpenAPI, and
 //! the client subcommands.
 //!
@@ -22,6 +23,7 @@
 
 pub mod app;
 pub mod error;
+pub mod liveness;
 pub mod recovery;
 pub mod store;
 pub mod writer;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::{Config, Mode, Strategy};
-use switchyard_server::app::{serve, App, Limits};
+use switchyard_server::app::{serve, App, Settings};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -46,6 +46,9 @@ struct ServeArgs {
     /// Largest task payload, in bytes of JSON.
     #[arg(long, env = "SWITCHYARD_MAX_PAYLOAD", default_value_t = 1 << 20)]
     max_payload: usize,
+    /// Seconds of silence after which a worker is declared dead and its tasks redistributed.
+    #[arg(long, env = "SWITCHYARD_LEASE_TIMEOUT", default_value_t = 15.0)]
+    lease_timeout: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -92,9 +95,13 @@ async fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + S
         running_weight: args.running_weight,
         ..Config::default()
     };
-    let limits = Limits {
+    if !(args.lease_timeout.is_finite() && args.lease_timeout > 0.0) {
+        return Err("--lease-timeout must be a positive number of seconds".into());
+    }
+    let limits = Settings {
         max_fetch: args.max_fetch,
         max_payload: args.max_payload,
+        lease_timeout: std::time::Duration::from_secs_f64(args.lease_timeout),
     };
     let (app, writer_task) = App::open(&args.data_dir, config, limits).await?;
     let listener = tokio::net::TcpListener::bind(&args.bind)

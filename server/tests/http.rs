@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{call, post};
 use serde_json::{json, Value};
 use switchyard::{Config, Mode, Strategy};
-use switchyard_server::app::{serve, App, Limits};
+use switchyard_server::app::{serve, App, Settings};
 use tokio::sync::oneshot;
 
 struct Server {
@@ -22,9 +22,14 @@ struct Server {
 }
 
 async fn start(dir: &Path, mode: Mode) -> Server {
-    let limits = Limits {
+    start_with_lease(dir, mode, std::time::Duration::from_secs(30)).await
+}
+
+async fn start_with_lease(dir: &Path, mode: Mode, lease: std::time::Duration) -> Server {
+    let limits = Settings {
         max_fetch: 16,
         max_payload: 64,
+        lease_timeout: lease,
     };
     let (app, writer) = App::open(
         dir,
@@ -266,6 +271,58 @@ async fn a_restart_recovers_workers_then_tasks_and_keeps_attempts() {
     // New ids continue after the recovered ones.
     let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
     assert!(t["id"].as_u64().unwrap() > ids[2]);
+    s.app.dispatcher().audit().unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_worker_is_declared_dead_and_its_running_task_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let lease = std::time::Duration::from_millis(300);
+    let s = start_with_lease(dir.path(), Mode::Balanced(Strategy::LeastLoaded), lease).await;
+    let a = s.addr;
+    let (_, w1) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w1 = w1["id"].as_u64().unwrap();
+    let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
+    let t = t["id"].as_u64().unwrap();
+    let (_, got) = post(a, &format!("/v1/workers/{w1}/fetch"), json!({})).await;
+    assert_eq!(got["tasks"][0]["id"].as_u64(), Some(t));
+    let (_, w2) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w2 = w2["id"].as_u64().unwrap();
+    // w2 keeps polling (which keeps it alive); w1 falls silent. Once w1's lease expires, its
+    // running task is requeued and reaches w2 as attempt 2.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let attempt = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reaper never declared w1 dead"
+        );
+        let (_, got) = post(a, &format!("/v1/workers/{w2}/fetch"), json!({})).await;
+        if let Some(task) = got["tasks"].as_array().unwrap().first() {
+            assert_eq!(task["id"].as_u64(), Some(t));
+            break task["attempt"].as_u64().unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(attempt, 2);
+    // w1 is gone: its late report is refused with 410, and it cannot fetch either.
+    let report = json!({"attempt": 1, "outcome": "finished"});
+    let (status, body) = post(a, &format!("/v1/workers/{w1}/tasks/{t}/report"), report).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (410, Some("unknown_worker"))
+    );
+    assert_eq!(
+        post(a, &format!("/v1/workers/{w1}/fetch"), json!({}))
+            .await
+            .0,
+        410
+    );
+    let (_, task) = call(a, "GET", &format!("/v1/tasks/{t}"), None).await;
+    assert_eq!(
+        (task["worker"].as_u64(), task["attempt"].as_u64()),
+        (Some(w2), Some(2))
+    );
     s.app.dispatcher().audit().unwrap();
     s.stop().await;
 }

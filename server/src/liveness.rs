@@ -1,0 +1,73 @@
+//! Worker leases and the reaper.
+//!
+//! Every successful worker request (register, fetch, report) renews the worker's lease. The
+//! reaper wakes every quarter of the lease timeout and declares each worker whose lease has
+//! expired dead: it is unregistered exactly as if it had left, so its queued and running tasks
+//! are redistributed (running ones as a new attempt), and its later requests get 410 Gone.
+//! Workers restored at start-up begin with a fresh lease.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::app::App;
+
+/// The last time each worker was heard from.
+#[derive(Debug)]
+pub struct Leases {
+    timeout: Duration,
+    seen: Mutex<HashMap<u64, Instant>>,
+}
+
+impl Leases {
+    /// Leases that expire after `timeout` of silence.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The worker was heard from now.
+    pub fn renew(&self, worker: u64) {
+        self.seen
+            .lock()
+            .expect("lease table")
+            .insert(worker, Instant::now());
+    }
+
+    /// The worker is gone; it holds no lease.
+    pub fn forget(&self, worker: u64) {
+        self.seen.lock().expect("lease table").remove(&worker);
+    }
+
+    /// Workers silent for longer than the timeout at `now`.
+    pub fn expired(&self, now: Instant) -> Vec<u64> {
+        let seen = self.seen.lock().expect("lease table");
+        seen.iter()
+            .filter(|(_, last)| now.saturating_duration_since(**last) > self.timeout)
+            .map(|(w, _)| *w)
+            .collect()
+    }
+
+    /// The lease timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Declares expired workers dead until the app is dropped.
+pub async fn reap(app: Weak<App>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(app) = app.upgrade() else { return };
+        for worker in app.leases().expired(Instant::now()) {
+            match app.remove_worker(worker).await {
+                Ok(requeued) => {
+                    tracing::warn!(worker, requeued, "lease expired: worker declared dead")
+                }
+                Err(e) => tracing::error!(worker, error = ?e, "declaring a worker dead failed"),
+            }
+        }
+    }
+}
