@@ -150,7 +150,7 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
         },
         Change::Requeue {
             task: 1,
-            attempt: 5,
+            attempt: 0,
         },
         Change::Update {
             task: 1,
@@ -160,7 +160,7 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
         Change::Assign {
             task: 1,
             worker: 4,
-            attempt: 2,
+            attempt: 1,
         },
     ] {
         assert!(
@@ -188,6 +188,46 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
         s.apply(&[Change::RemoveWorker { worker: 9 }]),
         Err(StoreError::NotFound(_))
     ));
+}
+
+#[test]
+fn a_departure_and_a_late_assign_end_the_same_in_either_order() {
+    // A fetch assigned attempt 1 while its worker was being declared dead: the departure's
+    // requeue may reach the store before or after the fetch's assign.
+    for requeue_first in [true, false] {
+        let (_dir, s) = store();
+        s.apply(&[Change::Submit(task(1))]).unwrap();
+        let assign = Change::Assign {
+            task: 1,
+            worker: 7,
+            attempt: 1,
+        };
+        let requeue = Change::Requeue {
+            task: 1,
+            attempt: 1,
+        };
+        let (first, second) = if requeue_first {
+            (requeue, assign)
+        } else {
+            (assign, requeue)
+        };
+        s.apply(&[first]).unwrap();
+        let late = s.apply(&[second]);
+        assert_eq!(
+            late.is_err(),
+            requeue_first,
+            "a late assign is refused; a requeue applies"
+        );
+        assert_eq!(state(&s, 1), (TaskState::Queued, 1, None, None));
+        // The next assignment (attempt 2, another worker) applies either way.
+        s.apply(&[Change::Assign {
+            task: 1,
+            worker: 8,
+            attempt: 2,
+        }])
+        .unwrap();
+        assert_eq!(state(&s, 1), (TaskState::Running, 2, Some(8), None));
+    }
 }
 
 #[test]

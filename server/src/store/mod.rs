@@ -6,10 +6,11 @@
 //! and a caller is answered only after its changes are durable: a submission is acknowledged,
 //! an assignment leaves in a fetch reply, a report is confirmed — each after its commit.
 //!
-//! Changes that depend on an assignment (`Finish`, `Fail`, `Requeue`) are fenced by attempt in
-//! the store too: if the stored task is not running that attempt, the change is refused with
-//! [`StoreError::Conflict`] and nothing is written. The dispatcher already fences; the store's
-//! check keeps a bug or a race between them from corrupting durable state.
+//! Changes that depend on an assignment are fenced by attempt in the store too, and the highest
+//! attempt wins, so commits that reach the store out of order end in the same state (see
+//! `sqlite.rs`). A change for a superseded attempt is refused with [`StoreError::Conflict`]
+//! and nothing is written. The dispatcher already fences; the store's check keeps a bug or a
+//! race between them from corrupting durable state.
 
 mod sqlite;
 

@@ -7,6 +7,14 @@
 //!
 //! Workers are never deleted, only marked removed, so worker ids are never reused (a reused id
 //! could inherit a departed worker's token or assignments).
+//!
+//! # Attempts order the changes of a task
+//! Commits from different requests can reach the store in either order (a fetch's `Assign` and
+//! a departure's `Requeue` of the same task, say). Each change names the attempt it establishes,
+//! and the highest attempt wins: `Assign(a)` applies over any lower attempt, `Requeue(a)` over a
+//! lower attempt or over running `a`, and `Finish`/`Fail(a)` only over running `a`. A change that
+//! arrives after a later attempt is refused as a conflict, so the final state is the same
+//! whatever the order.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -136,7 +144,7 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             let n = tx
                 .execute(
                     "UPDATE tasks SET state = 'running', attempt = ?2, worker = ?3, updated_ms = ?4
-                     WHERE id = ?1 AND state = 'queued'",
+                     WHERE id = ?1 AND state IN ('queued', 'running') AND attempt < ?2",
                     params![*task as i64, attempt, *worker as i64, now],
                 )
                 .map_err(backend)?;
@@ -145,8 +153,9 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
         Change::Requeue { task, attempt } => {
             let n = tx
                 .execute(
-                    "UPDATE tasks SET state = 'queued', worker = NULL, updated_ms = ?3
-                     WHERE id = ?1 AND state = 'running' AND attempt = ?2",
+                    "UPDATE tasks SET state = 'queued', attempt = ?2, worker = NULL, updated_ms = ?3
+                     WHERE id = ?1 AND state IN ('queued', 'running')
+                       AND (attempt < ?2 OR (attempt = ?2 AND state = 'running'))",
                     params![*task as i64, attempt, now],
                 )
                 .map_err(backend)?;
