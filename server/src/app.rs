@@ -18,10 +18,10 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use switchyard::{Config, Dispatcher, TaskId, TaskSpec, WorkerId};
 
-use crate::error::{no_route, ApiError, JsonBody, PathParams};
+use crate::error::{no_route, ApiError, JsonBody, PathParams, QueryParams};
 use crate::liveness::{reap, Leases};
 use crate::recovery::recover;
-use crate::store::{Change, SqliteStore, Store, TaskRecord, TaskState, WorkerRecord};
+use crate::store::{Change, ListFilter, SqliteStore, Store, TaskRecord, TaskState, WorkerRecord};
 use crate::writer::Writer;
 
 /// The coordinator's settings beyond the dispatcher's `Config`.
@@ -149,8 +149,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/workers/{worker}", delete(leave))
         .route("/v1/workers/{worker}/fetch", post(fetch))
         .route("/v1/workers/{worker}/tasks/{task}/report", post(report))
-        .route("/v1/tasks", post(submit))
-        .route("/v1/tasks/{task}", get(task).delete(cancel))
+        .route("/v1/tasks", post(submit).get(list))
+        .route("/v1/tasks/{task}", get(task).delete(cancel).patch(update))
+        .route("/v1/admin/rebalance", post(rebalance))
+        .route("/v1/admin/workers", get(workers))
+        .route("/v1/admin/workers/{worker}", delete(leave))
         .fallback(no_route)
         .with_state(app)
 }
@@ -513,4 +516,134 @@ async fn cancel(
         task,
         was_running_on,
     })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<TaskState>,
+    group: Option<String>,
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "hundred")]
+    limit: usize,
+}
+
+fn hundred() -> usize {
+    100
+}
+
+/// Most tasks one list page may return.
+const MAX_PAGE: usize = 1000;
+
+#[derive(Serialize)]
+struct Page {
+    tasks: Vec<TaskRecordBody>,
+    /// The `after` of the next page, when this one is full.
+    next: Option<u64>,
+}
+
+async fn list(State(app): State<Arc<App>>, QueryParams(q): QueryParams<ListQuery>) -> Reply<Page> {
+    if q.limit == 0 || q.limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be in 1..={MAX_PAGE}"
+        )));
+    }
+    let filter = ListFilter {
+        state: q.state,
+        group: q.group,
+        after: q.after,
+        limit: q.limit,
+    };
+    let tasks = app.store.list(&filter)?;
+    let next = (tasks.len() == q.limit)
+        .then(|| tasks.last().map(|t| t.id))
+        .flatten();
+    ok(Page {
+        tasks: tasks.into_iter().map(TaskRecordBody::from).collect(),
+        next,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    priority: Option<i32>,
+    tags: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
+struct Updated {
+    task: u64,
+    parked: bool,
+}
+
+async fn update(
+    State(app): State<Arc<App>>,
+    PathParams(task): PathParams<u64>,
+    JsonBody(body): JsonBody<UpdateBody>,
+) -> Reply<Updated> {
+    if body.priority.is_none() && body.tags.is_none() {
+        return Err(ApiError::bad_request(
+            "nothing to change: give priority and/or tags",
+        ));
+    }
+    let placement = app
+        .dispatcher
+        .update(TaskId(task), body.priority, body.tags.as_deref())?;
+    app.writer
+        .commit(vec![Change::Update {
+            task,
+            priority: body.priority,
+            tags: body.tags,
+        }])
+        .await?;
+    ok(Updated {
+        task,
+        parked: placement == switchyard::Placement::Parked,
+    })
+}
+
+#[derive(Serialize)]
+struct Rebalanced {
+    moved: usize,
+}
+
+async fn rebalance(State(app): State<Arc<App>>) -> Json<Rebalanced> {
+    // Moves change no durable state: the store records which worker runs a task, not which
+    // queue holds it.
+    Json(Rebalanced {
+        moved: app.dispatcher.rebalance(),
+    })
+}
+
+#[derive(Serialize)]
+struct Workers {
+    workers: Vec<WorkerInfo>,
+}
+
+#[derive(Serialize)]
+struct WorkerInfo {
+    id: u64,
+    groups: Vec<String>,
+    tags: Vec<String>,
+    queued: usize,
+    running: usize,
+}
+
+async fn workers(State(app): State<Arc<App>>) -> Json<Workers> {
+    let workers = app
+        .dispatcher
+        .stats()
+        .workers
+        .into_iter()
+        .map(|w| WorkerInfo {
+            id: w.id.0,
+            groups: w.groups,
+            tags: w.tags,
+            queued: w.queued,
+            running: w.running,
+        })
+        .collect();
+    Json(Workers { workers })
 }

@@ -1,7 +1,7 @@
 //! One error type for the HTTP API, mapped to a status code in one place. Every error response
 //! is JSON: `{"error": "<kind>", "message": "<what happened>"}`.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::FromRequest;
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
@@ -95,6 +95,17 @@ impl From<PathRejection> for ApiError {
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct JsonBody<T>(pub T);
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text())
+    }
+}
+
+/// `axum::extract::Query`, whose rejections (for example a non-numeric limit) are JSON errors.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct QueryParams<T>(pub T);
 
 /// `axum::extract::Path`, whose rejections (for example a non-numeric id) are JSON errors.
 #[derive(FromRequestParts)]

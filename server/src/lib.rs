@@ -8,13 +8,13 @@
 //! | [`store`] | the `Store` trait, its records and changes; SQLite (WAL) as the embedded default | done |
 //! | [`writer`] | the group-commit writer: one transaction per batch of waiting requests | done |
 //! | [`recovery`] | restart: workers into the dispatcher first, then tasks (queued and running) | done |
-//! | [`app`] | the HTTP API (axum): workers register, fetch, report, leave; tasks submit, get, cancel; stats, health | first slice |
+//! | [`app`] | the HTTP API (axum): workers register, fetch, report, leave; tasks submit, get, list, update, cancel; admin rebalance, workers, force-remove; stats, health | no auth yet |
 //! | [`error`] | one error type, mapped to a status and a JSON body in one place | done |
 //! | [`liveness`] | worker leases, renewed by every worker request; the reaper declares silent workers dead | done |
 //! | `main.rs` | the `switchyard` CLI: `serve` | first slice |
 //!
-//! Still to come: bearer-token auth, long-poll fetch, list/update routes,
-//! admin routes, request limits beyond fetch size and payload, Prometheus metrics, OpenAPI, and
+//! Still to come: bearer-token auth, long-poll fetch, request limits beyond fetch size, page size
+//! and payload, Prometheus metrics, OpenAPI, and
 //! the client subcommands.
 //!
 //! The rule that joins the dispatcher and the store: the dispatcher decides, the writer makes

@@ -326,3 +326,89 @@ async fn a_silent_worker_is_declared_dead_and_its_running_task_moves_on() {
     s.app.dispatcher().audit().unwrap();
     s.stop().await;
 }
+
+#[tokio::test]
+async fn users_list_and_update_tasks_and_admins_rebalance_list_and_remove_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), Mode::Balanced(Strategy::LeastLoaded)).await;
+    let a = s.addr;
+    let (_, w1) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w1 = w1["id"].as_u64().unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let group = if i % 2 == 0 { "g" } else { "h" };
+        let (_, t) = post(a, "/v1/tasks", json!({"group": group})).await;
+        ids.push(t["id"].as_u64().unwrap());
+    }
+    // Pages of 2 in id order, then filters.
+    let (st, page) = call(a, "GET", "/v1/tasks?limit=2", None).await;
+    assert_eq!(st, 200);
+    let first: Vec<u64> = page["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(first, ids[..2]);
+    let next = page["next"].as_u64().unwrap();
+    let (_, page) = call(a, "GET", &format!("/v1/tasks?limit=2&after={next}"), None).await;
+    assert_eq!(page["tasks"][0]["id"].as_u64(), Some(ids[2]));
+    let (_, page) = call(a, "GET", "/v1/tasks?group=h&state=queued", None).await;
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 2);
+    assert!(page["next"].is_null());
+    for bad in [
+        "/v1/tasks?limit=0",
+        "/v1/tasks?limit=1001",
+        "/v1/tasks?limit=x",
+        "/v1/tasks?state=odd",
+    ] {
+        let (st, body) = call(a, "GET", bad, None).await;
+        assert_eq!(st, 400, "{bad}: {body}");
+    }
+    // Raising a priority reorders the worker's queue; a running task cannot be changed.
+    let patch = |t: u64, body: serde_json::Value| {
+        let path = format!("/v1/tasks/{t}");
+        async move { call(a, "PATCH", &path, Some(&body.to_string())).await }
+    };
+    let (st, body) = patch(ids[4], json!({"priority": 9})).await;
+    assert_eq!((st, body["parked"].as_bool()), (200, Some(false)), "{body}");
+    let (_, got) = post(a, &format!("/v1/workers/{w1}/fetch"), json!({})).await;
+    assert_eq!(got["tasks"][0]["id"].as_u64(), Some(ids[4]));
+    let (st, body) = patch(ids[4], json!({"priority": 1})).await;
+    assert_eq!((st, body["error"].as_str()), (409, Some("not_queued")));
+    assert_eq!(patch(ids[0], json!({})).await.0, 400);
+    let (_, task) = call(a, "GET", &format!("/v1/tasks/{}", ids[4]), None).await;
+    assert_eq!(task["priority"], 9, "the change is durable");
+    // A second worker of group g arrives (w1 holds 2 queued + 1 running, it holds nothing);
+    // a rebalance moves queued work to it.
+    let (_, w2) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w2 = w2["id"].as_u64().unwrap();
+    let (st, moved) = post(a, "/v1/admin/rebalance", json!({})).await;
+    assert_eq!(st, 200);
+    assert!(moved["moved"].as_u64().unwrap() >= 1, "{moved}");
+    let (_, list) = call(a, "GET", "/v1/admin/workers", None).await;
+    let loads: Vec<(u64, u64)> = list["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["id"].as_u64().unwrap(), w["queued"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(loads.iter().map(|(w, _)| *w).collect::<Vec<_>>(), [w1, w2]);
+    assert!(loads.iter().all(|(_, q)| *q >= 1), "{loads:?}");
+    // Force-removing w1 requeues its running task; w1's report is then refused.
+    let (st, removed) = call(a, "DELETE", &format!("/v1/admin/workers/{w1}"), None).await;
+    assert_eq!((st, removed["requeued"].as_u64()), (200, Some(1)));
+    let report = json!({"attempt": 1, "outcome": "finished"});
+    assert_eq!(
+        post(
+            a,
+            &format!("/v1/workers/{w1}/tasks/{}/report", ids[4]),
+            report
+        )
+        .await
+        .0,
+        410
+    );
+    s.app.dispatcher().audit().unwrap();
+    s.stop().await;
+}

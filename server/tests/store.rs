@@ -4,7 +4,8 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 use switchyard_server::store::{
-    Change, Recovery, SqliteStore, Store, StoreError, TaskRecord, TaskState, WorkerRecord,
+    Change, ListFilter, Recovery, SqliteStore, Store, StoreError, TaskRecord, TaskState,
+    WorkerRecord,
 };
 use switchyard_server::writer::Writer;
 
@@ -286,6 +287,9 @@ impl Store for Gated {
     }
     fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
         self.inner.task(id)
+    }
+    fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
+        self.inner.list(filter)
     }
 }
 

@@ -193,6 +193,20 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// Which tasks `Store::list` returns: those with an id above `after`, in id order, optionally
+/// of one state and one group, at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only tasks in this state.
+    pub state: Option<TaskState>,
+    /// Only tasks of this group.
+    pub group: Option<String>,
+    /// Only ids above this (the cursor of the previous page; 0 for the first).
+    pub after: u64,
+    /// At most this many.
+    pub limit: usize,
+}
+
 /// A durable store. `apply` is called by one writer at a time; reads may run concurrently.
 pub trait Store: Send + Sync + 'static {
     /// Applies `changes` in order, atomically (all or none) and durably.
@@ -201,4 +215,6 @@ pub trait Store: Send + Sync + 'static {
     fn recover(&self) -> Result<Recovery, StoreError>;
     /// One task, live or ended.
     fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError>;
+    /// A page of tasks (see [`ListFilter`]).
+    fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError>;
 }

@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Change, Recovery, Store, StoreError, TaskRecord, TaskState, WorkerRecord};
+use super::{Change, ListFilter, Recovery, Store, StoreError, TaskRecord, TaskState, WorkerRecord};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tasks (
@@ -354,5 +354,31 @@ impl Store for SqliteStore {
         )
         .optional()
         .map_err(backend)
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
+        let conn = self
+            .reader
+            .lock()
+            .map_err(|_| backend("reader lock poisoned"))?;
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks
+                 WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR grp = ?3)
+                 ORDER BY id LIMIT ?4"
+            ))
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    filter.after as i64,
+                    filter.state.map(TaskState::as_str),
+                    filter.group,
+                    filter.limit as i64
+                ],
+                task_row,
+            )
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
     }
 }
