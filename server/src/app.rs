@@ -33,6 +33,10 @@ pub struct Settings {
     pub max_payload: usize,
     /// A worker silent for longer than this is declared dead.
     pub lease_timeout: Duration,
+    /// Most tasks in one batch submission.
+    pub max_batch: usize,
+    /// Largest request body, in bytes.
+    pub max_body: usize,
 }
 
 impl Default for Settings {
@@ -41,6 +45,8 @@ impl Default for Settings {
             max_fetch: 256,
             max_payload: 1 << 20,
             lease_timeout: Duration::from_secs(15),
+            max_batch: 1000,
+            max_body: 16 << 20,
         }
     }
 }
@@ -150,11 +156,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/workers/{worker}/fetch", post(fetch))
         .route("/v1/workers/{worker}/tasks/{task}/report", post(report))
         .route("/v1/tasks", post(submit).get(list))
+        .route("/v1/tasks/batch", post(submit_batch))
         .route("/v1/tasks/{task}", get(task).delete(cancel).patch(update))
         .route("/v1/admin/rebalance", post(rebalance))
         .route("/v1/admin/workers", get(workers))
         .route("/v1/admin/workers/{worker}", delete(leave))
         .fallback(no_route)
+        .layer(axum::extract::DefaultBodyLimit::max(app.limits.max_body))
         .with_state(app)
 }
 
@@ -423,10 +431,9 @@ struct Submitted {
     id: u64,
 }
 
-async fn submit(
-    State(app): State<Arc<App>>,
-    JsonBody(body): JsonBody<SubmitBody>,
-) -> Reply<Submitted> {
+/// Validates a submission and gives it an id: the spec for the dispatcher and the record for the
+/// store. Nothing is written.
+fn prepare(app: &App, body: SubmitBody) -> Result<(TaskSpec, TaskRecord), ApiError> {
     let payload =
         serde_json::to_vec(&body.payload).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if payload.len() > app.limits.max_payload {
@@ -453,10 +460,55 @@ async fn submit(
         outcome: None,
         submitted_ms: now_ms(),
     };
+    Ok((spec, record))
+}
+
+async fn submit(
+    State(app): State<Arc<App>>,
+    JsonBody(body): JsonBody<SubmitBody>,
+) -> Reply<Submitted> {
+    let (spec, record) = prepare(&app, body)?;
+    let id = record.id;
     // Durable first: only then may a worker fetch it.
     app.writer.commit(vec![Change::Submit(record)]).await?;
     app.dispatcher.submit(spec)?;
     Ok((StatusCode::CREATED, Json(Submitted { id })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    tasks: Vec<SubmitBody>,
+}
+
+#[derive(Serialize)]
+struct SubmittedBatch {
+    ids: Vec<u64>,
+}
+
+/// All or nothing: every task is validated before any is written, all are committed in one
+/// transaction, and then handed to the dispatcher in one batch.
+async fn submit_batch(
+    State(app): State<Arc<App>>,
+    JsonBody(body): JsonBody<BatchBody>,
+) -> Reply<SubmittedBatch> {
+    if body.tasks.is_empty() || body.tasks.len() > app.limits.max_batch {
+        return Err(ApiError::bad_request(format!(
+            "a batch holds 1..={} tasks",
+            app.limits.max_batch
+        )));
+    }
+    let mut specs = Vec::with_capacity(body.tasks.len());
+    let mut changes = Vec::with_capacity(body.tasks.len());
+    for (i, task) in body.tasks.into_iter().enumerate() {
+        let (spec, record) = prepare(&app, task).map_err(|e| e.in_batch(i))?;
+        specs.push(spec);
+        changes.push(Change::Submit(record));
+    }
+    let ids = specs.iter().map(|s| s.id.0).collect();
+    app.writer.commit(changes).await?;
+    app.dispatcher.submit_many(specs)?;
+    Ok((StatusCode::CREATED, Json(SubmittedBatch { ids })))
 }
 
 async fn task(

@@ -25,6 +25,12 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    /// The same error, saying which task of a batch caused it.
+    pub fn in_batch(mut self, index: usize) -> Self {
+        self.message = format!("task {index} of the batch: {}", self.message);
+        self
+    }
+
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -80,7 +86,13 @@ impl From<StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_json", e.body_text())
+        // Keep axum's status where it is more precise than 400 (413 for a body over the limit,
+        // 415 for a wrong content type); the body is JSON either way.
+        let status = match e.status() {
+            s if s.is_client_error() => s,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self::new(status, "bad_json", e.body_text())
     }
 }
 

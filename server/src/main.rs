@@ -49,6 +49,12 @@ struct ServeArgs {
     /// Seconds of silence after which a worker is declared dead and its tasks redistributed.
     #[arg(long, env = "SWITCHYARD_LEASE_TIMEOUT", default_value_t = 15.0)]
     lease_timeout: f64,
+    /// Most tasks in one batch submission.
+    #[arg(long, env = "SWITCHYARD_MAX_BATCH", default_value_t = 1000)]
+    max_batch: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "SWITCHYARD_MAX_BODY", default_value_t = 16 << 20)]
+    max_body: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -102,6 +108,8 @@ async fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + S
         max_fetch: args.max_fetch,
         max_payload: args.max_payload,
         lease_timeout: std::time::Duration::from_secs_f64(args.lease_timeout),
+        max_batch: args.max_batch,
+        max_body: args.max_body,
     };
     let (app, writer_task) = App::open(&args.data_dir, config, limits).await?;
     let listener = tokio::net::TcpListener::bind(&args.bind)

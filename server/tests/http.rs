@@ -30,6 +30,8 @@ async fn start_with_lease(dir: &Path, mode: Mode, lease: std::time::Duration) ->
         max_fetch: 16,
         max_payload: 64,
         lease_timeout: lease,
+        max_batch: 3,
+        max_body: 4096,
     };
     let (app, writer) = App::open(
         dir,
@@ -144,7 +146,7 @@ async fn every_error_is_a_json_4xx() {
             call(a, "POST", "/v1/tasks", Some("{not json")).await,
         ),
         (
-            400,
+            422,
             "bad_json",
             post(a, "/v1/tasks", json!({"group": "g", "extra": 1})).await,
         ),
@@ -409,6 +411,54 @@ async fn users_list_and_update_tasks_and_admins_rebalance_list_and_remove_worker
         .0,
         410
     );
+    s.app.dispatcher().audit().unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_is_submitted_all_or_nothing_within_its_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), Mode::Fanout).await;
+    let a = s.addr;
+    let two = json!({"tasks": [{"group": "g"}, {"group": "g", "priority": 2}]});
+    let (st, ok) = post(a, "/v1/tasks/batch", two).await;
+    assert_eq!(st, 201, "{ok}");
+    assert_eq!(ok["ids"].as_array().unwrap().len(), 2);
+    // One bad task refuses the whole batch and names it; nothing is written.
+    let bad = json!({"tasks": [{"group": "g"}, {"group": ""}]});
+    let (st, err) = post(a, "/v1/tasks/batch", bad).await;
+    assert_eq!((st, err["error"].as_str()), (400, Some("invalid_input")));
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("task 1 of the batch"),
+        "{err}"
+    );
+    let four = json!({"tasks": [{"group": "g"}, {"group": "g"}, {"group": "g"}, {"group": "g"}]});
+    assert_eq!(
+        post(a, "/v1/tasks/batch", four).await.0,
+        400,
+        "over max_batch"
+    );
+    assert_eq!(
+        post(a, "/v1/tasks/batch", json!({"tasks": []})).await.0,
+        400
+    );
+    let (_, page) = call(a, "GET", "/v1/tasks", None).await;
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 2);
+    // A body over the limit gets a JSON 413.
+    let big = json!({"group": "g", "tags": ["x".repeat(5000)]}).to_string();
+    let (st, body) = call(a, "POST", "/v1/tasks", Some(&big)).await;
+    assert_eq!((st, body["error"].as_str()), (413, Some("bad_json")));
+    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let (_, got) = post(
+        a,
+        &format!("/v1/workers/{}/fetch", w["id"]),
+        json!({"max": 5}),
+    )
+    .await;
+    assert_eq!(got["tasks"].as_array().unwrap().len(), 2);
     s.app.dispatcher().audit().unwrap();
     s.stop().await;
 }
