@@ -28,7 +28,7 @@ use crate::queue::{order_key, Entry, RunningRecord};
 use crate::redistribute::{Parked, Placement};
 use crate::registry::{Class, Registry, Worker};
 use crate::stats::CounterCells;
-use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, Ordering};
+use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, Ordering, Shared};
 use crate::task::{Assignment, Cancelled, SeedTask, TaskInfo, TaskSpec, TaskStatus};
 use crate::{TaskId, WorkerId};
 
@@ -58,6 +58,16 @@ impl Pushes {
     }
 }
 
+/// Told when work becomes fetchable, so a coordinator can wake fetches that wait for work
+/// (long-polling). Called after the work is in a heap, outside every dispatcher lock.
+pub trait Waker: Send + Sync + 'static {
+    /// Work was queued on `worker`'s own queue (balanced mode).
+    fn worker(&self, worker: WorkerId);
+    /// Work was queued in a class's shared heap; `candidates` can fetch it (fanout mode).
+    /// An implementation with no waiting fetch should return without iterating.
+    fn class(&self, candidates: &mut dyn Iterator<Item = WorkerId>);
+}
+
 /// What a placement did, without allocating a worker list on the submit path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Placed {
@@ -76,6 +86,7 @@ pub struct Dispatcher {
     seq: AtomicU64,
     epoch: Instant,
     pub(crate) counters: CounterCells,
+    waker: std::sync::OnceLock<Shared<dyn Waker>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -101,6 +112,7 @@ impl Dispatcher {
             seq: AtomicU64::new(0),
             epoch: Instant::now(),
             counters: CounterCells::default(),
+            waker: std::sync::OnceLock::new(),
             config,
         })
     }
@@ -108,6 +120,12 @@ impl Dispatcher {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Installs the waker told about new fetchable work. Only the first call takes effect;
+    /// returns whether this one did.
+    pub fn set_waker(&self, waker: Shared<dyn Waker>) -> bool {
+        self.waker.set(waker).is_ok()
     }
 
     // ----- submission -------------------------------------------------------------------------
@@ -677,6 +695,10 @@ impl Dispatcher {
                 let compacted = h.compact_if_sparse(class.queued.queued(), &self.cells);
                 drop(h);
                 self.counters.add_stale(compacted);
+                if let Some(waker) = self.waker.get() {
+                    let candidates = self.registry.candidates(class);
+                    waker.class(&mut candidates.iter().map(|w| w.id));
+                }
             }
             if one.len() == 1 {
                 let (w, entry) = &one[0];
@@ -702,6 +724,10 @@ impl Dispatcher {
         entries.iter().for_each(|e| q.heap.push(*e));
         let compacted = q.heap.compact_if_sparse(w.load.queued(), &self.cells);
         w.load.add_fetched(0, compacted);
+        drop(q);
+        if let Some(waker) = self.waker.get() {
+            waker.worker(w.id);
+        }
     }
 
     /// An entry could not be pushed because `worker` is leaving: drop it from the task's holders

@@ -105,7 +105,7 @@ mod sync;
 mod task;
 
 pub use config::{Config, Limits, Mode, Mutant, Strategy};
-pub use dispatcher::Dispatcher;
+pub use dispatcher::{Dispatcher, Waker};
 pub use error::{Error, Result};
 pub use redistribute::{Departure, Placement, Registration, Relocation, Was};
 pub use stats::{Counters, Stats, WorkerStats};

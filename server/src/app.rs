@@ -22,6 +22,7 @@ use crate::error::{no_route, ApiError, JsonBody, PathParams, QueryParams};
 use crate::liveness::{reap, Leases};
 use crate::recovery::recover;
 use crate::store::{Change, ListFilter, SqliteStore, Store, TaskRecord, TaskState, WorkerRecord};
+use crate::wakeups::Wakeups;
 use crate::writer::Writer;
 
 /// The coordinator's settings beyond the dispatcher's `Config`.
@@ -37,6 +38,8 @@ pub struct Settings {
     pub max_batch: usize,
     /// Largest request body, in bytes.
     pub max_body: usize,
+    /// Longest a fetch may wait for work (long-poll).
+    pub max_wait: Duration,
 }
 
 impl Default for Settings {
@@ -47,6 +50,7 @@ impl Default for Settings {
             lease_timeout: Duration::from_secs(15),
             max_batch: 1000,
             max_body: 16 << 20,
+            max_wait: Duration::from_secs(30),
         }
     }
 }
@@ -60,6 +64,7 @@ pub struct App {
     next_worker: AtomicU64,
     limits: Settings,
     leases: Leases,
+    wakeups: Arc<Wakeups>,
 }
 
 fn now_ms() -> i64 {
@@ -94,6 +99,8 @@ impl App {
         for w in store.recover()?.workers {
             leases.renew(w.id);
         }
+        let wakeups = Arc::new(Wakeups::default());
+        dispatcher.set_waker(wakeups.clone());
         let app = Arc::new(Self {
             dispatcher,
             store,
@@ -102,6 +109,7 @@ impl App {
             next_worker: AtomicU64::new(recovered.next_worker_id),
             limits,
             leases,
+            wakeups,
         });
         // The reaper holds only a weak reference, so dropping the app still drains the writer.
         tokio::spawn(reap(Arc::downgrade(&app), app.leases.timeout() / 4));
@@ -111,6 +119,11 @@ impl App {
     /// Worker leases (renewed by worker requests, read by the reaper).
     pub fn leases(&self) -> &Leases {
         &self.leases
+    }
+
+    /// Whether a fetch of `worker` is waiting for work right now.
+    pub fn is_waiting(&self, worker: u64) -> bool {
+        self.wakeups.is_waiting(worker)
     }
 
     /// Removes `worker` (it left, or its lease expired): unregisters it, which redistributes
@@ -290,6 +303,9 @@ async fn leave(State(app): State<Arc<App>>, PathParams(worker): PathParams<u64>)
 struct FetchBody {
     #[serde(default = "one")]
     max: usize,
+    /// Milliseconds to wait for work when there is none (long-poll); 0 answers at once.
+    #[serde(default)]
+    wait_ms: u64,
 }
 
 fn one() -> usize {
@@ -320,8 +336,33 @@ async fn fetch(
             app.limits.max_fetch
         )));
     }
-    let got = app.dispatcher.fetch(WorkerId(worker), body.max)?;
-    app.leases.renew(worker);
+    let wait = Duration::from_millis(body.wait_ms);
+    if wait > app.limits.max_wait {
+        return Err(ApiError::bad_request(format!(
+            "wait_ms must be at most {}",
+            app.limits.max_wait.as_millis()
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    // Subscribe before looking, so work placed in between wakes us.
+    let subscription = (!wait.is_zero()).then(|| app.wakeups.subscribe(worker));
+    let got = loop {
+        let mut woken = subscription.as_ref().map(|s| Box::pin(s.notify.notified()));
+        if let Some(w) = woken.as_mut() {
+            w.as_mut().enable();
+        }
+        let got = app.dispatcher.fetch(WorkerId(worker), body.max)?;
+        app.leases.renew(worker);
+        match woken {
+            Some(woken) if got.is_empty() => {
+                if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                    break got; // waited the whole time: an empty answer
+                }
+            }
+            _ => break got,
+        }
+    };
+    drop(subscription);
     let changes = got
         .iter()
         .map(|a| Change::Assign {

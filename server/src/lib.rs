@@ -11,9 +11,10 @@
 //! | [`app`] | the HTTP API (axum): workers register, fetch, report, leave; tasks submit, get, list, update, cancel; admin rebalance, workers, force-remove; stats, health | no auth yet |
 //! | [`error`] | one error type, mapped to a status and a JSON body in one place | done |
 //! | [`liveness`] | worker leases, renewed by every worker request; the reaper declares silent workers dead | done |
+//! | [`wakeups`] | long-poll: a waiting fetch is woken the moment work it can fetch is placed | done |
 //! | `main.rs` | the `switchyard` CLI: `serve` | first slice |
 //!
-//! Still to come: bearer-token auth, long-poll fetch, request limits beyond fetch size, page size
+//! Still to come: bearer-token auth, request limits beyond fetch size, page size
 //! and payload, Prometheus metrics, OpenAPI, and
 //! the client subcommands.
 //!
@@ -26,4 +27,5 @@ pub mod error;
 pub mod liveness;
 pub mod recovery;
 pub mod store;
+pub mod wakeups;
 pub mod writer;

@@ -62,6 +62,10 @@ pub async fn reap(app: Weak<App>, every: Duration) {
         tokio::time::sleep(every).await;
         let Some(app) = app.upgrade() else { return };
         for worker in app.leases().expired(Instant::now()) {
+            if app.is_waiting(worker) {
+                app.leases().renew(worker); // an open long-poll: it is alive
+                continue;
+            }
             match app.remove_worker(worker).await {
                 Ok(requeued) => {
                     tracing::warn!(worker, requeued, "lease expired: worker declared dead")

@@ -55,6 +55,9 @@ struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_BODY", default_value_t = 16 << 20)]
     max_body: usize,
+    /// Longest a fetch may wait for work (long-poll), in seconds.
+    #[arg(long, env = "SWITCHYARD_MAX_WAIT", default_value_t = 30.0)]
+    max_wait: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,12 +107,16 @@ async fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + S
     if !(args.lease_timeout.is_finite() && args.lease_timeout > 0.0) {
         return Err("--lease-timeout must be a positive number of seconds".into());
     }
+    if !(args.max_wait.is_finite() && args.max_wait >= 0.0) {
+        return Err("--max-wait must be a number of seconds, 0 or more".into());
+    }
     let limits = Settings {
         max_fetch: args.max_fetch,
         max_payload: args.max_payload,
         lease_timeout: std::time::Duration::from_secs_f64(args.lease_timeout),
         max_batch: args.max_batch,
         max_body: args.max_body,
+        max_wait: std::time::Duration::from_secs_f64(args.max_wait),
     };
     let (app, writer_task) = App::open(&args.data_dir, config, limits).await?;
     let listener = tokio::net::TcpListener::bind(&args.bind)

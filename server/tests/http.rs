@@ -32,6 +32,7 @@ async fn start_with_lease(dir: &Path, mode: Mode, lease: std::time::Duration) ->
         lease_timeout: lease,
         max_batch: 3,
         max_body: 4096,
+        max_wait: std::time::Duration::from_secs(5),
     };
     let (app, writer) = App::open(
         dir,
@@ -461,4 +462,56 @@ async fn a_batch_is_submitted_all_or_nothing_within_its_limits() {
     assert_eq!(got["tasks"].as_array().unwrap().len(), 2);
     s.app.dispatcher().audit().unwrap();
     s.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiting_fetch_returns_the_moment_work_is_placed_and_times_out_empty() {
+    for mode in [Mode::Fanout, Mode::Balanced(Strategy::LeastLoaded)] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = start(dir.path(), mode).await;
+        let a = s.addr;
+        let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+        let w = w["id"].as_u64().unwrap();
+        // Nothing to fetch: the wait runs out and the answer is empty.
+        let t0 = std::time::Instant::now();
+        let (st, got) = post(
+            a,
+            &format!("/v1/workers/{w}/fetch"),
+            json!({"wait_ms": 200}),
+        )
+        .await;
+        assert_eq!((st, got["tasks"].as_array().unwrap().len()), (200, 0));
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(200));
+        // A fetch waiting up to 4 s returns as soon as a task it can run is submitted.
+        let waiting = tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            let got = post(
+                a,
+                &format!("/v1/workers/{w}/fetch"),
+                json!({"wait_ms": 4000}),
+            )
+            .await;
+            (got, t0.elapsed())
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        let (_, other) = post(a, "/v1/tasks", json!({"group": "other"})).await; // not for w
+        let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
+        let ((st, got), waited) = waiting.await.unwrap();
+        assert_eq!(st, 200);
+        assert_eq!(got["tasks"][0]["id"], t["id"], "{mode:?}");
+        assert!(
+            waited < std::time::Duration::from_secs(3),
+            "{mode:?}: waited {waited:?}"
+        );
+        assert!(other["id"].is_u64());
+        let (st, _) = post(
+            a,
+            &format!("/v1/workers/{w}/fetch"),
+            json!({"wait_ms": 5001}),
+        )
+        .await;
+        assert_eq!(st, 400, "over max_wait");
+        s.app.dispatcher().audit().unwrap();
+        s.stop().await;
+    }
 }

@@ -1,0 +1,92 @@
+//! Long-poll wake-ups.
+//!
+//! A fetch that may wait (`wait_ms > 0`) subscribes its worker before it looks for work, so a
+//! placement between the look and the wait is never missed. The dispatcher calls this module
+//! (as its [`Waker`]) whenever work becomes fetchable; it wakes the subscribed fetches of the
+//! workers that can fetch that work. With no fetch waiting, a wake-up costs one atomic load.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use switchyard::{Waker, WorkerId};
+use tokio::sync::Notify;
+
+/// The workers whose fetches are waiting, each with the `Notify` that wakes them.
+#[derive(Default)]
+pub struct Wakeups {
+    /// Subscriptions alive. Relaxed: a hint that lets wake-ups skip the map; a subscriber
+    /// registers in the map (under its lock) before it looks for work.
+    waiting: AtomicUsize,
+    subscribed: Mutex<HashMap<u64, (Arc<Notify>, usize)>>,
+}
+
+/// A waiting fetch's registration; dropping it unsubscribes.
+pub struct Subscription {
+    wakeups: Arc<Wakeups>,
+    worker: u64,
+    /// Notified when work arrives for the worker.
+    pub notify: Arc<Notify>,
+}
+
+impl Wakeups {
+    /// Subscribes `worker`'s fetch to wake-ups.
+    pub fn subscribe(self: &Arc<Self>, worker: u64) -> Subscription {
+        let mut map = self.subscribed.lock().expect("wake-up table");
+        let entry = map
+            .entry(worker)
+            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        entry.1 += 1;
+        let notify = entry.0.clone();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            wakeups: self.clone(),
+            worker,
+            notify,
+        }
+    }
+
+    /// Whether a fetch of `worker` is waiting (an open request: the worker is alive).
+    pub fn is_waiting(&self, worker: u64) -> bool {
+        self.subscribed
+            .lock()
+            .expect("wake-up table")
+            .contains_key(&worker)
+    }
+
+    fn wake(map: &HashMap<u64, (Arc<Notify>, usize)>, worker: WorkerId) {
+        if let Some((notify, _)) = map.get(&worker.0) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut map = self.wakeups.subscribed.lock().expect("wake-up table");
+        if let Some(entry) = map.get_mut(&self.worker) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                map.remove(&self.worker);
+            }
+        }
+        self.wakeups.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Waker for Wakeups {
+    fn worker(&self, worker: WorkerId) {
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        Self::wake(&self.subscribed.lock().expect("wake-up table"), worker);
+    }
+
+    fn class(&self, candidates: &mut dyn Iterator<Item = WorkerId>) {
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let map = self.subscribed.lock().expect("wake-up table");
+        candidates.for_each(|w| Self::wake(&map, w));
+    }
+}
