@@ -28,7 +28,7 @@ use crate::queue::{order_key, Entry, RunningRecord};
 use crate::redistribute::{Parked, Placement};
 use crate::registry::{Class, Registry, Worker};
 use crate::stats::CounterCells;
-use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, Ordering, Shared};
+use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, OnceLock, Ordering, Shared};
 use crate::task::{Assignment, Cancelled, SeedTask, TaskInfo, TaskSpec, TaskStatus};
 use crate::{TaskId, WorkerId};
 
@@ -86,7 +86,7 @@ pub struct Dispatcher {
     seq: AtomicU64,
     epoch: Instant,
     pub(crate) counters: CounterCells,
-    waker: std::sync::OnceLock<Shared<dyn Waker>>,
+    waker: OnceLock<Shared<dyn Waker>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -112,7 +112,7 @@ impl Dispatcher {
             seq: AtomicU64::new(0),
             epoch: Instant::now(),
             counters: CounterCells::default(),
-            waker: std::sync::OnceLock::new(),
+            waker: OnceLock::new(),
             config,
         })
     }

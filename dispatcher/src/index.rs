@@ -33,10 +33,9 @@
 //! Free slots wait in striped free lists (striped by task id, so submitters rarely share one).
 
 use std::ops::{Deref, DerefMut};
-use std::sync::OnceLock;
 
 use crate::registry::{Class, Worker};
-use crate::sync::{Arc, AtomicU64, AtomicUsize, Map, Mutex, MutexGuard, Ordering};
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Map, Mutex, MutexGuard, OnceLock, Ordering};
 use crate::TaskId;
 
 /// A slab slot.

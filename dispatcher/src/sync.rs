@@ -18,6 +18,11 @@ pub(crate) use crossbeam_utils::CachePadded;
 /// task cells, classes) uses [`Arc`], which loom does model.
 pub(crate) use std::sync::Arc as Shared;
 
+/// One-time initialisation (the slab's pages, the waker), `std`'s in both builds: loom has no
+/// `OnceLock`, and what it guards is created once and then only read — a page's cells are loom
+/// objects made inside the model, and the models never race two first uses of one page.
+pub(crate) use std::sync::OnceLock;
+
 #[cfg(not(switchyard_loom))]
 mod imp {
     pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock};
