@@ -81,7 +81,7 @@ impl App {
         data_dir: &Path,
         config: Config,
         limits: Settings,
-    ) -> anyhow_free::Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
+    ) -> Result<(Arc<Self>, tokio::task::JoinHandle<()>), StartError> {
         let store = Arc::new(SqliteStore::open(data_dir)?);
         let dispatcher = Dispatcher::new(config)?;
         let recovered = recover(store.as_ref(), &dispatcher, now_ms())?;
@@ -151,13 +151,8 @@ impl App {
     }
 }
 
-/// Errors from opening the app, without pulling in an error crate.
-pub mod anyhow_free {
-    /// Any error that can stop the coordinator from starting.
-    pub type Error = Box<dyn std::error::Error + Send + Sync>;
-    /// A result with [`Error`].
-    pub type Result<T> = std::result::Result<T, Error>;
-}
+/// Why the coordinator could not start (a store, configuration or recovery failure).
+pub type StartError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The HTTP routes.
 pub fn router(app: Arc<App>) -> Router {
