@@ -104,6 +104,26 @@ fn unmatched(tx: &Connection, task: u64, what: &str) -> StoreError {
     }
 }
 
+/// Ends running `attempt` of `task` as `state` (finished or failed) with its outcome; returns
+/// the rows changed, for `apply_one`'s fencing check.
+fn end_attempt(
+    tx: &Connection,
+    task: u64,
+    attempt: u32,
+    state: TaskState,
+    outcome: Option<&str>,
+    now: i64,
+) -> Result<(usize, u64, &'static str), StoreError> {
+    let n = tx
+        .execute(
+            "UPDATE tasks SET state = ?3, outcome = ?4, updated_ms = ?5
+             WHERE id = ?1 AND state = 'running' AND attempt = ?2",
+            params![task as i64, attempt, state.as_str(), outcome, now],
+        )
+        .map_err(backend)?;
+    Ok((n, task, "end that attempt"))
+}
+
 fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreError> {
     let json = |v: &Vec<String>| serde_json::to_string(v).map_err(backend);
     let changed = match change {
@@ -165,30 +185,19 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             task,
             attempt,
             result,
-        } => {
-            let n = tx
-                .execute(
-                    "UPDATE tasks SET state = 'finished', outcome = ?3, updated_ms = ?4
-                     WHERE id = ?1 AND state = 'running' AND attempt = ?2",
-                    params![*task as i64, attempt, result, now],
-                )
-                .map_err(backend)?;
-            (n, *task, "finish that attempt")
-        }
+        } => end_attempt(
+            tx,
+            *task,
+            *attempt,
+            TaskState::Finished,
+            result.as_deref(),
+            now,
+        )?,
         Change::Fail {
             task,
             attempt,
             message,
-        } => {
-            let n = tx
-                .execute(
-                    "UPDATE tasks SET state = 'failed', outcome = ?3, updated_ms = ?4
-                     WHERE id = ?1 AND state = 'running' AND attempt = ?2",
-                    params![*task as i64, attempt, message, now],
-                )
-                .map_err(backend)?;
-            (n, *task, "fail that attempt")
-        }
+        } => end_attempt(tx, *task, *attempt, TaskState::Failed, Some(message), now)?,
         Change::Cancel { task } => {
             let n = tx
                 .execute(
