@@ -206,7 +206,7 @@ async fn health() -> Json<Health> {
 
 #[derive(Serialize)]
 struct StatsBody {
-    workers: Vec<WorkerLoad>,
+    workers: Vec<WorkerInfo>,
     tasks: usize,
     queued: usize,
     running: usize,
@@ -217,25 +217,13 @@ struct StatsBody {
     store_largest_batch: u64,
 }
 
-#[derive(Serialize)]
-struct WorkerLoad {
-    id: u64,
-    queued: usize,
-    running: usize,
-}
-
 async fn stats(State(app): State<Arc<App>>) -> Json<StatsBody> {
-    let s = app.dispatcher.stats();
+    let mut s = app.dispatcher.stats();
     let w = app.writer.stats();
     Json(StatsBody {
-        workers: s
-            .workers
-            .iter()
-            .map(|w| WorkerLoad {
-                id: w.id.0,
-                queued: w.queued,
-                running: w.running,
-            })
+        workers: std::mem::take(&mut s.workers)
+            .into_iter()
+            .map(WorkerInfo::from)
             .collect(),
         tasks: s.tasks,
         queued: s.queued,
@@ -719,19 +707,25 @@ struct WorkerInfo {
     running: usize,
 }
 
+impl From<switchyard::WorkerStats> for WorkerInfo {
+    fn from(w: switchyard::WorkerStats) -> Self {
+        Self {
+            id: w.id.0,
+            groups: w.groups,
+            tags: w.tags,
+            queued: w.queued,
+            running: w.running,
+        }
+    }
+}
+
 async fn workers(State(app): State<Arc<App>>) -> Json<Workers> {
     let workers = app
         .dispatcher
         .stats()
         .workers
         .into_iter()
-        .map(|w| WorkerInfo {
-            id: w.id.0,
-            groups: w.groups,
-            tags: w.tags,
-            queued: w.queued,
-            running: w.running,
-        })
+        .map(WorkerInfo::from)
         .collect();
     Json(Workers { workers })
 }
