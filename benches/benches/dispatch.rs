@@ -107,22 +107,25 @@ fn a1_enqueue_one_of_64(c: &mut Criterion) {
         })
     });
     let rt = runtime();
+    // One candidate list per worker, built once, outside the timed section.
+    let lists: Arc<Vec<Arc<[u64]>>> = Arc::new((0..WORKERS).map(|w| Arc::from(vec![w])).collect());
     g.bench_function("actor", |b| {
         b.iter_custom(|iters| {
-            on_runtime(&rt, async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let a = actor_with(WORKERS, 0, |_| Arc::from(Vec::new())).await;
-                    let lists: Vec<Arc<[u64]>> = (0..WORKERS).map(|w| Arc::from(vec![w])).collect();
-                    let start = Instant::now();
-                    for i in 0..n {
-                        a.enqueue(i, (i % 8) as i32, lists[(i % WORKERS) as usize].clone())
-                            .await;
+            let lists = lists.clone();
+            time_actor(
+                &rt,
+                iters,
+                (WORKERS, 0, |_| Arc::from(Vec::new())),
+                move |a| {
+                    let lists = lists.clone();
+                    async move {
+                        for i in 0..n {
+                            let list = lists[(i % WORKERS) as usize].clone();
+                            a.enqueue(i, (i % 8) as i32, list).await;
+                        }
                     }
-                    total += start.elapsed();
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.bench_function("global_mutex", |b| {
@@ -176,18 +179,19 @@ fn a2_fanout_enqueue_64(c: &mut Criterion) {
     g.bench_function("actor", |b| {
         b.iter_custom(|iters| {
             let all = all.clone();
-            on_runtime(&rt, async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let a = actor_with(WORKERS, 0, |_| Arc::from(Vec::new())).await;
-                    let start = Instant::now();
-                    for i in 0..n {
-                        a.enqueue(i, (i % 8) as i32, all.clone()).await;
+            time_actor(
+                &rt,
+                iters,
+                (WORKERS, 0, |_| Arc::from(Vec::new())),
+                move |a| {
+                    let all = all.clone();
+                    async move {
+                        for i in 0..n {
+                            a.enqueue(i, (i % 8) as i32, all.clone()).await;
+                        }
                     }
-                    total += start.elapsed();
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.bench_function("global_mutex", |b| {
@@ -208,6 +212,15 @@ fn a2_fanout_enqueue_64(c: &mut Criterion) {
 
 // ----- B: fetch -----------------------------------------------------------------------------
 
+/// Every worker (fanout) or worker `i % workers` (one holder): task `i`'s candidates.
+fn fan_or_one(fanout: bool, workers: u64, i: u64) -> Arc<[u64]> {
+    if fanout {
+        (0..workers).collect::<Vec<_>>().into()
+    } else {
+        Arc::from(vec![i % workers])
+    }
+}
+
 /// An actor with `workers` workers and tasks `0..n`, task `i` queued on `candidates(i)`.
 async fn actor_with(workers: u64, n: u64, candidates: impl Fn(u64) -> Arc<[u64]>) -> Actor {
     let a = Actor::spawn();
@@ -218,6 +231,31 @@ async fn actor_with(workers: u64, n: u64, candidates: impl Fn(u64) -> Arc<[u64]>
         a.enqueue(i, (i % 8) as i32, candidates(i)).await;
     }
     a
+}
+
+/// Times `run` on a fresh actor per iteration (`workers` workers, tasks `0..n` queued on
+/// `candidates(i)`, untimed), with the callers on the runtime.
+fn time_actor<C, R, F>(
+    rt: &tokio::runtime::Runtime,
+    iters: u64,
+    (workers, n, candidates): (u64, u64, C),
+    run: R,
+) -> Duration
+where
+    C: Fn(u64) -> Arc<[u64]> + Send + Sync + 'static,
+    R: Fn(Actor) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send,
+{
+    on_runtime(rt, async move {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let a = actor_with(workers, n, &candidates).await;
+            let start = Instant::now();
+            run(a).await;
+            total += start.elapsed();
+        }
+        total
+    })
 }
 
 async fn drain_actor(a: &Actor, workers: std::ops::Range<u64>) -> u64 {
@@ -253,16 +291,14 @@ fn b1_fetch_one_thread(c: &mut Criterion) {
     let rt = runtime();
     g.bench_function("actor", |b| {
         b.iter_custom(|iters| {
-            on_runtime(&rt, async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let a = actor_with(WORKERS, n, |i| Arc::from(vec![i % WORKERS])).await;
-                    let start = Instant::now();
+            time_actor(
+                &rt,
+                iters,
+                (WORKERS, n, |i| Arc::from(vec![i % WORKERS])),
+                move |a| async move {
                     black_box(drain_actor(&a, 0..WORKERS).await);
-                    total += start.elapsed();
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.bench_function("global_mutex", |b| {
@@ -299,11 +335,11 @@ fn b2_fetch_two_threads(c: &mut Criterion) {
     let rt = runtime();
     g.bench_function("actor", |b| {
         b.iter_custom(|iters| {
-            on_runtime(&rt, async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let a = actor_with(WORKERS, n, |i| Arc::from(vec![i % WORKERS])).await;
-                    let start = Instant::now();
+            time_actor(
+                &rt,
+                iters,
+                (WORKERS, n, |i| Arc::from(vec![i % WORKERS])),
+                move |a| async move {
                     let callers: Vec<_> = (0..2)
                         .map(|t| {
                             let a = a.clone();
@@ -315,10 +351,8 @@ fn b2_fetch_two_threads(c: &mut Criterion) {
                     for c in callers {
                         black_box(c.await.unwrap());
                     }
-                    total += start.elapsed();
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.bench_function("global_mutex", |b| {
@@ -374,11 +408,11 @@ fn b2_fetch_64_async_callers(c: &mut Criterion) {
     });
     g.bench_function("actor", |b| {
         b.iter_custom(|iters| {
-            on_runtime(&rt, async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let a = actor_with(WORKERS, n, |i| Arc::from(vec![i % WORKERS])).await;
-                    let start = Instant::now();
+            time_actor(
+                &rt,
+                iters,
+                (WORKERS, n, |i| Arc::from(vec![i % WORKERS])),
+                move |a| async move {
                     let callers: Vec<_> = (0..WORKERS)
                         .map(|w| {
                             let a = a.clone();
@@ -388,10 +422,8 @@ fn b2_fetch_64_async_callers(c: &mut Criterion) {
                     for c in callers {
                         c.await.unwrap();
                     }
-                    total += start.elapsed();
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.bench_function("global_mutex", |b| {
@@ -569,26 +601,19 @@ fn removal(c: &mut Criterion, name: &str, mode: Mode, workers: u64) {
     g.bench_function("actor", |b| {
         b.iter_custom(|iters| {
             let order = order.clone();
-            on_runtime(&rt, async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let all: Arc<[u64]> = (0..workers).collect::<Vec<_>>().into();
-                    let a = actor_with(workers, n, |i| {
-                        if fanout {
-                            all.clone()
-                        } else {
-                            Arc::from(vec![i % workers])
+            time_actor(
+                &rt,
+                iters,
+                (workers, n, move |i| fan_or_one(fanout, workers, i)),
+                move |a| {
+                    let order = order.clone();
+                    async move {
+                        for &i in order.iter() {
+                            a.remove(i).await;
                         }
-                    })
-                    .await;
-                    let start = Instant::now();
-                    for &i in order.iter() {
-                        a.remove(i).await;
                     }
-                    total += start.elapsed();
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.bench_function("global_mutex", |b| {
@@ -642,19 +667,17 @@ fn d_churn(c: &mut Criterion) {
     let rt = runtime();
     g.bench_function("actor", |b| {
         b.iter_custom(|iters| {
-            on_runtime(&rt, async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let a = actor_with(WORKERS, n, |i| Arc::from(vec![i % WORKERS])).await;
-                    let start = Instant::now();
+            time_actor(
+                &rt,
+                iters,
+                (WORKERS, n, |i| Arc::from(vec![i % WORKERS])),
+                move |a| async move {
                     for w in 0..cycles {
                         black_box(a.unregister(w).await);
                         a.register(w).await;
                     }
-                    total += start.elapsed();
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.bench_function("global_mutex", |b| {
