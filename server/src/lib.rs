@@ -22,10 +22,15 @@
 //! the decision durable, and only then is the caller answered (a submission acknowledged, an
 //! assignment sent, a report confirmed).
 
+pub mod api;
 pub mod app;
+pub mod auth;
+pub mod client;
 pub mod error;
 pub mod liveness;
+pub mod metrics;
 pub mod recovery;
 pub mod store;
 pub mod wakeups;
+pub mod work;
 pub mod writer;

@@ -68,6 +68,7 @@ pub async fn reap(app: Weak<App>, every: Duration) {
             }
             match app.remove_worker(worker).await {
                 Ok(requeued) => {
+                    app.metrics().lease_expiries.increment(1);
                     tracing::warn!(worker, requeued, "lease expired: worker declared dead")
                 }
                 Err(e) => tracing::error!(worker, error = ?e, "declaring a worker dead failed"),

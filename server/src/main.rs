@@ -1,15 +1,23 @@
-//! `switchyard`: the coordinator's command line.
+//! `switchyard`: the coordinator (`serve`) and a client of it (every other subcommand).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use switchyard::{Config, Mode, Strategy};
-use switchyard_server::app::{serve, App, Settings};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hyper::Method;
+use serde_json::{json, Value};
+use switchyard::{Config, Limits, Mode, Strategy};
+use switchyard_server::api::serve;
+use switchyard_server::app::{App, Opened, Settings};
+use switchyard_server::client::Client;
+use switchyard_server::work::{work, WorkOptions};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Switchyard: hands tagged, prioritised tasks to workers that fetch them over HTTP.
+///
+/// `serve` runs the coordinator; the other subcommands talk to one.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -20,10 +28,130 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Runs the coordinator on the embedded SQLite store in a data directory.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Submits a task; prints its id.
+    Submit {
+        #[command(flatten)]
+        conn: Connection,
+        /// The task's group.
+        #[arg(long)]
+        group: String,
+        /// A tag the worker must hold (repeat for several).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// The payload, as JSON (a bare word is taken as a string).
+        #[arg(long)]
+        payload: Option<String>,
+    },
+    /// Shows a task: state, attempt, worker, outcome.
+    Status {
+        #[command(flatten)]
+        conn: Connection,
+        /// The task's id.
+        task: u64,
+    },
+    /// Cancels a queued or running task.
+    Cancel {
+        #[command(flatten)]
+        conn: Connection,
+        /// The task's id.
+        task: u64,
+    },
+    /// Shows totals, counters and every worker's load (admin).
+    Stats {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Moves queued tasks from overloaded to underloaded workers now (admin).
+    Rebalance {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Manages submitter tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Runs a worker that executes a shell command per task (see `--help`).
+    ///
+    /// Each task runs as `sh -c COMMAND`, with the payload's JSON on stdin and in
+    /// SWITCHYARD_PAYLOAD, and SWITCHYARD_TASK_ID, SWITCHYARD_ATTEMPT, SWITCHYARD_PRIORITY set.
+    /// Exit status 0 reports the task finished with stdout as its result; anything else reports
+    /// it failed. Ctrl-C gives back the task in hand and leaves.
+    Work(WorkArgs),
 }
 
-#[derive(clap::Args)]
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Creates a submitter token for some groups; prints it (it is shown only once).
+    Create {
+        #[command(flatten)]
+        conn: Connection,
+        /// A group the token may use (repeat for several).
+        #[arg(long = "group", required = true)]
+        groups: Vec<String>,
+    },
+    /// Lists the tokens in force (ids, roles, groups; never the tokens).
+    List {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Revokes a submitter token.
+    Revoke {
+        #[command(flatten)]
+        conn: Connection,
+        /// The token's id.
+        id: u64,
+    },
+}
+
+/// Where the coordinator is, and the token to present.
+#[derive(Args)]
+struct Connection {
+    /// The coordinator's address.
+    #[arg(
+        long,
+        env = "SWITCHYARD_SERVER",
+        default_value = "http://127.0.0.1:7878"
+    )]
+    server: String,
+    /// A bearer token (admin or submitter).
+    #[arg(long, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl Connection {
+    fn client(&self) -> Result<Client, Error> {
+        Ok(Client::new(&self.server, self.token.clone())?)
+    }
+}
+
+#[derive(Args)]
+struct WorkArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// A group served (repeat for several).
+    #[arg(long = "group", required = true)]
+    groups: Vec<String>,
+    /// A tag held (repeat for several).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Tasks taken per fetch.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Seconds a fetch waits for work.
+    #[arg(long, default_value_t = 20.0)]
+    wait: f64,
+    /// Stop after this many tasks.
+    #[arg(long)]
+    tasks: Option<u64>,
+    /// The shell command to run per task.
+    #[arg(long)]
+    command: String,
+}
+
+#[derive(Args)]
 struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SWITCHYARD_BIND", default_value = "127.0.0.1:7878")]
@@ -31,6 +159,10 @@ struct ServeArgs {
     /// Directory of the embedded store (created if missing).
     #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "switchyard-data")]
     data_dir: PathBuf,
+    /// The admin token. Without it, the stored one is kept, or one is generated and printed on
+    /// the first start. Giving it replaces any earlier admin token.
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Placement: every candidate holds a task (fanout), or one does (a balanced strategy).
     #[arg(long, env = "SWITCHYARD_MODE", value_enum, default_value_t = ModeArg::Fanout)]
     mode: ModeArg,
@@ -40,24 +172,36 @@ struct ServeArgs {
     /// Weight of a running task in a worker's load (balanced modes).
     #[arg(long, env = "SWITCHYARD_RUNNING_WEIGHT", default_value_t = 1.0)]
     running_weight: f64,
-    /// Most tasks one fetch may return.
-    #[arg(long, env = "SWITCHYARD_MAX_FETCH", default_value_t = 256)]
-    max_fetch: usize,
-    /// Largest task payload, in bytes of JSON.
-    #[arg(long, env = "SWITCHYARD_MAX_PAYLOAD", default_value_t = 1 << 20)]
-    max_payload: usize,
     /// Seconds of silence after which a worker is declared dead and its tasks redistributed.
     #[arg(long, env = "SWITCHYARD_LEASE_TIMEOUT", default_value_t = 15.0)]
     lease_timeout: f64,
+    /// Most tasks one fetch may return.
+    #[arg(long, env = "SWITCHYARD_MAX_FETCH", default_value_t = 256)]
+    max_fetch: usize,
+    /// Longest a fetch may wait for work (long-poll), in seconds.
+    #[arg(long, env = "SWITCHYARD_MAX_WAIT", default_value_t = 30.0)]
+    max_wait: f64,
+    /// Longest a request may take, in seconds (must exceed --max-wait).
+    #[arg(long, env = "SWITCHYARD_REQUEST_TIMEOUT", default_value_t = 60.0)]
+    request_timeout: f64,
+    /// Largest task payload, in bytes of JSON.
+    #[arg(long, env = "SWITCHYARD_MAX_PAYLOAD", default_value_t = 1 << 20)]
+    max_payload: usize,
     /// Most tasks in one batch submission.
     #[arg(long, env = "SWITCHYARD_MAX_BATCH", default_value_t = 1000)]
     max_batch: usize,
     /// Largest request body, in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_BODY", default_value_t = 16 << 20)]
     max_body: usize,
-    /// Longest a fetch may wait for work (long-poll), in seconds.
-    #[arg(long, env = "SWITCHYARD_MAX_WAIT", default_value_t = 30.0)]
-    max_wait: f64,
+    /// Most tags on one task or worker.
+    #[arg(long, env = "SWITCHYARD_MAX_TAGS", default_value_t = 32)]
+    max_tags: usize,
+    /// Most groups one worker serves.
+    #[arg(long, env = "SWITCHYARD_MAX_GROUPS", default_value_t = 32)]
+    max_groups: usize,
+    /// Longest group or tag name, in bytes.
+    #[arg(long, env = "SWITCHYARD_MAX_NAME_LEN", default_value_t = 128)]
+    max_name_len: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -79,6 +223,8 @@ impl From<ModeArg> for Mode {
     }
 }
 
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let stderr = std::io::stderr();
@@ -87,8 +233,7 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&stderr))
         .init();
-    let Command::Serve(args) = Cli::parse().command;
-    match run(args).await {
+    match run(Cli::parse().command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("switchyard: {e}");
@@ -97,28 +242,148 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+fn print(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+async fn run(command: Command) -> Result<(), Error> {
+    match command {
+        Command::Serve(args) => serve_command(*args).await,
+        Command::Submit {
+            conn,
+            group,
+            tags,
+            priority,
+            payload,
+        } => {
+            let payload = match payload {
+                None => Value::Null,
+                Some(p) => serde_json::from_str(&p).unwrap_or(Value::String(p)),
+            };
+            let body =
+                json!({"group": group, "tags": tags, "priority": priority, "payload": payload});
+            let r = conn
+                .client()?
+                .call(Method::POST, "/v1/tasks", Some(&body))
+                .await?;
+            println!("{}", r["id"]);
+            Ok(())
+        }
+        Command::Status { conn, task } => {
+            let path = format!("/v1/tasks/{task}");
+            print(&conn.client()?.call(Method::GET, &path, None).await?);
+            Ok(())
+        }
+        Command::Cancel { conn, task } => {
+            let path = format!("/v1/tasks/{task}");
+            print(&conn.client()?.call(Method::DELETE, &path, None).await?);
+            Ok(())
+        }
+        Command::Stats { conn } => {
+            print(&conn.client()?.call(Method::GET, "/v1/stats", None).await?);
+            Ok(())
+        }
+        Command::Rebalance { conn } => {
+            let path = "/v1/admin/rebalance";
+            print(&conn.client()?.call(Method::POST, path, None).await?);
+            Ok(())
+        }
+        Command::Token(TokenCommand::Create { conn, groups }) => {
+            let body = json!({ "groups": groups });
+            let r = conn
+                .client()?
+                .call(Method::POST, "/v1/admin/tokens", Some(&body))
+                .await?;
+            eprintln!("token {} for groups {}", r["id"], r["groups"]);
+            println!("{}", r["token"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Token(TokenCommand::List { conn }) => {
+            print(
+                &conn
+                    .client()?
+                    .call(Method::GET, "/v1/admin/tokens", None)
+                    .await?,
+            );
+            Ok(())
+        }
+        Command::Token(TokenCommand::Revoke { conn, id }) => {
+            let path = format!("/v1/admin/tokens/{id}");
+            print(&conn.client()?.call(Method::DELETE, &path, None).await?);
+            Ok(())
+        }
+        Command::Work(args) => {
+            if !(args.wait.is_finite() && args.wait >= 0.0) {
+                return Err("--wait must be a number of seconds, 0 or more".into());
+            }
+            let options = WorkOptions {
+                server: args.conn.server.clone(),
+                groups: args.groups,
+                tags: args.tags,
+                command: args.command,
+                batch: args.batch,
+                wait: Duration::from_secs_f64(args.wait),
+                tasks: args.tasks,
+            };
+            let summary = work(&args.conn.client()?, &options, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+            eprintln!(
+                "switchyard work: {} finished, {} failed, {} reports refused",
+                summary.finished, summary.failed, summary.refused
+            );
+            Ok(())
+        }
+    }
+}
+
+fn seconds(value: f64, flag: &str, allow_zero: bool) -> Result<Duration, Error> {
+    if value.is_finite() && (value > 0.0 || (allow_zero && value == 0.0)) {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        let least = if allow_zero { "0 or more" } else { "above 0" };
+        Err(format!("{flag} must be a number of seconds, {least}").into())
+    }
+}
+
+async fn serve_command(args: ServeArgs) -> Result<(), Error> {
     let config = Config {
         mode: args.mode.into(),
         aging_rate: args.aging_rate,
         running_weight: args.running_weight,
+        limits: Limits {
+            max_tags: args.max_tags,
+            max_groups: args.max_groups,
+            max_name_len: args.max_name_len,
+        },
         ..Config::default()
     };
-    if !(args.lease_timeout.is_finite() && args.lease_timeout > 0.0) {
-        return Err("--lease-timeout must be a positive number of seconds".into());
-    }
-    if !(args.max_wait.is_finite() && args.max_wait >= 0.0) {
-        return Err("--max-wait must be a number of seconds, 0 or more".into());
-    }
     let limits = Settings {
         max_fetch: args.max_fetch,
         max_payload: args.max_payload,
-        lease_timeout: std::time::Duration::from_secs_f64(args.lease_timeout),
+        lease_timeout: seconds(args.lease_timeout, "--lease-timeout", false)?,
         max_batch: args.max_batch,
         max_body: args.max_body,
-        max_wait: std::time::Duration::from_secs_f64(args.max_wait),
+        max_wait: seconds(args.max_wait, "--max-wait", true)?,
+        request_timeout: seconds(args.request_timeout, "--request-timeout", false)?,
+        admin_token: args.admin_token,
     };
-    let (app, writer_task) = App::open(&args.data_dir, config, limits).await?;
+    let Opened {
+        app,
+        writer,
+        new_admin_token,
+    } = App::open(&args.data_dir, config, limits).await?;
+    if let Some(token) = new_admin_token {
+        // Printed once: only its hash is stored.
+        eprintln!(
+            "\nThe admin token (shown only now; only its hash is stored):\n\n    {token}\n\n\
+             Keep it, for example: export SWITCHYARD_TOKEN={token}\n"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await
         .map_err(|e| format!("binding {}: {e}", args.bind))?;
@@ -128,6 +393,6 @@ async fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + S
     .await?;
     // Drain the writer: drop the last handles, then wait for it to commit what is queued.
     drop(app);
-    writer_task.await?;
+    writer.await?;
     Ok(())
 }

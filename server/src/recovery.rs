@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use switchyard::{Dispatcher, SeedTask, TaskId, TaskSpec, WorkerId};
 
-use crate::store::{Change, Store, StoreError, TaskState};
+use crate::store::{Change, Recovery, StoreError, TaskState};
 
 /// What recovery did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,14 +42,13 @@ pub enum RecoverError {
     Dispatcher(#[from] switchyard::Error),
 }
 
-/// Loads `store` into an empty `dispatcher`. `now_ms` is the current time in milliseconds since
+/// Loads `state` (read from the store) into an empty `dispatcher`. `now_ms` is the current time in milliseconds since
 /// the Unix epoch (it restores how long each task has waited, for aging).
 pub fn recover(
-    store: &dyn Store,
+    state: &Recovery,
     dispatcher: &Dispatcher,
     now_ms: i64,
 ) -> Result<Recovered, RecoverError> {
-    let state = store.recover()?;
     for w in &state.workers {
         dispatcher.register(WorkerId(w.id), &w.groups, &w.tags)?;
     }

@@ -41,6 +41,15 @@ pub struct WriterStats {
     pub commit_micros: AtomicU64,
 }
 
+/// Histograms the writer records each batch into (no-ops unless given).
+#[derive(Clone)]
+pub struct WriterHistograms {
+    /// Changes per transaction.
+    pub batch_size: metrics::Histogram,
+    /// Seconds per transaction, fsync included.
+    pub commit_seconds: metrics::Histogram,
+}
+
 /// A handle to the writer task. Cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
@@ -48,13 +57,32 @@ pub struct Writer {
     stats: Arc<WriterStats>,
 }
 
+impl Default for WriterHistograms {
+    fn default() -> Self {
+        Self {
+            batch_size: metrics::Histogram::noop(),
+            commit_seconds: metrics::Histogram::noop(),
+        }
+    }
+}
+
 impl Writer {
     /// Spawns the writer on the current tokio runtime. `queue` bounds the requests waiting
     /// (callers wait for room: backpressure), `max_batch` the changes per transaction.
     pub fn spawn(store: Arc<dyn Store>, queue: usize, max_batch: usize) -> (Self, JoinHandle<()>) {
+        Self::spawn_observed(store, queue, max_batch, WriterHistograms::default())
+    }
+
+    /// [`Writer::spawn`], recording each batch into `histograms`.
+    pub fn spawn_observed(
+        store: Arc<dyn Store>,
+        queue: usize,
+        max_batch: usize,
+        histograms: WriterHistograms,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let stats = Arc::new(WriterStats::default());
-        let task = tokio::spawn(run(store, rx, max_batch.max(1), stats.clone()));
+        let task = tokio::spawn(run(store, rx, max_batch.max(1), stats.clone(), histograms));
         (Self { tx, stats }, task)
     }
 
@@ -85,6 +113,7 @@ async fn run(
     mut rx: mpsc::Receiver<Pending>,
     max_batch: usize,
     stats: Arc<WriterStats>,
+    histograms: WriterHistograms,
 ) {
     while let Some(first) = rx.recv().await {
         // Gather what is already waiting, up to `max_batch` changes.
@@ -125,9 +154,12 @@ async fn run(
             let e = StoreError::Backend(format!("store apply panicked: {panic}"));
             vec![Err(e); answers.len()]
         });
+        let took = started.elapsed();
+        histograms.commit_seconds.record(took.as_secs_f64());
+        histograms.batch_size.record(size as f64);
         stats
             .commit_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
             .largest_batch

@@ -7,14 +7,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{call, post};
+use common::{call, call_as, post, raw, Session, ADMIN};
 use serde_json::{json, Value};
 use switchyard::{Config, Mode, Strategy};
-use switchyard_server::app::{serve, App, Settings};
+use switchyard_server::api::serve;
+use switchyard_server::app::{App, Opened, Settings};
 use tokio::sync::oneshot;
 
 struct Server {
     addr: SocketAddr,
+    client: Arc<Session>,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<std::io::Result<()>>,
     writer: tokio::task::JoinHandle<()>,
@@ -33,8 +35,10 @@ async fn start_with_lease(dir: &Path, mode: Mode, lease: std::time::Duration) ->
         max_batch: 3,
         max_body: 4096,
         max_wait: std::time::Duration::from_secs(5),
+        request_timeout: std::time::Duration::from_secs(10),
+        admin_token: Some(ADMIN.to_string()),
     };
-    let (app, writer) = App::open(
+    let Opened { app, writer, .. } = App::open(
         dir,
         Config {
             mode,
@@ -52,6 +56,7 @@ async fn start_with_lease(dir: &Path, mode: Mode, lease: std::time::Duration) ->
     }));
     Server {
         addr,
+        client: Arc::new(Session::new(addr)),
         stop,
         served,
         writer,
@@ -74,7 +79,7 @@ async fn a_worker_fetches_and_reports_a_submitted_task_in_both_modes() {
     for mode in [Mode::Fanout, Mode::Balanced(Strategy::LeastLoaded)] {
         let dir = tempfile::tempdir().unwrap();
         let s = start(dir.path(), mode).await;
-        let a = s.addr;
+        let a = &s.client;
         let (st, w) = post(a, "/v1/workers", json!({"groups": ["g"], "tags": ["gpu"]})).await;
         assert_eq!(st, 201, "{w}");
         let w = w["id"].as_u64().unwrap();
@@ -134,7 +139,7 @@ async fn a_worker_fetches_and_reports_a_submitted_task_in_both_modes() {
 async fn every_error_is_a_json_4xx() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), Mode::Balanced(Strategy::RoundRobin)).await;
-    let a = s.addr;
+    let a = &s.client;
     let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
     let w = w["id"].as_u64().unwrap();
     let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
@@ -183,8 +188,8 @@ async fn every_error_is_a_json_4xx() {
         ),
         (400, "bad_path", call(a, "GET", "/v1/tasks/abc", None).await),
         (
-            410,
-            "unknown_worker",
+            403,
+            "forbidden",
             post(a, "/v1/workers/999/fetch", json!({})).await,
         ),
         (
@@ -235,7 +240,7 @@ async fn a_restart_recovers_workers_then_tasks_and_keeps_attempts() {
     let dir = tempfile::tempdir().unwrap();
     let mode = Mode::Balanced(Strategy::LeastLoaded);
     let s = start(dir.path(), mode).await;
-    let a = s.addr;
+    let a = &s.client;
     let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
     let w = w["id"].as_u64().unwrap();
     let mut ids = Vec::new();
@@ -246,11 +251,13 @@ async fn a_restart_recovers_workers_then_tasks_and_keeps_attempts() {
     let (_, got) = post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
     let running = got["tasks"][0]["id"].as_u64().unwrap();
     assert_eq!(running, ids[2]);
+    let token = s.client.worker_token(w);
     s.stop().await;
 
     let s = start(dir.path(), mode).await;
-    let a = s.addr;
-    // The worker is back; its running task is still its own, at the same attempt.
+    let a = &s.client;
+    a.learn(w, token); // its token is restored from the store
+                       // The worker is back; its running task is still its own, at the same attempt.
     let report = json!({"attempt": 1, "outcome": "finished"});
     assert_eq!(
         post(
@@ -283,7 +290,7 @@ async fn a_silent_worker_is_declared_dead_and_its_running_task_moves_on() {
     let dir = tempfile::tempdir().unwrap();
     let lease = std::time::Duration::from_millis(300);
     let s = start_with_lease(dir.path(), Mode::Balanced(Strategy::LeastLoaded), lease).await;
-    let a = s.addr;
+    let a = &s.client;
     let (_, w1) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
     let w1 = w1["id"].as_u64().unwrap();
     let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
@@ -334,7 +341,7 @@ async fn a_silent_worker_is_declared_dead_and_its_running_task_moves_on() {
 async fn users_list_and_update_tasks_and_admins_rebalance_list_and_remove_workers() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), Mode::Balanced(Strategy::LeastLoaded)).await;
-    let a = s.addr;
+    let a = &s.client;
     let (_, w1) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
     let w1 = w1["id"].as_u64().unwrap();
     let mut ids = Vec::new();
@@ -420,7 +427,7 @@ async fn users_list_and_update_tasks_and_admins_rebalance_list_and_remove_worker
 async fn a_batch_is_submitted_all_or_nothing_within_its_limits() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), Mode::Fanout).await;
-    let a = s.addr;
+    let a = &s.client;
     let two = json!({"tasks": [{"group": "g"}, {"group": "g", "priority": 2}]});
     let (st, ok) = post(a, "/v1/tasks/batch", two).await;
     assert_eq!(st, 201, "{ok}");
@@ -469,7 +476,7 @@ async fn a_waiting_fetch_returns_the_moment_work_is_placed_and_times_out_empty()
     for mode in [Mode::Fanout, Mode::Balanced(Strategy::LeastLoaded)] {
         let dir = tempfile::tempdir().unwrap();
         let s = start(dir.path(), mode).await;
-        let a = s.addr;
+        let a = &s.client;
         let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
         let w = w["id"].as_u64().unwrap();
         // Nothing to fetch: the wait runs out and the answer is empty.
@@ -483,10 +490,11 @@ async fn a_waiting_fetch_returns_the_moment_work_is_placed_and_times_out_empty()
         assert_eq!((st, got["tasks"].as_array().unwrap().len()), (200, 0));
         assert!(t0.elapsed() >= std::time::Duration::from_millis(200));
         // A fetch waiting up to 4 s returns as soon as a task it can run is submitted.
+        let session = s.client.clone();
         let waiting = tokio::spawn(async move {
             let t0 = std::time::Instant::now();
             let got = post(
-                a,
+                &session,
                 &format!("/v1/workers/{w}/fetch"),
                 json!({"wait_ms": 4000}),
             )

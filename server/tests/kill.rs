@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use common::post;
+use common::{post, Session, ADMIN};
 use serde_json::json;
 
 /// Starts the binary on an ephemeral port; returns it and the address it logged.
@@ -23,6 +23,8 @@ fn start(dir: &Path) -> (Child, SocketAddr) {
             "127.0.0.1:0",
             "--mode",
             "least-loaded",
+            "--admin-token",
+            ADMIN,
             "--data-dir",
         ])
         .arg(dir)
@@ -48,7 +50,9 @@ fn start(dir: &Path) -> (Child, SocketAddr) {
 #[tokio::test]
 async fn acknowledged_tasks_survive_sigkill_and_are_handed_out_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, a) = start(dir.path());
+    let (mut server, addr) = start(dir.path());
+    let mut session = Session::new(addr);
+    let a = &session;
     let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
     let w = w["id"].as_u64().unwrap();
     let mut acked = BTreeSet::new();
@@ -68,7 +72,10 @@ async fn acknowledged_tasks_survive_sigkill_and_are_handed_out_once() {
     server.kill().unwrap(); // SIGKILL
     server.wait().unwrap();
 
-    let (mut server, a) = start(dir.path());
+    let (mut server, addr) = start(dir.path());
+    // The same session: the worker's token survives the restart too.
+    session.addr = addr;
+    let a = &session;
     // The running tasks are still assigned to the worker, at attempt 1.
     for t in &running {
         let report = json!({"attempt": 1, "outcome": "finished"});

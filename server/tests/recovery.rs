@@ -89,7 +89,7 @@ fn recovery_registers_workers_before_placing_tasks_in_every_mode() {
             ..Config::default()
         })
         .unwrap();
-        let r = recover(&store, &d, 10_000).unwrap();
+        let r = recover(&store.recover().unwrap(), &d, 10_000).unwrap();
         assert_eq!((r.workers, r.queued, r.running), (1, 3, 1), "{mode:?}");
         assert_eq!((r.next_task_id, r.next_worker_id), (6, 3));
         // Task 3 ran on the removed worker: queued again, and the store is told.
@@ -140,7 +140,7 @@ fn recovery_restores_how_long_tasks_waited_for_aging() {
             ..Config::default()
         })
         .unwrap();
-        recover(&s, &d, 100_000).unwrap();
+        recover(&s.recover().unwrap(), &d, 100_000).unwrap();
         d.fetch(WorkerId(1), 2)
             .unwrap()
             .iter()

@@ -19,7 +19,7 @@ pub use sqlite::SqliteStore;
 use serde::{Deserialize, Serialize};
 
 /// Where a stored task is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Waiting for a worker (possibly parked).
@@ -103,6 +103,48 @@ pub struct WorkerRecord {
     pub token_hash: String,
 }
 
+/// What a user's bearer token may do (a worker's token lives on its [`WorkerRecord`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything, including the admin routes.
+    Admin,
+    /// Submit and manage tasks of its groups, and register workers that serve only them.
+    Submitter,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Submitter => "submitter",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "admin" => Role::Admin,
+            "submitter" => Role::Submitter,
+            _ => return None,
+        })
+    }
+}
+
+/// A user's bearer token. Only its hash is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// The token's id (for listing and revoking; not a secret).
+    pub id: u64,
+    /// Lower-case hex SHA-256 of the token.
+    pub hash: String,
+    /// What it may do.
+    pub role: Role,
+    /// The groups a submitter token may use (empty for an admin token).
+    pub groups: Vec<String>,
+    /// When it was created, in Unix milliseconds.
+    pub created_ms: i64,
+}
+
 /// One durable state change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -163,6 +205,13 @@ pub enum Change {
         /// The worker.
         worker: u64,
     },
+    /// A user token was created.
+    AddToken(TokenRecord),
+    /// A user token was revoked (`NotFound` if it does not exist or is already revoked).
+    RevokeToken {
+        /// The token's id.
+        id: u64,
+    },
 }
 
 /// What the coordinator reloads on start.
@@ -176,6 +225,13 @@ pub struct Recovery {
     pub next_task_id: u64,
     /// The next free worker id.
     pub next_worker_id: u64,
+    /// Workers that left or were declared dead: their tokens still identify them, so their
+    /// late requests are told to register again (410) rather than refused as strangers (401).
+    pub removed_workers: Vec<WorkerRecord>,
+    /// User tokens not revoked.
+    pub tokens: Vec<TokenRecord>,
+    /// The next free token id.
+    pub next_token_id: u64,
 }
 
 /// Why the store refused or failed.
@@ -201,6 +257,8 @@ pub struct ListFilter {
     pub state: Option<TaskState>,
     /// Only tasks of this group.
     pub group: Option<String>,
+    /// Only tasks of these groups (a submitter's scope); `None` for any group.
+    pub within: Option<Vec<String>>,
     /// Only ids above this (the cursor of the previous page; 0 for the first).
     pub after: u64,
     /// At most this many.

@@ -22,7 +22,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Change, ListFilter, Recovery, Store, StoreError, TaskRecord, TaskState, WorkerRecord};
+use super::{
+    Change, ListFilter, Recovery, Role, Store, StoreError, TaskRecord, TaskState, TokenRecord,
+    WorkerRecord,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tasks (
@@ -45,6 +48,14 @@ CREATE TABLE IF NOT EXISTS workers (
     tags       TEXT    NOT NULL,
     token_hash TEXT    NOT NULL,
     removed    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id         INTEGER PRIMARY KEY,
+    hash       TEXT    NOT NULL UNIQUE,
+    role       TEXT    NOT NULL,
+    groups     TEXT    NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked    INTEGER NOT NULL DEFAULT 0
 );
 ";
 
@@ -124,8 +135,11 @@ fn end_attempt(
     Ok((n, task, "end that attempt"))
 }
 
+fn json(v: &[String]) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(backend)
+}
+
 fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreError> {
-    let json = |v: &Vec<String>| serde_json::to_string(v).map_err(backend);
     let changed = match change {
         Change::Submit(t) => {
             let inserted = tx.execute(
@@ -213,7 +227,7 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             priority,
             tags,
         } => {
-            let tags = tags.as_ref().map(json).transpose()?;
+            let tags = tags.as_deref().map(json).transpose()?;
             let n = tx
                 .execute(
                     "UPDATE tasks SET priority = COALESCE(?2, priority), tags = COALESCE(?3, tags),
@@ -248,6 +262,33 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 .map_err(backend)?;
             if n == 0 {
                 return Err(StoreError::NotFound(format!("worker {worker}")));
+            }
+            return Ok(());
+        }
+        Change::AddToken(t) => {
+            let inserted = tx.execute(
+                "INSERT INTO tokens (id, hash, role, groups, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![t.id as i64, t.hash, t.role.as_str(), json(&t.groups)?, t.created_ms],
+            );
+            return match inserted {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::Conflict(format!("token {} exists", t.id)))
+                }
+                Err(e) => Err(backend(e)),
+            };
+        }
+        Change::RevokeToken { id } => {
+            let n = tx
+                .execute(
+                    "UPDATE tokens SET revoked = 1 WHERE id = ?1 AND revoked = 0",
+                    [*id as i64],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("token {id}")));
             }
             return Ok(());
         }
@@ -309,17 +350,42 @@ impl Store for SqliteStore {
             .reader
             .lock()
             .map_err(|_| backend("reader lock poisoned"))?;
-        let workers = conn
-            .prepare(
-                "SELECT id, groups, tags, token_hash FROM workers WHERE removed = 0 ORDER BY id",
-            )
+        let all_workers = conn
+            .prepare("SELECT id, groups, tags, token_hash, removed FROM workers ORDER BY id")
             .and_then(|mut s| {
                 s.query_map([], |r| {
-                    Ok(WorkerRecord {
+                    let worker = WorkerRecord {
                         id: r.get::<_, i64>(0)? as u64,
                         groups: strings(r.get(1)?)?,
                         tags: strings(r.get(2)?)?,
                         token_hash: r.get(3)?,
+                    };
+                    Ok((worker, r.get::<_, bool>(4)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(backend)?;
+        let (removed, workers): (Vec<_>, Vec<_>) =
+            all_workers.into_iter().partition(|(_, removed)| *removed);
+        let tokens = conn
+            .prepare(
+                "SELECT id, hash, role, groups, created_ms FROM tokens WHERE revoked = 0 ORDER BY id",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    let role: String = r.get(2)?;
+                    Ok(TokenRecord {
+                        id: r.get::<_, i64>(0)? as u64,
+                        hash: r.get(1)?,
+                        role: Role::parse(&role).ok_or_else(|| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                2,
+                                rusqlite::types::Type::Text,
+                                format!("unknown role {role:?}").into(),
+                            )
+                        })?,
+                        groups: strings(r.get(3)?)?,
+                        created_ms: r.get(4)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
@@ -344,10 +410,13 @@ impl Store for SqliteStore {
             .map_err(backend)
         };
         Ok(Recovery {
-            workers,
             tasks,
             next_task_id: next("tasks")?,
             next_worker_id: next("workers")?,
+            workers: workers.into_iter().map(|(w, _)| w).collect(),
+            removed_workers: removed.into_iter().map(|(w, _)| w).collect(),
+            tokens,
+            next_token_id: next("tokens")?,
         })
     }
 
@@ -374,6 +443,7 @@ impl Store for SqliteStore {
             .prepare_cached(&format!(
                 "SELECT {TASK_COLUMNS} FROM tasks
                  WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR grp = ?3)
+                   AND (?5 IS NULL OR grp IN (SELECT value FROM json_each(?5)))
                  ORDER BY id LIMIT ?4"
             ))
             .map_err(backend)?;
@@ -383,7 +453,8 @@ impl Store for SqliteStore {
                     filter.after as i64,
                     filter.state.map(TaskState::as_str),
                     filter.group,
-                    filter.limit as i64
+                    filter.limit as i64,
+                    filter.within.as_deref().map(json).transpose()?
                 ],
                 task_row,
             )

@@ -1,17 +1,36 @@
 //! A minimal HTTP/1.1 client for the tests: one request per connection, JSON in and out.
+//!
+//! [`Session`] presents the right token by itself: a worker's own token on `/v1/workers/{id}/…`
+//! routes (learned from the registration's answer), the admin token everywhere else. Tests of
+//! the auth boundaries use [`call_as`] and name the token.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// One HTTP/1.1 request over a fresh connection; returns the status and the JSON body.
-pub async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+/// The admin token the tests start servers with.
+pub const ADMIN: &str = "sy_test_admin";
+
+/// One HTTP/1.1 request over a fresh connection with `token` (if any); returns the status and
+/// the response text (head and body).
+pub async fn raw(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{auth}\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -20,11 +39,73 @@ pub async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&str>
     s.read_to_end(&mut raw).await.unwrap();
     let text = String::from_utf8(raw).unwrap();
     let status: u16 = text[9..12].parse().unwrap();
+    (status, text)
+}
+
+/// [`raw`], with the body parsed as JSON.
+pub async fn call_as(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let (status, text) = raw(addr, token, method, path, body).await;
     let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let value = serde_json::from_str(json).unwrap_or_else(|_| panic!("not JSON: {text}"));
     (status, value)
 }
 
-pub async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
-    call(addr, "POST", path, Some(&body.to_string())).await
+/// A server's address, its admin token and the tokens of the workers registered through it.
+pub struct Session {
+    pub addr: SocketAddr,
+    pub admin: String,
+    workers: Mutex<HashMap<u64, String>>,
+}
+
+impl Session {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            admin: ADMIN.to_string(),
+            workers: Mutex::default(),
+        }
+    }
+
+    /// The token of worker `id`, registered through this session.
+    pub fn worker_token(&self, id: u64) -> String {
+        self.workers.lock().unwrap()[&id].clone()
+    }
+
+    /// Presents `token` as worker `id` from now on (for example after a restart).
+    pub fn learn(&self, id: u64, token: String) {
+        self.workers.lock().unwrap().insert(id, token);
+    }
+
+    /// The token a request to `path` presents: the worker's own on its routes, else admin.
+    fn token_for(&self, path: &str) -> String {
+        let worker = path
+            .strip_prefix("/v1/workers/")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|id| id.parse::<u64>().ok());
+        worker
+            .and_then(|w| self.workers.lock().unwrap().get(&w).cloned())
+            .unwrap_or_else(|| self.admin.clone())
+    }
+}
+
+/// One request with the session's choice of token (see the module docs).
+pub async fn call(s: &Session, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let token = s.token_for(path);
+    let (status, value) = call_as(s.addr, Some(&token), method, path, body).await;
+    if method == "POST" && path == "/v1/workers" && status == 201 {
+        let id = value["id"].as_u64().unwrap();
+        let token = value["token"].as_str().unwrap().to_string();
+        s.workers.lock().unwrap().insert(id, token);
+    }
+    (status, value)
+}
+
+pub async fn post(s: &Session, path: &str, body: Value) -> (u16, Value) {
+    call(s, "POST", path, Some(&body.to_string())).await
 }

@@ -1,0 +1,158 @@
+//! The HTTP API: JSON over HTTP/1.1, under `/v1`, split by who calls it.
+//!
+//! | module | caller | routes |
+//! |---|---|---|
+//! | [`workers`] | a worker (its own token); registration by an admin or submitter | register, heartbeat, fetch (long-poll), report, leave |
+//! | [`tasks`] | a submitter (its groups) or the admin | submit, batch, get, list, update, cancel |
+//! | [`admin`] | the admin | stats, rebalance, workers, force-remove, tokens, `/metrics` |
+//!
+//! `/health` and `/openapi.json` need no token. Every error is JSON (`{error, message}`, see
+//! [`crate::error`]); every request is bounded in body size and in time (408 past the limit).
+
+pub mod admin;
+pub mod tasks;
+pub mod workers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+
+use crate::app::App;
+use crate::error::{no_route, ApiError};
+
+/// The HTTP routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(admin::metrics))
+        .route("/v1/stats", get(admin::stats))
+        .route("/v1/workers", post(workers::register))
+        .route("/v1/workers/{worker}", delete(workers::leave))
+        .route("/v1/workers/{worker}/heartbeat", post(workers::heartbeat))
+        .route("/v1/workers/{worker}/fetch", post(workers::fetch))
+        .route(
+            "/v1/workers/{worker}/tasks/{task}/report",
+            post(workers::report),
+        )
+        .route("/v1/tasks", post(tasks::submit).get(tasks::list))
+        .route("/v1/tasks/batch", post(tasks::submit_batch))
+        .route(
+            "/v1/tasks/{task}",
+            get(tasks::get).delete(tasks::cancel).patch(tasks::update),
+        )
+        .route("/v1/admin/rebalance", post(admin::rebalance))
+        .route("/v1/admin/workers", get(admin::workers))
+        .route("/v1/admin/workers/{worker}", delete(admin::remove_worker))
+        .route(
+            "/v1/admin/tokens",
+            post(admin::create_token).get(admin::tokens),
+        )
+        .route("/v1/admin/tokens/{token}", delete(admin::revoke_token))
+        .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            time_limit,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(app.limits.max_body))
+        .with_state(app)
+}
+
+/// Serves `router(app)` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "serving");
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The request-time limit. Cancelling a handler here is safe: its decide-and-commit step runs
+/// detached (see [`crate::app`]).
+async fn time_limit(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let limit = app.limits.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::timeout(format!(
+            "the request took longer than the limit of {} ms",
+            limit.as_millis()
+        ))
+        .into_response(),
+    }
+}
+
+pub(crate) type Reply<T> = Result<(StatusCode, Json<T>), ApiError>;
+
+pub(crate) fn ok<T>(body: T) -> Reply<T> {
+    Ok((StatusCode::OK, Json(body)))
+}
+
+pub(crate) fn created<T>(body: T) -> Reply<T> {
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Health {
+    status: &'static str,
+}
+
+/// Liveness: answers while the server runs. No token needed.
+#[utoipa::path(get, path = "/health", tag = "meta", security(()),
+    responses((status = 200, body = Health)))]
+pub(crate) async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// This API's OpenAPI 3.1 document. No token needed.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", security(()),
+    responses((status = 200, description = "the OpenAPI document")))]
+pub(crate) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Switchyard", description = "Hands tagged, prioritised tasks to workers that fetch them over HTTP."),
+    paths(
+        health, openapi,
+        workers::register, workers::heartbeat, workers::fetch, workers::report, workers::leave,
+        tasks::submit, tasks::submit_batch, tasks::get, tasks::list, tasks::update, tasks::cancel,
+        admin::stats, admin::metrics, admin::rebalance, admin::workers, admin::remove_worker,
+        admin::create_token, admin::tokens, admin::revoke_token,
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "workers", description = "Register, fetch, report, leave (worker token)"),
+        (name = "tasks", description = "Submit and manage tasks (submitter or admin token)"),
+        (name = "admin", description = "Operate the coordinator (admin token)"),
+        (name = "meta", description = "Health and this document (no token)"),
+    ),
+    security(("bearer" = [])),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

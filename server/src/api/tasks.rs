@@ -1,0 +1,392 @@
+//! Task routes: submit (one or a batch), get, list, update, cancel.
+//!
+//! An admin sees every task; a submitter only the tasks of its groups. A task of another group
+//! answers 404, as if it did not exist.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use switchyard::{TaskId, TaskSpec};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{created, ok, Reply};
+use crate::app::{detach, now_ms, App};
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody, JsonBody, PathParams, QueryParams};
+use crate::store::{Change, ListFilter, Store, TaskRecord, TaskState};
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SubmitBody {
+    /// The group whose workers may run it.
+    group: String,
+    /// Only workers holding all these tags are candidates.
+    #[serde(default)]
+    tags: Vec<String>,
+    /// Higher runs first.
+    #[serde(default)]
+    priority: i32,
+    /// Any JSON, handed to the worker as is (at most the server's `--max-payload` bytes).
+    #[serde(default)]
+    payload: serde_json::Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Submitted {
+    id: u64,
+}
+
+/// Validates a submission and gives it an id: the spec for the dispatcher and the record for the
+/// store. Nothing is written.
+fn prepare(
+    app: &App,
+    caller: &Caller,
+    body: SubmitBody,
+) -> Result<(TaskSpec, TaskRecord), ApiError> {
+    caller.require_group(&body.group)?;
+    let payload =
+        serde_json::to_vec(&body.payload).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if payload.len() > app.limits.max_payload {
+        return Err(ApiError::bad_request(format!(
+            "payload is {} bytes; the limit is {}",
+            payload.len(),
+            app.limits.max_payload
+        )));
+    }
+    let id = app.next_task.fetch_add(1, Ordering::Relaxed);
+    let spec = TaskSpec::new(id, body.group.clone())
+        .tags(body.tags.iter().cloned())
+        .priority(body.priority);
+    app.dispatcher.validate(&spec)?;
+    let record = TaskRecord {
+        id,
+        group: body.group,
+        tags: body.tags,
+        priority: body.priority,
+        payload,
+        state: TaskState::Queued,
+        attempt: 0,
+        worker: None,
+        outcome: None,
+        submitted_ms: now_ms(),
+    };
+    Ok((spec, record))
+}
+
+/// Submits one task. Acknowledged once durable.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = SubmitBody,
+    responses(
+        (status = 201, body = Submitted),
+        (status = 400, description = "invalid group, tags or payload", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "not one of the token's groups", body = ErrorBody),
+        (status = 413, description = "body over the limit", body = ErrorBody),
+    ))]
+pub(crate) async fn submit(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    JsonBody(body): JsonBody<SubmitBody>,
+) -> Reply<Submitted> {
+    let (spec, record) = prepare(&app, &caller, body)?;
+    let id = record.id;
+    let a = app.clone();
+    detach(async move {
+        // Durable first: only then may a worker fetch it.
+        a.writer.commit(vec![Change::Submit(record)]).await?;
+        a.dispatcher.submit(spec)?;
+        Ok(())
+    })
+    .await?;
+    created(Submitted { id })
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchBody {
+    /// 1 to the server's `--max-batch` tasks.
+    tasks: Vec<SubmitBody>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SubmittedBatch {
+    /// The ids, in the order of the submitted tasks.
+    ids: Vec<u64>,
+}
+
+/// Submits a batch, all or nothing: every task is validated before any is written (the error
+/// names the offending task), all are committed in one transaction, then handed to the
+/// dispatcher in one batch.
+#[utoipa::path(post, path = "/v1/tasks/batch", tag = "tasks", request_body = BatchBody,
+    responses(
+        (status = 201, body = SubmittedBatch),
+        (status = 400, description = "a task is invalid, or the batch is empty or too large", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+    ))]
+pub(crate) async fn submit_batch(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    JsonBody(body): JsonBody<BatchBody>,
+) -> Reply<SubmittedBatch> {
+    if body.tasks.is_empty() || body.tasks.len() > app.limits.max_batch {
+        return Err(ApiError::bad_request(format!(
+            "a batch holds 1..={} tasks",
+            app.limits.max_batch
+        )));
+    }
+    let mut specs = Vec::with_capacity(body.tasks.len());
+    let mut changes = Vec::with_capacity(body.tasks.len());
+    for (i, task) in body.tasks.into_iter().enumerate() {
+        let (spec, record) = prepare(&app, &caller, task).map_err(|e| e.in_batch(i))?;
+        specs.push(spec);
+        changes.push(Change::Submit(record));
+    }
+    let ids = specs.iter().map(|s| s.id.0).collect();
+    let a = app.clone();
+    detach(async move {
+        a.writer.commit(changes).await?;
+        a.dispatcher.submit_many(specs)?;
+        Ok(())
+    })
+    .await?;
+    created(SubmittedBatch { ids })
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TaskBody {
+    id: u64,
+    group: String,
+    tags: Vec<String>,
+    priority: i32,
+    /// The payload as submitted.
+    payload: serde_json::Value,
+    state: TaskState,
+    /// The latest attempt (0 before the first fetch).
+    attempt: u32,
+    /// The worker running it, or that last ran it.
+    worker: Option<u64>,
+    /// The result (finished) or message (failed).
+    outcome: Option<String>,
+    /// When it was submitted, in Unix milliseconds.
+    submitted_ms: i64,
+}
+
+impl From<TaskRecord> for TaskBody {
+    fn from(t: TaskRecord) -> Self {
+        Self {
+            payload: serde_json::from_slice(&t.payload).unwrap_or(serde_json::Value::Null),
+            id: t.id,
+            group: t.group,
+            tags: t.tags,
+            priority: t.priority,
+            state: t.state,
+            attempt: t.attempt,
+            worker: t.worker,
+            outcome: t.outcome,
+            submitted_ms: t.submitted_ms,
+        }
+    }
+}
+
+/// The task, if the caller may see it; otherwise "unknown task" (404), as if it did not exist.
+fn visible(app: &App, caller: &Caller, task: u64) -> Result<TaskRecord, ApiError> {
+    match app.store.task(task)? {
+        Some(t) if caller.may_use(&t.group) => Ok(t),
+        _ => Err(switchyard::Error::UnknownTask(TaskId(task)).into()),
+    }
+}
+
+/// Checks that the caller may change `task`. An admin may change any (the dispatcher decides
+/// whether it exists), so only a submitter pays for the read.
+fn may_change(app: &App, caller: &Caller, task: u64) -> Result<(), ApiError> {
+    match caller.scope()? {
+        None => Ok(()),
+        Some(_) => visible(app, caller, task).map(drop),
+    }
+}
+
+/// One task: its state, attempt, worker and outcome.
+#[utoipa::path(get, path = "/v1/tasks/{task}", tag = "tasks",
+    params(("task" = u64, Path, description = "the task")),
+    responses(
+        (status = 200, body = TaskBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "no such task in the caller's groups", body = ErrorBody),
+    ))]
+pub(crate) async fn get(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParams(task): PathParams<u64>,
+) -> Reply<TaskBody> {
+    caller.scope()?;
+    ok(visible(&app, &caller, task)?.into())
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Cancelled {
+    task: u64,
+    /// The worker it was running on, if it was running (its report will get 404).
+    was_running_on: Option<u64>,
+}
+
+/// Cancels a queued or running task.
+#[utoipa::path(delete, path = "/v1/tasks/{task}", tag = "tasks",
+    params(("task" = u64, Path, description = "the task")),
+    responses(
+        (status = 200, body = Cancelled),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "no such live task in the caller's groups", body = ErrorBody),
+    ))]
+pub(crate) async fn cancel(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParams(task): PathParams<u64>,
+) -> Reply<Cancelled> {
+    may_change(&app, &caller, task)?;
+    let a = app.clone();
+    let outcome = detach(async move {
+        let outcome = a.dispatcher.cancel(TaskId(task))?;
+        a.writer.commit(vec![Change::Cancel { task }]).await?;
+        Ok(outcome)
+    })
+    .await?;
+    let was_running_on = match outcome {
+        switchyard::Cancelled::Running { worker, .. } => Some(worker.0),
+        switchyard::Cancelled::Queued => None,
+    };
+    ok(Cancelled {
+        task,
+        was_running_on,
+    })
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only tasks in this state.
+    state: Option<TaskState>,
+    /// Only tasks of this group.
+    group: Option<String>,
+    /// The `next` of the previous page (0 or absent for the first).
+    #[serde(default)]
+    after: u64,
+    /// Page size, 1..=1000 (100 by default).
+    #[serde(default = "hundred")]
+    limit: usize,
+}
+
+fn hundred() -> usize {
+    100
+}
+
+/// Most tasks one list page may return.
+const MAX_PAGE: usize = 1000;
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Page {
+    tasks: Vec<TaskBody>,
+    /// The `after` of the next page, when this one is full.
+    next: Option<u64>,
+}
+
+/// Lists tasks in id order, a page at a time; a submitter sees only its groups.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListQuery),
+    responses(
+        (status = 200, body = Page),
+        (status = 400, description = "a bad state, group or limit", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "a group outside the token's scope", body = ErrorBody),
+    ))]
+pub(crate) async fn list(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    QueryParams(q): QueryParams<ListQuery>,
+) -> Reply<Page> {
+    let scope = caller.scope()?;
+    if let Some(g) = &q.group {
+        caller.require_group(g)?;
+    }
+    if q.limit == 0 || q.limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be in 1..={MAX_PAGE}"
+        )));
+    }
+    let filter = ListFilter {
+        state: q.state,
+        group: q.group,
+        within: scope.map(<[String]>::to_vec),
+        after: q.after,
+        limit: q.limit,
+    };
+    let tasks = app.store.list(&filter)?;
+    let next = (tasks.len() == q.limit)
+        .then(|| tasks.last().map(|t| t.id))
+        .flatten();
+    ok(Page {
+        tasks: tasks.into_iter().map(TaskBody::from).collect(),
+        next,
+    })
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateBody {
+    /// The new priority.
+    priority: Option<i32>,
+    /// The new tags (the task is placed again among the new candidates).
+    tags: Option<Vec<String>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Updated {
+    task: u64,
+    /// Whether no worker can take it now (it waits for one to register).
+    parked: bool,
+}
+
+/// Changes the priority and/or tags of a queued task.
+#[utoipa::path(patch, path = "/v1/tasks/{task}", tag = "tasks",
+    params(("task" = u64, Path, description = "the task")),
+    request_body = UpdateBody,
+    responses(
+        (status = 200, body = Updated),
+        (status = 400, description = "nothing to change, or invalid tags", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "the task is not queued", body = ErrorBody),
+    ))]
+pub(crate) async fn update(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParams(task): PathParams<u64>,
+    JsonBody(body): JsonBody<UpdateBody>,
+) -> Reply<Updated> {
+    may_change(&app, &caller, task)?;
+    if body.priority.is_none() && body.tags.is_none() {
+        return Err(ApiError::bad_request(
+            "nothing to change: give priority and/or tags",
+        ));
+    }
+    let a = app.clone();
+    let placement = detach(async move {
+        let placement = a
+            .dispatcher
+            .update(TaskId(task), body.priority, body.tags.as_deref())?;
+        a.writer
+            .commit(vec![Change::Update {
+                task,
+                priority: body.priority,
+                tags: body.tags,
+            }])
+            .await?;
+        Ok(placement)
+    })
+    .await?;
+    ok(Updated {
+        task,
+        parked: placement == switchyard::Placement::Parked,
+    })
+}

@@ -1,0 +1,356 @@
+//! Worker routes: register, heartbeat, fetch (long-poll), report, leave.
+//!
+//! Every route but registration takes the worker's own token (403 for any other) and renews
+//! its lease. A worker the coordinator no longer knows (it left, or its lease expired) gets
+//! 410 and must register again.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use switchyard::{TaskId, WorkerId};
+use utoipa::ToSchema;
+
+use super::{created, ok, Reply};
+use crate::app::{detach, App};
+use crate::auth::{self, Caller};
+use crate::error::{ApiError, ErrorBody, JsonBody, PathParams};
+use crate::store::{Change, Role, Store, WorkerRecord};
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegisterBody {
+    /// Groups the worker serves (at least one).
+    groups: Vec<String>,
+    /// Its tags: it is a candidate for a task whose tags are all among these.
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Registered {
+    /// The worker's id.
+    id: u64,
+    /// The worker's token: shown only now, stored only hashed.
+    token: String,
+    /// Milliseconds of silence after which the worker is declared dead.
+    lease_ms: u64,
+}
+
+/// Registers a worker. An admin may register any; a submitter only workers whose groups are
+/// all its own.
+#[utoipa::path(post, path = "/v1/workers", tag = "workers", request_body = RegisterBody,
+    responses(
+        (status = 201, body = Registered),
+        (status = 400, description = "invalid groups or tags", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    ))]
+pub(crate) async fn register(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    JsonBody(body): JsonBody<RegisterBody>,
+) -> Reply<Registered> {
+    match &caller {
+        Caller::User(t) if t.role == Role::Admin => {}
+        Caller::User(_) => {
+            for g in &body.groups {
+                caller.require_group(g)?;
+            }
+        }
+        Caller::Worker(_) => return Err(ApiError::forbidden("a worker may not register others")),
+    }
+    // Validate against the dispatcher's limits before anything is written.
+    app.dispatcher.validate_worker(&body.groups, &body.tags)?;
+    let id = app.next_worker.fetch_add(1, Ordering::Relaxed);
+    let token = auth::generate();
+    let token_hash = auth::hash(&token);
+    let a = app.clone();
+    detach(async move {
+        let record = WorkerRecord {
+            id,
+            groups: body.groups.clone(),
+            tags: body.tags.clone(),
+            token_hash: token_hash.clone(),
+        };
+        a.writer.commit(vec![Change::AddWorker(record)]).await?;
+        a.keyring.insert(token_hash, Caller::Worker(id));
+        a.dispatcher
+            .register(WorkerId(id), &body.groups, &body.tags)?;
+        a.leases.renew(id);
+        Ok(())
+    })
+    .await?;
+    created(Registered {
+        id,
+        token,
+        lease_ms: app.limits.lease_timeout.as_millis() as u64,
+    })
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Beat {
+    /// Milliseconds of silence after which the worker is declared dead.
+    lease_ms: u64,
+}
+
+/// Renews the worker's lease (any worker request does; this one does nothing else).
+#[utoipa::path(post, path = "/v1/workers/{worker}/heartbeat", tag = "workers",
+    params(("worker" = u64, Path, description = "the worker")),
+    responses(
+        (status = 200, body = Beat),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 410, description = "declared dead or left: register again", body = ErrorBody),
+    ))]
+pub(crate) async fn heartbeat(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParams(worker): PathParams<u64>,
+) -> Reply<Beat> {
+    caller.require_worker(worker)?;
+    if !app.dispatcher.is_registered(WorkerId(worker)) {
+        return Err(switchyard::Error::UnknownWorker(WorkerId(worker)).into());
+    }
+    app.leases.renew(worker);
+    ok(Beat {
+        lease_ms: app.limits.lease_timeout.as_millis() as u64,
+    })
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Left {
+    /// Running tasks that were queued again elsewhere.
+    requeued: usize,
+}
+
+/// The worker leaves: its queued and running tasks are redistributed (running ones as a new
+/// attempt).
+#[utoipa::path(delete, path = "/v1/workers/{worker}", tag = "workers",
+    params(("worker" = u64, Path, description = "the worker")),
+    responses(
+        (status = 200, body = Left),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 410, body = ErrorBody),
+    ))]
+pub(crate) async fn leave(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParams(worker): PathParams<u64>,
+) -> Reply<Left> {
+    caller.require_worker(worker)?;
+    let requeued = app.remove_worker(worker).await?;
+    ok(Left { requeued })
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FetchBody {
+    /// Most tasks to take (1 by default; at most the server's `--max-fetch`).
+    #[serde(default = "one")]
+    max: usize,
+    /// Milliseconds to wait for work when there is none (long-poll); 0 answers at once.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Fetched {
+    /// The tasks now assigned to this worker, best first.
+    tasks: Vec<Assigned>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Assigned {
+    id: u64,
+    /// Name it in the report.
+    attempt: u32,
+    priority: i32,
+    /// The payload as submitted.
+    payload: serde_json::Value,
+}
+
+/// Takes up to `max` tasks from the worker's queue. With `wait_ms`, an empty queue waits that
+/// long and answers the moment work is placed on the worker. Each assignment is durable before
+/// the reply leaves.
+#[utoipa::path(post, path = "/v1/workers/{worker}/fetch", tag = "workers",
+    params(("worker" = u64, Path, description = "the worker")),
+    request_body = FetchBody,
+    responses(
+        (status = 200, body = Fetched),
+        (status = 400, description = "max or wait_ms out of range", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 410, description = "declared dead or left: register again", body = ErrorBody),
+    ))]
+pub(crate) async fn fetch(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParams(worker): PathParams<u64>,
+    JsonBody(body): JsonBody<FetchBody>,
+) -> Reply<Fetched> {
+    caller.require_worker(worker)?;
+    if body.max == 0 || body.max > app.limits.max_fetch {
+        return Err(ApiError::bad_request(format!(
+            "max must be in 1..={}",
+            app.limits.max_fetch
+        )));
+    }
+    let wait = Duration::from_millis(body.wait_ms);
+    if wait > app.limits.max_wait {
+        return Err(ApiError::bad_request(format!(
+            "wait_ms must be at most {}",
+            app.limits.max_wait.as_millis()
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    // Subscribe before looking, so work placed in between wakes us.
+    let subscription = (!wait.is_zero()).then(|| app.wakeups.subscribe(worker));
+    loop {
+        let mut woken = subscription.as_ref().map(|s| Box::pin(s.notify.notified()));
+        if let Some(w) = woken.as_mut() {
+            w.as_mut().enable();
+        }
+        let started = Instant::now();
+        let tasks = detach(take(app.clone(), worker, body.max)).await?;
+        app.metrics.fetched(started.elapsed());
+        match woken {
+            Some(woken) if tasks.is_empty() => {
+                if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                    return ok(Fetched { tasks }); // waited the whole time: an empty answer
+                }
+            }
+            _ => return ok(Fetched { tasks }),
+        }
+    }
+}
+
+/// One fetch: the dispatcher assigns, the writer records the assignments, and the payloads
+/// are read. Runs detached: an assignment is never left unrecorded.
+async fn take(app: Arc<App>, worker: u64, max: usize) -> Result<Vec<Assigned>, ApiError> {
+    let got = app.dispatcher.fetch(WorkerId(worker), max)?;
+    app.leases.renew(worker);
+    if got.is_empty() {
+        return Ok(Vec::new());
+    }
+    let changes = got
+        .iter()
+        .map(|a| Change::Assign {
+            task: a.task.0,
+            worker,
+            attempt: a.attempt,
+        })
+        .collect();
+    if let Err(e) = app.writer.commit(changes).await {
+        // Not durable: hand the tasks back rather than run them unrecorded.
+        for a in &got {
+            let _ = app
+                .dispatcher
+                .give_back(WorkerId(worker), a.task, a.attempt);
+        }
+        return Err(e.into());
+    }
+    let mut tasks = Vec::with_capacity(got.len());
+    for a in got {
+        let record = app.store.task(a.task.0)?;
+        let payload = record
+            .map(|t| serde_json::from_slice(&t.payload).unwrap_or(serde_json::Value::Null))
+            .unwrap_or(serde_json::Value::Null);
+        tasks.push(Assigned {
+            id: a.task.0,
+            attempt: a.attempt,
+            priority: a.priority,
+            payload,
+        });
+    }
+    Ok(tasks)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub(crate) enum Outcome {
+    /// Done; `result` is kept.
+    Finished,
+    /// Failed for good; `message` is kept.
+    Failed,
+    /// Not run: queue it again, as a new attempt, for any candidate.
+    GivenBack,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReportBody {
+    /// The attempt the fetch handed out.
+    attempt: u32,
+    outcome: Outcome,
+    #[serde(default)]
+    result: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Reported {
+    task: u64,
+}
+
+/// Reports how an assignment ended. Durable before the reply.
+#[utoipa::path(post, path = "/v1/workers/{worker}/tasks/{task}/report", tag = "workers",
+    params(("worker" = u64, Path, description = "the worker"),
+           ("task" = u64, Path, description = "the task")),
+    request_body = ReportBody,
+    responses(
+        (status = 200, body = Reported),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "no such task", body = ErrorBody),
+        (status = 409, description = "a superseded attempt: nothing changed", body = ErrorBody),
+        (status = 410, description = "declared dead or left: register again", body = ErrorBody),
+    ))]
+pub(crate) async fn report(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParams((worker, task)): PathParams<(u64, u64)>,
+    JsonBody(body): JsonBody<ReportBody>,
+) -> Reply<Reported> {
+    caller.require_worker(worker)?;
+    let a = app.clone();
+    let reported = detach(async move {
+        let (w, t, attempt) = (WorkerId(worker), TaskId(task), body.attempt);
+        let change = match body.outcome {
+            Outcome::Finished => {
+                a.dispatcher.complete(w, t, attempt)?;
+                Change::Finish {
+                    task,
+                    attempt,
+                    result: body.result,
+                }
+            }
+            Outcome::Failed => {
+                a.dispatcher.complete(w, t, attempt)?;
+                Change::Fail {
+                    task,
+                    attempt,
+                    message: body.message.unwrap_or_default(),
+                }
+            }
+            Outcome::GivenBack => {
+                a.dispatcher.give_back(w, t, attempt)?;
+                Change::Requeue { task, attempt }
+            }
+        };
+        a.leases.renew(worker);
+        a.writer.commit(vec![change]).await?;
+        Ok(())
+    })
+    .await;
+    if let Err(e) = &reported {
+        if e.kind() == "stale_attempt" {
+            app.metrics.stale_reports.increment(1);
+        }
+    }
+    reported?;
+    ok(Reported { task })
+}

@@ -1,0 +1,231 @@
+//! `switchyard work`: a worker that runs a shell command per task, so Switchyard can be tried
+//! without writing code.
+//!
+//! It registers (with a submitter's or the admin's token), then long-polls for tasks. Each task
+//! runs as `sh -c <command>` with the payload's JSON on stdin and in `SWITCHYARD_PAYLOAD`, and
+//! the task's id, attempt and priority in `SWITCHYARD_TASK_ID`, `SWITCHYARD_ATTEMPT` and
+//! `SWITCHYARD_PRIORITY`. Exit status 0 reports the task finished, with its standard output as
+//! the result; any other reports it failed, with the status and the end of its standard error.
+//! Heartbeats keep the lease while a command runs. If the coordinator declared the worker dead
+//! (410), it registers again. On shutdown (Ctrl-C) the task in hand is killed and given back,
+//! and the worker leaves, so its queue is redistributed at once.
+
+use std::future::Future;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+
+use crate::client::{Client, ClientError};
+
+/// Most bytes of a command's output kept as a task's result or failure message.
+const MAX_OUTPUT: usize = 64 * 1024;
+
+/// What to run, and for whom.
+#[derive(Debug, Clone)]
+pub struct WorkOptions {
+    /// The coordinator's address.
+    pub server: String,
+    /// Groups served.
+    pub groups: Vec<String>,
+    /// Tags held.
+    pub tags: Vec<String>,
+    /// The shell command run per task.
+    pub command: String,
+    /// Tasks per fetch.
+    pub batch: usize,
+    /// Long-poll wait per fetch.
+    pub wait: Duration,
+    /// Stop after this many tasks (`None`: until shut down).
+    pub tasks: Option<u64>,
+}
+
+/// What a `work` run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WorkSummary {
+    /// Tasks reported finished.
+    pub finished: u64,
+    /// Tasks reported failed.
+    pub failed: u64,
+    /// Reports the coordinator refused (the task was cancelled or reassigned meanwhile).
+    pub refused: u64,
+}
+
+struct Registration {
+    id: u64,
+    client: Client,
+    lease: Duration,
+}
+
+async fn register(registrar: &Client, opts: &WorkOptions) -> Result<Registration, ClientError> {
+    let body = json!({"groups": opts.groups, "tags": opts.tags});
+    let r = registrar
+        .call(Method::POST, "/v1/workers", Some(&body))
+        .await?;
+    let (Some(id), Some(token)) = (r["id"].as_u64(), r["token"].as_str()) else {
+        return Err(ClientError::Transport(format!("unexpected answer: {r}")));
+    };
+    let lease = Duration::from_millis(r["lease_ms"].as_u64().unwrap_or(15_000));
+    eprintln!("switchyard work: registered as worker {id}");
+    Ok(Registration {
+        id,
+        client: Client::new(&opts.server, Some(token.to_string()))?,
+        lease,
+    })
+}
+
+/// Runs the worker until `shutdown` resolves or `opts.tasks` tasks are done.
+pub async fn work(
+    registrar: &Client,
+    opts: &WorkOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<WorkSummary, ClientError> {
+    let mut me = register(registrar, opts).await?;
+    let mut summary = WorkSummary::default();
+    tokio::pin!(shutdown);
+    let fetch_body = json!({"max": opts.batch, "wait_ms": opts.wait.as_millis() as u64});
+    // `shutdown` must not be polled again once it has fired.
+    let mut stopping = false;
+    let result = loop {
+        if stopping
+            || opts
+                .tasks
+                .is_some_and(|n| summary.finished + summary.failed >= n)
+        {
+            break Ok(());
+        }
+        let path = format!("/v1/workers/{}/fetch", me.id);
+        let fetched = tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            f = me.client.call(Method::POST, &path, Some(&fetch_body)) => f,
+        };
+        let tasks = match fetched {
+            Ok(v) => v["tasks"].as_array().cloned().unwrap_or_default(),
+            Err(e) if e.status() == Some(410) => {
+                eprintln!("switchyard work: declared dead by the coordinator; registering again");
+                me = register(registrar, opts).await?;
+                continue;
+            }
+            Err(e) => break Err(e),
+        };
+        for task in tasks {
+            let outcome = tokio::select! {
+                _ = &mut shutdown => {
+                    give_back(&me, &task).await;
+                    stopping = true;
+                    break;
+                }
+                o = run(&me, &opts.command, &task) => o,
+            };
+            match report(&me, &task, outcome).await {
+                Ok(true) => summary.finished += 1,
+                Ok(false) => summary.failed += 1,
+                Err(e) => {
+                    eprintln!("switchyard work: report refused: {e}");
+                    summary.refused += 1;
+                }
+            }
+        }
+    };
+    // Leave, so whatever is still queued here goes to the other workers at once.
+    if let Err(e) = me
+        .client
+        .call(Method::DELETE, &format!("/v1/workers/{}", me.id), None)
+        .await
+    {
+        eprintln!("switchyard work: leaving failed: {e}");
+    }
+    result.map(|()| summary)
+}
+
+/// How a command ended: `Ok(stdout)` or `Err(message)`.
+type Outcome = Result<String, String>;
+
+/// Runs the command for `task`, heartbeating while it runs.
+async fn run(me: &Registration, command: &str, task: &Value) -> Outcome {
+    let payload = task["payload"].to_string();
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("SWITCHYARD_TASK_ID", task["id"].to_string())
+        .env("SWITCHYARD_ATTEMPT", task["attempt"].to_string())
+        .env("SWITCHYARD_PRIORITY", task["priority"].to_string())
+        .env("SWITCHYARD_PAYLOAD", &payload)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("could not start sh: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that does not read its input closes the pipe early: not an error.
+        let _ = stdin.write_all(payload.as_bytes()).await;
+    }
+    let started = Instant::now();
+    let beat = format!("/v1/workers/{}/heartbeat", me.id);
+    let mut heartbeat = tokio::time::interval(me.lease / 3);
+    heartbeat.tick().await; // the first tick is immediate
+    let output = child.wait_with_output();
+    tokio::pin!(output);
+    let output = loop {
+        tokio::select! {
+            o = &mut output => break o,
+            _ = heartbeat.tick() => {
+                if let Err(e) = me.client.call(Method::POST, &beat, None).await {
+                    eprintln!("switchyard work: heartbeat failed: {e}");
+                }
+            }
+        }
+    };
+    let output = output.map_err(|e| format!("waiting for the command: {e}"))?;
+    eprintln!(
+        "switchyard work: task {} attempt {}: {} in {:.2?}",
+        task["id"],
+        task["attempt"],
+        output.status,
+        started.elapsed()
+    );
+    let tail = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes);
+        let start = text.len().saturating_sub(MAX_OUTPUT);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        text[start..].to_string()
+    };
+    if output.status.success() {
+        Ok(tail(&output.stdout))
+    } else {
+        Err(format!("{}: {}", output.status, tail(&output.stderr)))
+    }
+}
+
+/// Reports `outcome`; `Ok(true)` for finished, `Ok(false)` for failed.
+async fn report(me: &Registration, task: &Value, outcome: Outcome) -> Result<bool, ClientError> {
+    let path = format!("/v1/workers/{}/tasks/{}/report", me.id, task["id"]);
+    let (body, finished) = match outcome {
+        Ok(result) => (
+            json!({"attempt": task["attempt"], "outcome": "finished", "result": result}),
+            true,
+        ),
+        Err(message) => (
+            json!({"attempt": task["attempt"], "outcome": "failed", "message": message}),
+            false,
+        ),
+    };
+    me.client.call(Method::POST, &path, Some(&body)).await?;
+    Ok(finished)
+}
+
+async fn give_back(me: &Registration, task: &Value) {
+    let path = format!("/v1/workers/{}/tasks/{}/report", me.id, task["id"]);
+    let body = json!({"attempt": task["attempt"], "outcome": "given_back"});
+    if let Err(e) = me.client.call(Method::POST, &path, Some(&body)).await {
+        eprintln!(
+            "switchyard work: giving back task {} failed: {e}",
+            task["id"]
+        );
+    }
+}
