@@ -3,75 +3,28 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::time::Duration;
 
-use common::{call, call_as, post, raw, Session, ADMIN};
+use common::{call, post, start_with, test_settings, Server};
 use serde_json::{json, Value};
 use switchyard::{Config, Mode, Strategy};
-use switchyard_server::api::serve;
-use switchyard_server::app::{App, Opened, Settings};
-use tokio::sync::oneshot;
-
-struct Server {
-    addr: SocketAddr,
-    client: Arc<Session>,
-    stop: oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<std::io::Result<()>>,
-    writer: tokio::task::JoinHandle<()>,
-    app: Arc<App>,
-}
+use switchyard_server::app::Settings;
 
 async fn start(dir: &Path, mode: Mode) -> Server {
-    start_with_lease(dir, mode, std::time::Duration::from_secs(30)).await
+    start_with_lease(dir, mode, Duration::from_secs(30)).await
 }
 
-async fn start_with_lease(dir: &Path, mode: Mode, lease: std::time::Duration) -> Server {
-    let limits = Settings {
-        max_fetch: 16,
-        max_payload: 64,
+async fn start_with_lease(dir: &Path, mode: Mode, lease: Duration) -> Server {
+    let settings = Settings {
         lease_timeout: lease,
-        max_batch: 3,
-        max_body: 4096,
-        max_wait: std::time::Duration::from_secs(5),
-        request_timeout: std::time::Duration::from_secs(10),
-        admin_token: Some(ADMIN.to_string()),
+        ..test_settings()
     };
-    let Opened { app, writer, .. } = App::open(
-        dir,
-        Config {
-            mode,
-            ..Config::default()
-        },
-        limits,
-    )
-    .await
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(serve(listener, app.clone(), async {
-        let _ = stopped.await;
-    }));
-    Server {
-        addr,
-        client: Arc::new(Session::new(addr)),
-        stop,
-        served,
-        writer,
-        app,
-    }
-}
-
-impl Server {
-    /// Stops serving and drains the writer (a clean shutdown).
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.served.await.unwrap().unwrap();
-        drop(self.app);
-        self.writer.await.unwrap();
-    }
+    let config = Config {
+        mode,
+        ..Config::default()
+    };
+    start_with(dir, config, settings).await
 }
 
 #[tokio::test]

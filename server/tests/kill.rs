@@ -6,45 +6,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
-use common::{post, Session, ADMIN};
+use common::{post, spawn_binary, Session};
 use serde_json::json;
 
-/// Starts the binary on an ephemeral port; returns it and the address it logged.
 fn start(dir: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--mode",
-            "least-loaded",
-            "--admin-token",
-            ADMIN,
-            "--data-dir",
-        ])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the switchyard binary starts");
-    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-    for line in lines.by_ref() {
-        let line = line.expect("readable log");
-        if let Some((_, addr)) = line.split_once("addr=") {
-            let addr = addr.split_whitespace().next().unwrap().parse().unwrap();
-            // Keep draining the log so the server never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return (child, addr);
-        }
-    }
-    let _ = child.kill();
-    let status = child.wait();
-    panic!("the server exited before serving: {status:?}");
+    spawn_binary(dir, &["--mode", "least-loaded"])
 }
 
 #[tokio::test]

@@ -6,11 +6,19 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
+use switchyard::Config;
+use switchyard_server::api::serve;
+use switchyard_server::app::{App, Opened, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
 
 /// The admin token the tests start servers with.
 pub const ADMIN: &str = "sy_test_admin";
@@ -108,4 +116,97 @@ pub async fn call(s: &Session, method: &str, path: &str, body: Option<&str>) -> 
 
 pub async fn post(s: &Session, path: &str, body: Value) -> (u16, Value) {
     call(s, "POST", path, Some(&body.to_string())).await
+}
+
+/// A coordinator serving on an ephemeral loopback port, in this process.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub client: Arc<Session>,
+    pub app: Arc<App>,
+    /// The admin token this start generated, if it generated one.
+    pub new_admin_token: Option<String>,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// Small limits, so the tests can reach them, and the [`ADMIN`] token.
+pub fn test_settings() -> Settings {
+    Settings {
+        max_fetch: 16,
+        max_payload: 64,
+        lease_timeout: Duration::from_secs(30),
+        max_batch: 3,
+        max_body: 4096,
+        max_wait: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+        admin_token: Some(ADMIN.to_string()),
+    }
+}
+
+/// Opens a coordinator on `dir` and serves it.
+pub async fn start_with(dir: &Path, config: Config, settings: Settings) -> Server {
+    let Opened {
+        app,
+        writer,
+        new_admin_token,
+    } = App::open(dir, config, settings).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(serve(listener, app.clone(), async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        client: Arc::new(Session::new(addr)),
+        app,
+        new_admin_token,
+        stop,
+        served,
+        writer,
+    }
+}
+
+impl Server {
+    /// Stops serving and drains the writer (a clean shutdown).
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.served.await.unwrap().unwrap();
+        drop(self.app);
+        self.writer.await.unwrap();
+    }
+}
+
+/// Starts the `switchyard` binary (`serve` on an ephemeral port, the [`ADMIN`] token, `dir`,
+/// then `args`); returns it and the address it logged.
+pub fn spawn_binary(dir: &Path, args: &[&str]) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--admin-token",
+            ADMIN,
+            "--data-dir",
+        ])
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the switchyard binary starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("readable log");
+        if let Some((_, addr)) = line.split_once("addr=") {
+            let addr = addr.split_whitespace().next().unwrap().parse().unwrap();
+            // Keep draining the log so the server never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, addr);
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait();
+    panic!("the server exited before serving: {status:?}");
 }
