@@ -1,26 +1,28 @@
 //! # Switchyard coordinator
 //!
 //! The HTTP coordinator that workers and users talk to, built on the in-process dispatcher
-//! (crate `switchyard`). It is being built in stages (issue 5); what exists now:
+//! (crate `switchyard`), and the `switchyard` CLI's client side.
 //!
-//! | module | what it does | state |
-//! |---|---|---|
-//! | [`store`] | the `Store` trait, its records and changes; SQLite (WAL) as the embedded default | done |
-//! | [`writer`] | the group-commit writer: one transaction per batch of waiting requests | done |
-//! | [`recovery`] | restart: workers into the dispatcher first, then tasks (queued and running) | done |
-//! | [`app`] | the HTTP API (axum): workers register, fetch, report, leave; tasks submit, get, list, update, cancel; admin rebalance, workers, force-remove; stats, health | no auth yet |
-//! | [`error`] | one error type, mapped to a status and a JSON body in one place | done |
-//! | [`liveness`] | worker leases, renewed by every worker request; the reaper declares silent workers dead | done |
-//! | [`wakeups`] | long-poll: a waiting fetch is woken the moment work it can fetch is placed | done |
-//! | `main.rs` | the `switchyard` CLI: `serve` | first slice |
-//!
-//! Still to come: bearer-token auth, request limits beyond fetch size, page size
-//! and payload, Prometheus metrics, OpenAPI, and
-//! the client subcommands.
+//! | module | what it does |
+//! |---|---|
+//! | [`app`] | the coordinator's state; opening (recovery, admin token), removing workers, and [`app::detach`] |
+//! | [`api`] | the HTTP routes, split by caller ([`api::workers`], [`api::tasks`], [`api::admin`]), the request-time limit and the OpenAPI document |
+//! | [`auth`] | bearer tokens (stored hashed) and each caller's scope |
+//! | [`error`] | one error type, mapped to a status and a JSON body in one place |
+//! | [`store`] | the `Store` trait, its records and changes; SQLite (WAL) as the embedded default |
+//! | [`writer`] | the group-commit writer: one transaction per batch of waiting requests |
+//! | [`recovery`] | restart: workers into the dispatcher first, then tasks (queued and running) |
+//! | [`liveness`] | worker leases, renewed by every worker request; the reaper declares silent workers dead |
+//! | [`wakeups`] | long-poll: a waiting fetch is woken the moment work it can fetch is placed |
+//! | [`metrics`] | Prometheus metrics: events as they happen, dispatcher state copied in at scrape time |
+//! | [`client`], [`work`] | the CLI's HTTP client, and the `work` loop that runs a shell command per task |
+//! | `main.rs` | the `switchyard` CLI: `serve` and the client subcommands |
 //!
 //! The rule that joins the dispatcher and the store: the dispatcher decides, the writer makes
 //! the decision durable, and only then is the caller answered (a submission acknowledged, an
-//! assignment sent, a report confirmed).
+//! assignment sent, a report confirmed). A submission is validated and committed before the
+//! dispatcher sees it. Each decide-and-commit step runs detached from its request, so a client
+//! that hangs up cannot leave a decision unrecorded.
 
 pub mod api;
 pub mod app;

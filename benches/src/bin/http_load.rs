@@ -1,0 +1,379 @@
+//! HTTP load generator: drives a coordinator through its API with many concurrent keep-alive
+//! connections and reports per-operation cost, throughput and latency percentiles, each as a
+//! ratio against a bare `/health` round trip measured in the same run at the same concurrency
+//! (the floor that HTTP on this machine costs before the coordinator does anything).
+//!
+//! ```text
+//! cargo run --release -p switchyard-benches --bin http_load -- [--tasks N] [--conns C] ...
+//! ```
+//!
+//! Without `--server` it starts a coordinator in this process, on a fresh data directory (the
+//! embedded SQLite store with `synchronous = FULL`, so every acknowledgement waits for an
+//! fsync, shared by group commit). With `--server URL --token ADMIN` it drives an external one
+//! (this is how `flamegraphs/record.sh http` profiles the server alone).
+//!
+//! Phases: `/health` (the floor); single submissions; batch submissions; workers draining
+//! everything with fetch + report. Prints a Markdown table on stdout, progress on stderr.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+struct Args {
+    /// A running coordinator (`http://host:port`); without it, one is started in-process.
+    #[arg(long)]
+    server: Option<String>,
+    /// The admin token of `--server`.
+    #[arg(long, env = "SWITCHYARD_TOKEN")]
+    token: Option<String>,
+    /// Tasks per phase (single submissions use a quarter of this).
+    #[arg(long, default_value_t = 20_000)]
+    tasks: u64,
+    /// Concurrent connections (and workers in the drain phase).
+    #[arg(long, default_value_t = 32)]
+    conns: usize,
+    /// Tasks per batch submission.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Tasks per fetch in the drain phase.
+    #[arg(long, default_value_t = 16)]
+    fetch: usize,
+    /// Placement of the in-process coordinator: fanout or least-loaded.
+    #[arg(long, default_value = "least-loaded")]
+    mode: String,
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct Conn {
+    send: SendRequest<Full<Bytes>>,
+    authority: String,
+    token: String,
+}
+
+impl Conn {
+    async fn open(authority: &str, token: &str) -> Conn {
+        let stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .expect("the coordinator accepts connections");
+        stream.set_nodelay(true).unwrap();
+        let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(connection);
+        Conn {
+            send,
+            authority: authority.to_string(),
+            token: token.to_string(),
+        }
+    }
+
+    async fn call(&mut self, method: Method, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let payload = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, &self.authority)
+            .header(AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(payload))
+            .unwrap();
+        self.send.ready().await.expect("connection ready");
+        let response = self.send.send_request(request).await.expect("a response");
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    fn with_token(mut self, token: &str) -> Conn {
+        self.token = token.to_string();
+        self
+    }
+}
+
+/// What one phase measured.
+struct Phase {
+    name: &'static str,
+    ops: u64,
+    wall: Duration,
+    latency: Histogram<u64>,
+}
+
+impl Phase {
+    fn per_op_ns(&self) -> f64 {
+        self.wall.as_nanos() as f64 / self.ops as f64
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
+}
+
+/// Runs `per_conn` on `conns` connections at once; each returns its latencies (µs).
+async fn phase<F, Fut>(name: &'static str, conns: Vec<Conn>, per_conn: F) -> (Phase, Vec<Conn>)
+where
+    F: Fn(usize, Conn) -> Fut,
+    Fut: std::future::Future<Output = (Conn, u64, Histogram<u64>)> + Send + 'static,
+{
+    eprintln!("== {name}");
+    let started = Instant::now();
+    let handles: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| tokio::spawn(per_conn(i, c)))
+        .collect();
+    let mut latency = histogram();
+    let mut ops = 0;
+    let mut back = Vec::new();
+    for h in handles {
+        let (c, n, l) = h.await.unwrap();
+        ops += n;
+        latency.add(&l).unwrap();
+        back.push(c);
+    }
+    let p = Phase {
+        name,
+        ops,
+        wall: started.elapsed(),
+        latency,
+    };
+    (p, back)
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let (authority, admin, _server) = match &args.server {
+        Some(url) => {
+            let authority = url.trim_start_matches("http://").trim_end_matches('/');
+            let token = args
+                .token
+                .clone()
+                .expect("--token (or SWITCHYARD_TOKEN) with --server");
+            (authority.to_string(), token, None)
+        }
+        None => {
+            let (addr, server) = in_process(&args.mode).await;
+            (addr, "sy_bench_admin".to_string(), Some(server))
+        }
+    };
+    let mut conns = Vec::new();
+    for _ in 0..args.conns {
+        conns.push(Conn::open(&authority, &admin).await);
+    }
+    let c = args.conns as u64;
+    let mut phases = Vec::new();
+
+    // The floor: a bare round trip.
+    let health_n = (args.tasks / c).max(1);
+    let (p, conns) = phase("GET /health", conns, move |_, mut conn| async move {
+        let mut l = histogram();
+        for _ in 0..health_n {
+            let t = Instant::now();
+            conn.call(Method::GET, "/health", None).await;
+            l.record(t.elapsed().as_micros() as u64).unwrap();
+        }
+        (conn, health_n, l)
+    })
+    .await;
+    phases.push(p);
+
+    // Workers, registered by the admin, one per connection.
+    let mut workers = Vec::new();
+    let mut conns = conns.into_iter();
+    let mut admin_conn = conns.next().unwrap();
+    for conn in conns {
+        let (st, w) = admin_conn
+            .call(
+                Method::POST,
+                "/v1/workers",
+                Some(&json!({"groups": ["load"]})),
+            )
+            .await;
+        assert_eq!(st, 201, "{w}");
+        let id = w["id"].as_u64().unwrap();
+        workers.push((id, conn.with_token(w["token"].as_str().unwrap())));
+    }
+    let (st, w) = admin_conn
+        .call(
+            Method::POST,
+            "/v1/workers",
+            Some(&json!({"groups": ["load"]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{w}");
+    let fresh = Conn::open(&authority, w["token"].as_str().unwrap()).await;
+    workers.push((w["id"].as_u64().unwrap(), fresh));
+    let ids: Vec<u64> = workers.iter().map(|(id, _)| *id).collect();
+    let worker_conns: Vec<Conn> = workers.into_iter().map(|(_, c)| c).collect();
+
+    // Submitters use admin connections.
+    let mut submitters = vec![admin_conn];
+    for _ in 1..args.conns {
+        submitters.push(Conn::open(&authority, &admin).await);
+    }
+    let single_n = (args.tasks / 4 / c).max(1);
+    let (p, submitters) = phase("POST /v1/tasks", submitters, move |i, mut conn| async move {
+        let mut l = histogram();
+        for k in 0..single_n {
+            let body = json!({"group": "load", "priority": (k % 8) as i32, "payload": {"i": i, "k": k}});
+            let t = Instant::now();
+            let (st, _) = conn.call(Method::POST, "/v1/tasks", Some(&body)).await;
+            assert_eq!(st, 201);
+            l.record(t.elapsed().as_micros() as u64).unwrap();
+        }
+        (conn, single_n, l)
+    })
+    .await;
+    phases.push(p);
+
+    let batches = (args.tasks / args.batch as u64 / c).max(1);
+    let batch = args.batch;
+    let (p, _submitters) = phase("POST /v1/tasks/batch (per task)", submitters, move |i, mut conn| async move {
+        let mut l = histogram();
+        for k in 0..batches {
+            let tasks: Vec<Value> = (0..batch)
+                .map(|j| json!({"group": "load", "priority": (j % 8) as i32, "payload": {"i": i, "k": k, "j": j}}))
+                .collect();
+            let body = json!({ "tasks": tasks });
+            let t = Instant::now();
+            let (st, _) = conn.call(Method::POST, "/v1/tasks/batch", Some(&body)).await;
+            assert_eq!(st, 201);
+            l.record(t.elapsed().as_micros() as u64).unwrap();
+        }
+        (conn, batches * batch as u64, l)
+    })
+    .await;
+    phases.push(p);
+
+    // Drain: every worker fetches up to `fetch` and reports each, until nothing is left.
+    let total = single_n * c + batches * batch as u64 * c;
+    let done = Arc::new(AtomicU64::new(0));
+    let fetch = args.fetch;
+    let (p, _) = phase("fetch + report (per task)", worker_conns, {
+        let ids = ids.clone();
+        let done = done.clone();
+        move |i, mut conn| {
+            let id = ids[i];
+            let done = done.clone();
+            async move {
+                let mut l = histogram();
+                let mut n = 0;
+                let fetch_path = format!("/v1/workers/{id}/fetch");
+                let body = json!({ "max": fetch });
+                while done.load(Ordering::Relaxed) < total {
+                    let t = Instant::now();
+                    let (st, got) = conn.call(Method::POST, &fetch_path, Some(&body)).await;
+                    assert_eq!(st, 200, "{got}");
+                    let tasks = got["tasks"].as_array().cloned().unwrap_or_default();
+                    if tasks.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    for task in &tasks {
+                        let path = format!("/v1/workers/{id}/tasks/{}/report", task["id"]);
+                        let report = json!({"attempt": task["attempt"], "outcome": "finished"});
+                        let (st, r) = conn.call(Method::POST, &path, Some(&report)).await;
+                        assert_eq!(st, 200, "{r}");
+                    }
+                    // One sample per task: the fetch and its reports, shared out.
+                    let per = t.elapsed().as_micros() as u64 / tasks.len() as u64;
+                    l.record_n(per.max(1), tasks.len() as u64).unwrap();
+                    n += tasks.len() as u64;
+                    done.fetch_add(tasks.len() as u64, Ordering::Relaxed);
+                }
+                (conn, n, l)
+            }
+        }
+    })
+    .await;
+    phases.push(p);
+    assert_eq!(
+        done.load(Ordering::Relaxed),
+        total,
+        "every task reported once"
+    );
+
+    report(&args, &phases);
+}
+
+fn report(args: &Args, phases: &[Phase]) {
+    let floor = phases[0].per_op_ns();
+    println!("| operation ({} connections) | ops | per op (wall / ops) | ops/s | p50 | p99 | × `/health` cost |", args.conns);
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for p in phases {
+        let per = p.per_op_ns();
+        println!(
+            "| {} | {} | {:.1} µs | {:.0} | {} µs | {} µs | {:.2} |",
+            p.name,
+            p.ops,
+            per / 1000.0,
+            1e9 / per,
+            p.latency.value_at_quantile(0.5),
+            p.latency.value_at_quantile(0.99),
+            per / floor,
+        );
+    }
+}
+
+/// Starts a coordinator in this process on a fresh data directory; returns its address.
+async fn in_process(mode: &str) -> (String, InProcess) {
+    use switchyard::{Config, Mode, Strategy};
+    let mode = match mode {
+        "fanout" => Mode::Fanout,
+        "least-loaded" => Mode::Balanced(Strategy::LeastLoaded),
+        other => panic!("--mode fanout|least-loaded, not {other}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let settings = switchyard_server::app::Settings {
+        admin_token: Some("sy_bench_admin".into()),
+        max_batch: 10_000,
+        ..Default::default()
+    };
+    let opened = switchyard_server::app::App::open(
+        dir.path(),
+        Config {
+            mode,
+            ..Config::default()
+        },
+        settings,
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(switchyard_server::api::serve(
+        listener,
+        opened.app,
+        std::future::pending(),
+    ));
+    (addr, InProcess { _dir: dir })
+}
+
+/// Keeps the in-process coordinator's data directory until the end.
+struct InProcess {
+    _dir: tempfile::TempDir,
+}

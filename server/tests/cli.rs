@@ -1,0 +1,121 @@
+//! The `switchyard` client subcommands against the real binary: the README's walk-through
+//! (token create → submit → work → status), a failing command, and the errors a user sees.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{spawn_binary, ADMIN};
+use serde_json::Value;
+
+/// Runs `switchyard args…` against `server` with `token`.
+fn cli(server: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.args(args).env("SWITCHYARD_SERVER", server);
+    match token {
+        Some(t) => cmd.env("SWITCHYARD_TOKEN", t),
+        None => cmd.env_remove("SWITCHYARD_TOKEN"),
+    };
+    cmd.output().expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_newcomer_submits_and_a_shell_worker_runs_the_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = spawn_binary(dir.path(), &[]);
+    let url = format!("http://{addr}");
+    let url = url.as_str();
+
+    let token = stdout(&cli(
+        url,
+        Some(ADMIN),
+        &["token", "create", "--group", "demo"],
+    ));
+    assert!(token.starts_with("sy_"), "{token}");
+    let ok = stdout(&cli(
+        url,
+        Some(&token),
+        &["submit", "--group", "demo", "--payload", r#"{"n": 21}"#],
+    ));
+    let bad = stdout(&cli(
+        url,
+        Some(&token),
+        &[
+            "submit",
+            "--group",
+            "demo",
+            "--priority",
+            "-1",
+            "--payload",
+            "boom",
+        ],
+    ));
+    // The worker doubles n with the payload from stdin, and fails on a string payload.
+    let script = r#"python3 -c 'import json,sys; p=json.load(sys.stdin); print(p["n"]*2) if isinstance(p, dict) else sys.exit("not a dict: %r" % p)'"#;
+    let worked = cli(
+        url,
+        Some(&token),
+        &[
+            "work",
+            "--group",
+            "demo",
+            "--tasks",
+            "2",
+            "--wait",
+            "1",
+            "--command",
+            script,
+        ],
+    );
+    let log = String::from_utf8_lossy(&worked.stderr);
+    assert!(worked.status.success(), "{log}");
+    assert!(log.contains("1 finished, 1 failed"), "{log}");
+
+    let status = |id: &str| -> Value {
+        serde_json::from_str(&stdout(&cli(url, Some(&token), &["status", id]))).unwrap()
+    };
+    let done = status(&ok);
+    assert_eq!(done["state"], "finished");
+    assert_eq!(done["outcome"], "42\n");
+    let failed = status(&bad);
+    assert_eq!(failed["state"], "failed");
+    assert!(
+        failed["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("not a dict: 'boom'"),
+        "{failed}"
+    );
+    // The worker left when it stopped.
+    let stats: Value = serde_json::from_str(&stdout(&cli(url, Some(ADMIN), &["stats"]))).unwrap();
+    assert_eq!(stats["workers"].as_array().unwrap().len(), 0, "{stats}");
+    assert_eq!(stats["claimed"], 2);
+
+    // Errors reach the user as one line, with a failing exit status.
+    let refused = cli(url, None, &["stats"]);
+    assert!(!refused.status.success());
+    let msg = String::from_utf8_lossy(&refused.stderr);
+    assert!(msg.contains("401 unauthorized"), "{msg}");
+    let forbidden = cli(url, Some(&token), &["submit", "--group", "other"]);
+    assert!(String::from_utf8_lossy(&forbidden.stderr).contains("403 forbidden"));
+    let unreachable = cli("http://127.0.0.1:1", Some(ADMIN), &["stats"]);
+    assert!(!unreachable.status.success());
+    let bad_url = cli("https://example.com", Some(ADMIN), &["stats"]);
+    assert!(String::from_utf8_lossy(&bad_url.stderr).contains("use http://"));
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
