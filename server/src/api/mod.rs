@@ -134,7 +134,7 @@ pub(crate) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         admin::stats, admin::metrics, admin::rebalance, admin::workers, admin::remove_worker,
         admin::create_token, admin::tokens, admin::revoke_token,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonErrors),
     tags(
         (name = "workers", description = "Register, fetch, report, leave (worker token)"),
         (name = "tasks", description = "Submit and manage tasks (submitter or admin token)"),
@@ -154,5 +154,64 @@ impl utoipa::Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Documents the errors every route shares, rather than repeating them on each handler: 401
+/// and 408 on every route that takes a token, 400 on routes with path or query parameters, and
+/// 400/413/415/422 on routes with a JSON body (malformed, too large, wrong content type, wrong
+/// fields).
+struct CommonErrors;
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in api.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in operations.into_iter().flatten() {
+                let public = op.security.as_ref().is_some_and(|s| {
+                    s.iter()
+                        .all(|r| serde_json::to_value(r).is_ok_and(|v| v == serde_json::json!({})))
+                });
+                let mut add = |status: &str, description: &str| {
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| error(description).into());
+                };
+                if !public {
+                    add("401", "no token, or an unknown one");
+                    add("408", "the request took longer than --request-timeout");
+                }
+                if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+                    add("400", "a malformed path or query parameter");
+                }
+                if op.request_body.is_some() {
+                    add("400", "invalid input");
+                    add("413", "the body is over --max-body");
+                    add("415", "the body is not application/json");
+                    add(
+                        "422",
+                        "the JSON does not fit the schema (a wrong type or unknown field)",
+                    );
+                }
+            }
+        }
     }
 }
