@@ -4,9 +4,12 @@
 //! placement between the look and the wait is never missed. The dispatcher calls this module
 //! (as its [`Waker`]) whenever work becomes fetchable; it wakes the subscribed fetches of the
 //! workers that can fetch that work. With no fetch waiting, a wake-up costs one atomic load.
+//!
+//! On shutdown, [`Wakeups::close`] wakes every waiting fetch and makes later ones answer at
+//! once, so a graceful shutdown does not wait out the long-polls.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use switchyard::{Waker, WorkerId};
@@ -19,6 +22,8 @@ pub struct Wakeups {
     /// registers in the map (under its lock) before it looks for work.
     waiting: AtomicUsize,
     subscribed: Mutex<HashMap<u64, (Arc<Notify>, usize)>>,
+    /// Set once, on shutdown.
+    closing: AtomicBool,
 }
 
 /// A waiting fetch's registration; dropping it unsubscribes.
@@ -52,6 +57,25 @@ impl Wakeups {
             .lock()
             .expect("wake-up table")
             .contains_key(&worker)
+    }
+
+    /// Shutdown: wakes every waiting fetch; from now on fetches do not wait.
+    ///
+    /// `SeqCst` pairs with [`Wakeups::is_closing`]: a fetch enables its `Notified`, looks for
+    /// work, then checks the flag before it waits. Either its check sees the flag, or its
+    /// enable came first and the `notify_waiters` below wakes it (the store-buffer case that
+    /// `SeqCst` on both sides rules out).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let map = self.subscribed.lock().expect("wake-up table");
+        for (notify, _) in map.values() {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Whether the server is shutting down (see [`Wakeups::close`]).
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     fn wake(map: &HashMap<u64, (Arc<Notify>, usize)>, worker: WorkerId) {

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{call, post, start_with, test_settings, Server};
+use common::{call, json_body, post, send, start_with, test_settings, Server, ADMIN};
 use serde_json::{json, Value};
 use switchyard::{Config, Mode, Strategy};
 use switchyard_server::app::Settings;
@@ -166,6 +166,14 @@ async fn every_error_is_a_json_4xx() {
             )
             .await,
         ),
+        (415, "bad_json", {
+            let no_type = format!(
+                "POST /v1/tasks HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ADMIN}\r\n\
+                 Content-Length: 15\r\nConnection: close\r\n\r\n{{\"group\": \"g\"}}"
+            );
+            let (st, text) = send(s.addr, &no_type).await;
+            (st, json_body(&text))
+        }),
     ];
     for (status, kind, (got, body)) in cases {
         assert_eq!(
@@ -475,4 +483,29 @@ async fn a_waiting_fetch_returns_the_moment_work_is_placed_and_times_out_empty()
         s.app.dispatcher().audit().unwrap();
         s.stop().await;
     }
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_answers_waiting_fetches_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), Mode::Fanout).await;
+    let (_, w) = post(&s.client, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w = w["id"].as_u64().unwrap();
+    let session = s.client.clone();
+    let waiting = tokio::spawn(async move {
+        let body = json!({"wait_ms": 4000});
+        post(&session, &format!("/v1/workers/{w}/fetch"), body).await
+    });
+    while !s.app.is_waiting(w) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t0 = std::time::Instant::now();
+    s.stop().await;
+    let (st, got) = waiting.await.unwrap();
+    assert_eq!((st, got["tasks"].as_array().map(Vec::len)), (200, Some(0)));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the shutdown waited {:?} for the long-poll",
+        t0.elapsed()
+    );
 }

@@ -4,8 +4,8 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 use switchyard_server::store::{
-    Change, ListFilter, Recovery, SqliteStore, Store, StoreError, TaskRecord, TaskState,
-    WorkerRecord,
+    Change, ListFilter, Recovery, Role, SqliteStore, Store, StoreError, TaskRecord, TaskState,
+    TokenRecord, WorkerRecord,
 };
 use switchyard_server::writer::Writer;
 
@@ -257,11 +257,99 @@ fn removed_workers_leave_recovery_and_their_ids_are_not_reused() {
     s.apply(&[Change::RemoveWorker { worker: 2 }]).unwrap();
     let r: Recovery = s.recover().unwrap();
     assert_eq!(r.workers, vec![worker(1)]);
+    // Their tokens still identify them (so their late requests get 410, not 401).
+    assert_eq!(r.removed_workers, vec![worker(2)]);
     assert_eq!(r.next_worker_id, 3);
     assert!(matches!(
         s.apply(&[Change::AddWorker(worker(2))]),
         Err(StoreError::Conflict(_))
     ));
+}
+
+fn token(id: u64, role: Role) -> TokenRecord {
+    TokenRecord {
+        id,
+        hash: format!("hash-{id}"),
+        role,
+        groups: if role == Role::Admin {
+            vec![]
+        } else {
+            vec!["g".into()]
+        },
+        created_ms: 7,
+    }
+}
+
+#[test]
+fn tokens_are_added_revoked_once_and_recovered_while_in_force() {
+    let (dir, s) = store();
+    s.apply(&[
+        Change::AddToken(token(1, Role::Admin)),
+        Change::AddToken(token(2, Role::Submitter)),
+        Change::AddToken(token(3, Role::Submitter)),
+    ])
+    .unwrap();
+    s.apply(&[Change::RevokeToken { id: 2 }]).unwrap();
+    assert!(matches!(
+        s.apply(&[Change::RevokeToken { id: 2 }]),
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.apply(&[Change::RevokeToken { id: 9 }]),
+        Err(StoreError::NotFound(_))
+    ));
+    // A duplicate id or hash is refused, and its batch leaves nothing behind.
+    let dup = Change::AddToken(TokenRecord {
+        hash: "hash-1".into(),
+        ..token(4, Role::Submitter)
+    });
+    assert!(matches!(
+        s.apply(&[Change::AddToken(token(5, Role::Submitter)), dup]),
+        Err(StoreError::Conflict(_))
+    ));
+    drop(s);
+    let s = SqliteStore::open(dir.path()).unwrap();
+    let r = s.recover().unwrap();
+    assert_eq!(
+        r.tokens,
+        vec![token(1, Role::Admin), token(3, Role::Submitter)]
+    );
+    // Ids are never reused, revoked ones included.
+    assert_eq!(r.next_token_id, 4);
+}
+
+#[test]
+fn a_list_can_be_limited_to_a_set_of_groups() {
+    let (_dir, s) = store();
+    let in_group = |id: u64, g: &str| {
+        Change::Submit(TaskRecord {
+            group: g.into(),
+            ..task(id)
+        })
+    };
+    s.apply(&[
+        in_group(1, "a"),
+        in_group(2, "b"),
+        in_group(3, "c"),
+        in_group(4, "a"),
+    ])
+    .unwrap();
+    let ids = |within: Option<Vec<String>>, group: Option<&str>| -> Vec<u64> {
+        let filter = ListFilter {
+            state: None,
+            group: group.map(String::from),
+            within,
+            after: 0,
+            limit: 10,
+        };
+        s.list(&filter).unwrap().iter().map(|t| t.id).collect()
+    };
+    let ac = Some(vec!["a".to_string(), "c".to_string()]);
+    assert_eq!(ids(None, None), [1, 2, 3, 4]);
+    assert_eq!(ids(ac.clone(), None), [1, 3, 4]);
+    assert_eq!(ids(ac.clone(), Some("c")), [3]);
+    assert_eq!(ids(ac, Some("b")), Vec::<u64>::new());
+    assert_eq!(ids(Some(vec![]), None), Vec::<u64>::new());
 }
 
 /// A store that holds its first `apply` until the test opens a gate, and records batch sizes.

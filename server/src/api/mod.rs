@@ -75,8 +75,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "serving");
+    let wakeups = app.wakeups.clone();
     axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Waiting fetches answer now instead of holding the shutdown for their wait.
+            wakeups.close();
+        })
         .await
 }
 

@@ -218,7 +218,7 @@ pub(crate) async fn fetch(
         let tasks = detach(take(app.clone(), worker, body.max)).await?;
         app.metrics.fetched(started.elapsed());
         match woken {
-            Some(woken) if tasks.is_empty() => {
+            Some(woken) if tasks.is_empty() && !app.wakeups.is_closing() => {
                 if tokio::time::timeout_at(deadline, woken).await.is_err() {
                     return ok(Fetched { tasks }); // waited the whole time: an empty answer
                 }

@@ -32,7 +32,6 @@ pub async fn raw(
     path: &str,
     body: Option<&str>,
 ) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = body.unwrap_or("");
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -42,12 +41,25 @@ pub async fn raw(
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.unwrap();
+    send(addr, &req).await
+}
+
+/// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) as is; returns the status
+/// and the response text.
+pub async fn send(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.unwrap();
     let text = String::from_utf8(raw).unwrap();
     let status: u16 = text[9..12].parse().unwrap();
     (status, text)
+}
+
+/// The JSON body of a response text.
+pub fn json_body(text: &str) -> Value {
+    let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(json).unwrap_or_else(|_| panic!("not JSON: {text}"))
 }
 
 /// [`raw`], with the body parsed as JSON.
@@ -59,9 +71,7 @@ pub async fn call_as(
     body: Option<&str>,
 ) -> (u16, Value) {
     let (status, text) = raw(addr, token, method, path, body).await;
-    let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let value = serde_json::from_str(json).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    (status, value)
+    (status, json_body(&text))
 }
 
 /// A server's address, its admin token and the tokens of the workers registered through it.
