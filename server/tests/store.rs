@@ -319,6 +319,21 @@ fn tokens_are_added_revoked_once_and_recovered_while_in_force() {
 }
 
 #[test]
+fn tasks_reads_the_existing_ones_among_ids() {
+    let (_dir, s) = store();
+    s.apply(&[
+        Change::Submit(task(1)),
+        Change::Submit(task(2)),
+        Change::Submit(task(3)),
+    ])
+    .unwrap();
+    let mut got: Vec<TaskRecord> = s.tasks(&[3, 1, 99]).unwrap();
+    got.sort_by_key(|t| t.id);
+    assert_eq!(got, vec![task(1), task(3)]);
+    assert!(s.tasks(&[]).unwrap().is_empty());
+}
+
+#[test]
 fn a_list_can_be_limited_to_a_set_of_groups() {
     let (_dir, s) = store();
     let in_group = |id: u64, g: &str| {
@@ -375,6 +390,9 @@ impl Store for Gated {
     }
     fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
         self.inner.task(id)
+    }
+    fn tasks(&self, ids: &[u64]) -> Result<Vec<TaskRecord>, StoreError> {
+        self.inner.tasks(ids)
     }
     fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
         self.inner.list(filter)

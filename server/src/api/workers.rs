@@ -4,6 +4,7 @@
 //! its lease. A worker the coordinator no longer knows (it left, or its lease expired) gets
 //! 410 and must register again.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -253,19 +254,26 @@ async fn take(app: Arc<App>, worker: u64, max: usize) -> Result<Vec<Assigned>, A
         }
         return Err(e.into());
     }
-    let mut tasks = Vec::with_capacity(got.len());
-    for a in got {
-        let record = app.store.task(a.task.0)?;
-        let payload = record
-            .map(|t| serde_json::from_slice(&t.payload).unwrap_or(serde_json::Value::Null))
-            .unwrap_or(serde_json::Value::Null);
-        tasks.push(Assigned {
+    // The payloads, in one read.
+    let ids: Vec<u64> = got.iter().map(|a| a.task.0).collect();
+    let mut payloads: HashMap<u64, Vec<u8>> = app
+        .store
+        .tasks(&ids)?
+        .into_iter()
+        .map(|t| (t.id, t.payload))
+        .collect();
+    let tasks = got
+        .into_iter()
+        .map(|a| Assigned {
             id: a.task.0,
             attempt: a.attempt,
             priority: a.priority,
-            payload,
-        });
-    }
+            payload: payloads
+                .remove(&a.task.0)
+                .and_then(|p| serde_json::from_slice(&p).ok())
+                .unwrap_or(serde_json::Value::Null),
+        })
+        .collect();
     Ok(tasks)
 }
 

@@ -273,6 +273,8 @@ pub trait Store: Send + Sync + 'static {
     fn recover(&self) -> Result<Recovery, StoreError>;
     /// One task, live or ended.
     fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError>;
+    /// The tasks among `ids` that exist, in any order (one read for a fetch's assignments).
+    fn tasks(&self, ids: &[u64]) -> Result<Vec<TaskRecord>, StoreError>;
     /// A page of tasks (see [`ListFilter`]).
     fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError>;
 }

@@ -440,6 +440,21 @@ impl Store for SqliteStore {
             .map_err(backend)
     }
 
+    fn tasks(&self, ids: &[u64]) -> Result<Vec<TaskRecord>, StoreError> {
+        let ids = serde_json::to_string(ids).map_err(backend)?;
+        let conn = self
+            .reader
+            .lock()
+            .map_err(|_| backend("reader lock poisoned"))?;
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?1))"
+            ))
+            .map_err(backend)?;
+        let rows = stmt.query_map([ids], task_row).map_err(backend)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+    }
+
     fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
         let conn = self
             .reader
