@@ -149,10 +149,6 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
             attempt: 0,
             message: "x".into(),
         },
-        Change::Requeue {
-            task: 1,
-            attempt: 0,
-        },
         Change::Update {
             task: 1,
             priority: Some(1),
@@ -173,6 +169,23 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
         );
     }
     assert_eq!(state(&s, 1), (TaskState::Running, 1, Some(3), None));
+    // A requeue of a superseded attempt changes nothing, and does not fail its batch.
+    s.apply(&[
+        Change::Requeue {
+            task: 1,
+            attempt: 0,
+        },
+        Change::Submit(task(2)),
+    ])
+    .unwrap();
+    assert_eq!(state(&s, 1), (TaskState::Running, 1, Some(3), None));
+    assert!(matches!(
+        s.apply(&[Change::Requeue {
+            task: 9,
+            attempt: 1
+        }]),
+        Err(StoreError::NotFound(_))
+    ));
     assert!(matches!(
         s.apply(&[Change::Finish {
             task: 9,
@@ -229,6 +242,67 @@ fn a_departure_and_a_late_assign_end_the_same_in_either_order() {
         .unwrap();
         assert_eq!(state(&s, 1), (TaskState::Running, 2, Some(8), None));
     }
+}
+
+#[test]
+fn a_departure_batch_commits_even_if_another_worker_took_a_task_first() {
+    // Worker 1 ran task 1 (attempt 1) and is declared dead; the dispatcher re-placed the task and
+    // worker 2 fetched it as attempt 2, and that assign committed before the departure's batch.
+    let (_dir, s) = store();
+    s.apply(&[
+        Change::AddWorker(worker(1)),
+        Change::AddWorker(worker(2)),
+        Change::Submit(task(1)),
+        Change::Submit(task(2)),
+        Change::Assign {
+            task: 1,
+            worker: 1,
+            attempt: 1,
+        },
+        Change::Assign {
+            task: 2,
+            worker: 1,
+            attempt: 1,
+        },
+    ])
+    .unwrap();
+    s.apply(&[Change::Assign {
+        task: 1,
+        worker: 2,
+        attempt: 2,
+    }])
+    .unwrap();
+    s.apply(&[
+        Change::RemoveWorker { worker: 1 },
+        Change::Requeue {
+            task: 1,
+            attempt: 1,
+        },
+        Change::Requeue {
+            task: 2,
+            attempt: 1,
+        },
+    ])
+    .unwrap();
+    assert_eq!(state(&s, 1), (TaskState::Running, 2, Some(2), None));
+    assert_eq!(state(&s, 2), (TaskState::Queued, 1, None, None));
+    assert_eq!(s.recover().unwrap().workers, vec![worker(2)]);
+}
+
+#[test]
+fn a_fetch_batch_commits_even_if_one_task_was_cancelled_first() {
+    let (_dir, s) = store();
+    s.apply(&[Change::Submit(task(1)), Change::Submit(task(2))])
+        .unwrap();
+    s.apply(&[Change::Cancel { task: 1 }]).unwrap();
+    let assign = |task| Change::Assign {
+        task,
+        worker: 5,
+        attempt: 1,
+    };
+    s.apply(&[assign(1), assign(2)]).unwrap();
+    assert_eq!(state(&s, 1).0, TaskState::Cancelled);
+    assert_eq!(state(&s, 2), (TaskState::Running, 1, Some(5), None));
 }
 
 #[test]

@@ -8,8 +8,8 @@
 //!
 //! Changes that depend on an assignment are fenced by attempt in the store too, and the highest
 //! attempt wins, so commits that reach the store out of order end in the same state (see
-//! `sqlite.rs`). A change for a superseded attempt is refused with [`StoreError::Conflict`]
-//! and nothing is written. The dispatcher already fences; the store's check keeps a bug or a
+//! `sqlite.rs`). A report (`Finish`/`Fail`) or assignment of a superseded attempt is refused
+//! with [`StoreError::Conflict`] and nothing is written; a superseded `Requeue` is a no-op. The dispatcher already fences; the store's check keeps a bug or a
 //! race between them from corrupting durable state.
 
 mod sqlite;

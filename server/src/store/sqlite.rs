@@ -12,9 +12,14 @@
 //! Commits from different requests can reach the store in either order (a fetch's `Assign` and
 //! a departure's `Requeue` of the same task, say). Each change names the attempt it establishes,
 //! and the highest attempt wins: `Assign(a)` applies over any lower attempt, `Requeue(a)` over a
-//! lower attempt or over running `a`, and `Finish`/`Fail(a)` only over running `a`. A change that
-//! arrives after a later attempt is refused as a conflict, so the final state is the same
-//! whatever the order.
+//! lower attempt or over running `a`, and `Finish`/`Fail(a)` only over running `a`. So the final
+//! state is the same whatever the order:
+//! - `Finish`/`Fail` of a superseded attempt is refused as a conflict (a stale report);
+//! - `Requeue` of a superseded attempt, or of an ended task, changes nothing and succeeds: a
+//!   later decision already stands. A departure's batch (the worker's removal and its requeues)
+//!   must not fail because another worker's assignment of one of its tasks committed first;
+//! - `Assign` of a cancelled task changes nothing and succeeds (the dispatcher claimed it
+//!   before the cancel, whose commit came first); `Assign` of a superseded attempt is refused.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -98,17 +103,23 @@ impl SqliteStore {
     }
 }
 
+/// A task's state and attempt, if it exists.
+fn state_of(tx: &Connection, task: u64) -> Result<Option<(String, u32)>, StoreError> {
+    tx.prepare_cached("SELECT state, attempt FROM tasks WHERE id = ?1")
+        .and_then(|mut s| {
+            s.query_row([task as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(backend)
+}
+
 /// The outcome of a fenced or keyed update that matched no row: the task is missing, or its
 /// state does not allow the change.
 fn unmatched(tx: &Connection, task: u64, what: &str) -> StoreError {
-    let state: Option<(String, u32)> = tx
-        .query_row(
-            "SELECT state, attempt FROM tasks WHERE id = ?1",
-            [task as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .unwrap_or(None);
+    let state = match state_of(tx, task) {
+        Ok(state) => state,
+        Err(e) => return e,
+    };
     match state {
         None => StoreError::NotFound(format!("task {task}")),
         Some((state, attempt)) => StoreError::Conflict(format!(
@@ -191,6 +202,9 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 params![*task as i64, attempt, *worker as i64, now],
             )
             .map_err(backend)?;
+            if n == 0 && state_of(tx, *task)?.is_some_and(|(state, _)| state == "cancelled") {
+                return Ok(()); // cancelled after the claim: nothing to record
+            }
             (n, *task, "assign it")
         }
         Change::Requeue { task, attempt } => {
@@ -202,6 +216,9 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 params![*task as i64, attempt, now],
             )
             .map_err(backend)?;
+            if n == 0 && state_of(tx, *task)?.is_some() {
+                return Ok(()); // superseded or ended: a later decision stands
+            }
             (n, *task, "requeue that attempt")
         }
         Change::Finish {
