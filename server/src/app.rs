@@ -10,6 +10,11 @@
 //! up, or the request-time limit): hyper drops a handler's future when its connection closes.
 //! So every handler runs its decide-and-commit step through [`detach`], on a task of its own
 //! that finishes whatever happens to the request.
+//!
+//! A decision the store then fails to record (an I/O error, a full disk) leaves the dispatcher
+//! ahead of the store. The coordinator does not guess how to undo it: it stops
+//! ([`App::poison`]). Requests get 503 from then on, the server shuts down, and the next start
+//! rebuilds the dispatcher from the store, which holds every acknowledged decision.
 
 use std::future::Future;
 use std::path::Path;
@@ -24,7 +29,7 @@ use crate::error::ApiError;
 use crate::liveness::{reap, Leases};
 use crate::metrics::Metrics;
 use crate::recovery::recover;
-use crate::store::{Change, Role, SqliteStore, Store, TokenRecord};
+use crate::store::{Change, Role, SqliteStore, Store, StoreError, TokenRecord};
 use crate::wakeups::Wakeups;
 use crate::writer::Writer;
 
@@ -67,7 +72,7 @@ impl Default for Settings {
 /// The coordinator: dispatcher, store and writer, and the request-side state around them.
 pub struct App {
     pub(crate) dispatcher: Dispatcher,
-    pub(crate) store: Arc<SqliteStore>,
+    pub(crate) store: Arc<dyn Store>,
     pub(crate) writer: Writer,
     pub(crate) next_task: AtomicU64,
     pub(crate) next_worker: AtomicU64,
@@ -77,6 +82,8 @@ pub struct App {
     pub(crate) wakeups: Arc<Wakeups>,
     pub(crate) keyring: Keyring,
     pub(crate) metrics: Metrics,
+    /// Why the coordinator stopped serving, once it has (see [`App::poison`]).
+    halted: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// What [`App::open`] returns.
@@ -113,17 +120,26 @@ pub async fn detach<T: Send + 'static>(
 }
 
 impl App {
-    /// Opens the store in `data_dir`, recovers its state into a dispatcher with `config`,
-    /// settles the admin token and starts the writer and the reaper.
+    /// Opens the embedded SQLite store in `data_dir`, then [`App::open_store`].
     pub async fn open(
         data_dir: &Path,
+        config: Config,
+        limits: Settings,
+    ) -> Result<Opened, StartError> {
+        let store = Arc::new(SqliteStore::open(data_dir)?);
+        Self::open_store(store, config, limits).await
+    }
+
+    /// Recovers `store`'s state into a dispatcher with `config`, settles the admin token and
+    /// starts the writer and the reaper.
+    pub async fn open_store(
+        store: Arc<dyn Store>,
         config: Config,
         limits: Settings,
     ) -> Result<Opened, StartError> {
         if limits.request_timeout <= limits.max_wait {
             return Err("the request timeout must be longer than the longest fetch wait".into());
         }
-        let store = Arc::new(SqliteStore::open(data_dir)?);
         let dispatcher = Dispatcher::new(config)?;
         let state = store.recover()?;
         let recovered = recover(&state, &dispatcher, now_ms())?;
@@ -171,6 +187,7 @@ impl App {
             wakeups,
             keyring,
             metrics,
+            halted: tokio::sync::watch::Sender::new(None),
         });
         // The reaper holds only a weak reference, so dropping the app still drains the writer.
         tokio::spawn(reap(Arc::downgrade(&app), app.leases.timeout() / 4));
@@ -206,6 +223,47 @@ impl App {
         &self.dispatcher
     }
 
+    /// Commits `changes` that record decisions the dispatcher has already made. If the store
+    /// fails, the dispatcher is ahead of it: the coordinator stops ([`App::poison`]).
+    pub async fn commit_decided(&self, changes: Vec<Change>) -> Result<(), ApiError> {
+        match self.writer.commit(changes).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Backend(e)) => {
+                self.poison(format!("the store failed to record a decision: {e}"));
+                Err(StoreError::Backend(e).into())
+            }
+            Err(e) => {
+                // The store's fencing refused what the dispatcher decided: a bug, not an outage.
+                tracing::error!(error = %e, "the store refused a decided change");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stops serving: from now on every request gets 503, and [`crate::api::serve`] shuts down.
+    /// The first reason is kept.
+    pub fn poison(&self, reason: String) {
+        self.halted.send_if_modified(|halted| {
+            if halted.is_some() {
+                return false;
+            }
+            tracing::error!(%reason, "stopping: restart to recover from the store");
+            *halted = Some(reason);
+            true
+        });
+    }
+
+    /// Why the coordinator stopped, if it has.
+    pub fn poisoned(&self) -> Option<String> {
+        self.halted.borrow().clone()
+    }
+
+    /// Resolves once the coordinator is poisoned.
+    pub async fn halted(&self) {
+        let mut halted = self.halted.subscribe();
+        let _ = halted.wait_for(Option::is_some).await;
+    }
+
     /// Removes `worker` (it left, or its lease expired): unregisters it, which redistributes
     /// its tasks, and records that durably. Returns how many running tasks were requeued.
     /// Runs detached (see the module docs).
@@ -224,7 +282,7 @@ impl App {
                 }
             }
             let requeued = changes.len() - 1;
-            app.writer.commit(changes).await?;
+            app.commit_decided(changes).await?;
             Ok(requeued)
         })
         .await
@@ -242,8 +300,9 @@ async fn settle_admin_token(
     let admins = || tokens.iter().filter(|t| t.role == Role::Admin);
     let (wanted, generated) = match &limits.admin_token {
         Some(t) if t.trim().is_empty() => return Err("the admin token is empty".into()),
-        Some(t) if admins().any(|a| a.hash == auth::hash(t)) => return Ok((tokens, None)),
-        Some(t) => (t.clone(), None),
+        Some(t) if admins().any(|a| a.hash == auth::hash(t.trim())) => return Ok((tokens, None)),
+        // Trimmed, as presented tokens are.
+        Some(t) => (t.trim().to_string(), None),
         None if admins().next().is_some() => return Ok((tokens, None)),
         None => {
             let t = auth::generate();

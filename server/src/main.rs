@@ -75,10 +75,11 @@ enum Command {
     Token(TokenCommand),
     /// Runs a worker that executes a shell command per task (see `--help`).
     ///
-    /// Each task runs as `sh -c COMMAND`, with the payload's JSON on stdin and in
+    /// Each task runs as `sh -c COMMAND`, with the payload's JSON on stdin and (up to 64 KiB) in
     /// SWITCHYARD_PAYLOAD, and SWITCHYARD_TASK_ID, SWITCHYARD_ATTEMPT, SWITCHYARD_PRIORITY set.
     /// Exit status 0 reports the task finished with stdout as its result; anything else reports
-    /// it failed. Ctrl-C gives back the task in hand and leaves.
+    /// it failed. If the coordinator is unreachable it retries; Ctrl-C gives back the task in
+    /// hand and leaves.
     Work(WorkArgs),
 }
 
@@ -391,8 +392,12 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
+    let poisoned = app.poisoned();
     // Drain the writer: drop the last handles, then wait for it to commit what is queued.
     drop(app);
     writer.await?;
-    Ok(())
+    match poisoned {
+        Some(reason) => Err(format!("stopped: {reason}; restart to recover from the store").into()),
+        None => Ok(()),
+    }
 }

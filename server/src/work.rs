@@ -2,12 +2,14 @@
 //! without writing code.
 //!
 //! It registers (with a submitter's or the admin's token), then long-polls for tasks. Each task
-//! runs as `sh -c <command>` with the payload's JSON on stdin and in `SWITCHYARD_PAYLOAD`, and
+//! runs as `sh -c <command>` with the payload's JSON on stdin and, up to 64 KiB, in
+//! `SWITCHYARD_PAYLOAD`, and
 //! the task's id, attempt and priority in `SWITCHYARD_TASK_ID`, `SWITCHYARD_ATTEMPT` and
 //! `SWITCHYARD_PRIORITY`. Exit status 0 reports the task finished, with its standard output as
 //! the result; any other reports it failed, with the status and the end of its standard error.
 //! Heartbeats keep the lease while a command runs. If the coordinator declared the worker dead
-//! (410), it registers again. On shutdown (Ctrl-C) the task in hand is killed and given back,
+//! (410), it registers again; if it is unreachable or answers 5xx (restarting, say), the worker
+//! keeps its registration and retries with backoff. On shutdown (Ctrl-C) the task in hand is killed and given back,
 //! and the worker leaves, so its queue is redistributed at once.
 
 use std::future::Future;
@@ -22,6 +24,9 @@ use crate::client::{Client, ClientError};
 
 /// Most bytes of a command's output kept as a task's result or failure message.
 const MAX_OUTPUT: usize = 64 * 1024;
+
+/// Largest payload also passed in `SWITCHYARD_PAYLOAD` (always on stdin).
+const MAX_ENV_PAYLOAD: usize = 64 * 1024;
 
 /// What to run, and for whom.
 #[derive(Debug, Clone)]
@@ -88,6 +93,7 @@ pub async fn work(
     let fetch_body = json!({"max": opts.batch, "wait_ms": opts.wait.as_millis() as u64});
     // `shutdown` must not be polled again once it has fired.
     let mut stopping = false;
+    let mut failures = 0u32;
     let result = loop {
         if stopping
             || opts
@@ -102,15 +108,38 @@ pub async fn work(
             f = me.client.call(Method::POST, &path, Some(&fetch_body)) => f,
         };
         let tasks = match fetched {
-            Ok(v) => v["tasks"].as_array().cloned().unwrap_or_default(),
+            Ok(v) => {
+                failures = 0;
+                v["tasks"].as_array().cloned().unwrap_or_default()
+            }
             Err(e) if e.status() == Some(410) => {
                 eprintln!("switchyard work: declared dead by the coordinator; registering again");
                 me = register(registrar, opts).await?;
                 continue;
             }
+            Err(e) if transient(&e) => {
+                // The coordinator restarting, or overloaded: keep the registration, wait, retry.
+                failures += 1;
+                let pause = backoff(failures);
+                eprintln!("switchyard work: fetch failed ({e}); retrying in {pause:?}");
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    () = tokio::time::sleep(pause) => continue,
+                }
+            }
             Err(e) => break Err(e),
         };
-        for task in tasks {
+        let mut tasks = tasks.into_iter();
+        while let Some(task) = tasks.next() {
+            if opts
+                .tasks
+                .is_some_and(|n| summary.finished + summary.failed >= n)
+            {
+                // Done: what this fetch brought beyond `--tasks` goes back.
+                give_back(&me, &task).await;
+                tasks.by_ref().for_each(drop);
+                continue;
+            }
             let outcome = tokio::select! {
                 _ = &mut shutdown => {
                     give_back(&me, &task).await;
@@ -140,19 +169,53 @@ pub async fn work(
     result.map(|()| summary)
 }
 
+/// Whether a failed request is worth retrying: the coordinator unreachable or restarting, a
+/// 5xx, a request timeout, or throttling. Any other 4xx is final.
+fn transient(e: &ClientError) -> bool {
+    match e.status() {
+        None => true,
+        Some(status) => status >= 500 || status == 408 || status == 429,
+    }
+}
+
+/// The pause before retry `n` (1-based): 100 ms doubling, at most 5 s.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis(100u64 << n.min(6).saturating_sub(1)).min(Duration::from_secs(5))
+}
+
+/// Sends a report, retrying transient failures a few times: a result is worth keeping.
+async fn send_report(me: &Registration, path: &str, body: &Value) -> Result<Value, ClientError> {
+    let mut n = 0;
+    loop {
+        match me.client.call(Method::POST, path, Some(body)).await {
+            Err(e) if transient(&e) && n < 5 => {
+                n += 1;
+                eprintln!("switchyard work: report failed ({e}); retrying");
+                tokio::time::sleep(backoff(n)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// How a command ended: `Ok(stdout)` or `Err(message)`.
 type Outcome = Result<String, String>;
 
 /// Runs the command for `task`, heartbeating while it runs.
 async fn run(me: &Registration, command: &str, task: &Value) -> Outcome {
     let payload = task["payload"].to_string();
-    let mut child = tokio::process::Command::new("sh")
+    let mut child = tokio::process::Command::new("sh");
+    child
         .arg("-c")
         .arg(command)
         .env("SWITCHYARD_TASK_ID", task["id"].to_string())
         .env("SWITCHYARD_ATTEMPT", task["attempt"].to_string())
-        .env("SWITCHYARD_PRIORITY", task["priority"].to_string())
-        .env("SWITCHYARD_PAYLOAD", &payload)
+        .env("SWITCHYARD_PRIORITY", task["priority"].to_string());
+    // Linux refuses an environment string over 128 KiB; larger payloads come on stdin only.
+    if payload.len() <= MAX_ENV_PAYLOAD {
+        child.env("SWITCHYARD_PAYLOAD", &payload);
+    }
+    let mut child = child
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -160,8 +223,12 @@ async fn run(me: &Registration, command: &str, task: &Value) -> Outcome {
         .spawn()
         .map_err(|e| format!("could not start sh: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
-        // A command that does not read its input closes the pipe early: not an error.
-        let _ = stdin.write_all(payload.as_bytes()).await;
+        // On its own task: a command may read its input late, or never, while it writes output
+        // and the heartbeats go on. A command that does not read it closes the pipe: not an
+        // error.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(payload.as_bytes()).await;
+        });
     }
     let started = Instant::now();
     let beat = format!("/v1/workers/{}/heartbeat", me.id);
@@ -215,14 +282,14 @@ async fn report(me: &Registration, task: &Value, outcome: Outcome) -> Result<boo
             false,
         ),
     };
-    me.client.call(Method::POST, &path, Some(&body)).await?;
+    send_report(me, &path, &body).await?;
     Ok(finished)
 }
 
 async fn give_back(me: &Registration, task: &Value) {
     let path = format!("/v1/workers/{}/tasks/{}/report", me.id, task["id"]);
     let body = json!({"attempt": task["attempt"], "outcome": "given_back"});
-    if let Err(e) = me.client.call(Method::POST, &path, Some(&body)).await {
+    if let Err(e) = send_report(me, &path, &body).await {
         eprintln!(
             "switchyard work: giving back task {} failed: {e}",
             task["id"]

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{spawn_binary, ADMIN};
+use common::{spawn_binary, spawn_binary_at, ADMIN};
 use serde_json::Value;
 
 /// Runs `switchyard args…` against `server` with `token`.
@@ -116,6 +116,70 @@ fn a_newcomer_submits_and_a_shell_worker_runs_the_tasks() {
     let bad_url = cli("https://example.com", Some(ADMIN), &["stats"]);
     assert!(String::from_utf8_lossy(&bad_url.stderr).contains("use http://"));
 
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn a_worker_rides_out_a_coordinator_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = spawn_binary(dir.path(), &[]);
+    let url = format!("http://{addr}");
+    let token = stdout(&cli(
+        &url,
+        Some(ADMIN),
+        &["token", "create", "--group", "g"],
+    ));
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "work",
+            "--group",
+            "g",
+            "--tasks",
+            "1",
+            "--wait",
+            "1",
+            "--command",
+            "cat",
+        ])
+        .env("SWITCHYARD_SERVER", &url)
+        .env("SWITCHYARD_TOKEN", &token)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500)); // registered, long-polling
+    server.kill().unwrap();
+    server.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300)); // the worker sees it gone
+                                                               // The same address and data: the worker's registration and token are restored.
+    let (mut server, _) = spawn_binary_at(dir.path(), &addr.to_string(), &[]);
+    let id = stdout(&cli(
+        &url,
+        Some(&token),
+        &["submit", "--group", "g", "--payload", "7"],
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let log = worker.wait_with_output().unwrap().stderr;
+    let log = String::from_utf8_lossy(&log);
+    assert!(status.success(), "{log}");
+    assert!(log.contains("retrying"), "{log}");
+    assert!(log.contains("1 finished"), "{log}");
+    let task: Value =
+        serde_json::from_str(&stdout(&cli(&url, Some(&token), &["status", &id]))).unwrap();
+    assert_eq!(
+        (task["state"].as_str(), task["outcome"].as_str()),
+        (Some("finished"), Some("7"))
+    );
     server.kill().unwrap();
     server.wait().unwrap();
 }

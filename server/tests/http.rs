@@ -6,8 +6,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{call, json_body, post, send, start_with, test_settings, Server, ADMIN};
+use common::{
+    call, json_body, post, send, start_store, start_with, test_settings, Faulty, Server, ADMIN,
+};
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering::Relaxed;
 use switchyard::{Config, Mode, Strategy};
 use switchyard_server::app::Settings;
 
@@ -166,6 +169,21 @@ async fn every_error_is_a_json_4xx() {
             )
             .await,
         ),
+        (
+            400,
+            "bad_request",
+            post(
+                a,
+                &format!("/v1/workers/{w}/tasks/{t}/report"),
+                json!({"attempt": 1, "outcome": "failed", "message": "m".repeat(65)}),
+            )
+            .await,
+        ),
+        (
+            405,
+            "method_not_allowed",
+            call(a, "GET", "/v1/workers", None).await,
+        ),
         (415, "bad_json", {
             let no_type = format!(
                 "POST /v1/tasks HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ADMIN}\r\n\
@@ -321,6 +339,12 @@ async fn users_list_and_update_tasks_and_admins_rebalance_list_and_remove_worker
         .map(|t| t["id"].as_u64().unwrap())
         .collect();
     assert_eq!(first, ids[..2]);
+    // Pages stay small whatever the payloads: no payload or outcome in a list.
+    let keys: Vec<&String> = page["tasks"][0].as_object().unwrap().keys().collect();
+    assert!(
+        !keys.iter().any(|k| *k == "payload" || *k == "outcome"),
+        "{keys:?}"
+    );
     let next = page["next"].as_u64().unwrap();
     let (_, page) = call(a, "GET", &format!("/v1/tasks?limit=2&after={next}"), None).await;
     assert_eq!(page["tasks"][0]["id"].as_u64(), Some(ids[2]));
@@ -508,4 +532,105 @@ async fn a_graceful_shutdown_answers_waiting_fetches_at_once() {
         "the shutdown waited {:?} for the long-poll",
         t0.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_store_failure_after_a_decision_stops_the_coordinator_and_a_restart_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Faulty::open(dir.path());
+    let s = start_store(store.clone(), Config::default(), test_settings()).await;
+    let a = &s.client;
+    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w = w["id"].as_u64().unwrap();
+    let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
+    let t = t["id"].as_u64().unwrap();
+    post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
+    // The dispatcher accepts the report; the store cannot record it.
+    store.fail.store(true, Relaxed);
+    let report = format!("/v1/workers/{w}/tasks/{t}/report");
+    let finished = json!({"attempt": 1, "outcome": "finished", "result": "r"});
+    let (st, err) = post(a, &report, finished.clone()).await;
+    assert_eq!(
+        (st, err["error"].as_str()),
+        (503, Some("storage_unavailable"))
+    );
+    assert!(s.app.poisoned().is_some());
+    // The server stops serving on its own.
+    let served = tokio::time::timeout(Duration::from_secs(5), async {
+        while call_refused(s.addr).await.is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(served.is_ok(), "the poisoned server kept serving");
+    let token = a.worker_token(w);
+    s.stop().await;
+
+    // The store never recorded the report: after a restart the task is still running on the
+    // worker at attempt 1, and the report goes through.
+    let s = start_with(dir.path(), Config::default(), test_settings()).await;
+    let a = &s.client;
+    a.learn(w, token);
+    let (_, task) = call(a, "GET", &format!("/v1/tasks/{t}"), None).await;
+    assert_eq!(
+        (task["state"].as_str(), task["attempt"].as_u64()),
+        (Some("running"), Some(1))
+    );
+    assert_eq!(post(a, &report, finished).await.0, 200);
+    s.stop().await;
+}
+
+/// `None` while the server answers (any status), `Some(())` once it refuses connections.
+async fn call_refused(addr: std::net::SocketAddr) -> Option<()> {
+    match tokio::net::TcpStream::connect(addr).await {
+        Err(_) => Some(()),
+        Ok(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn a_fetch_abandoned_before_its_assignments_are_recorded_gives_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Faulty::open(dir.path());
+    let settings = Settings {
+        max_wait: Duration::from_millis(100),
+        request_timeout: Duration::from_millis(300),
+        ..test_settings()
+    };
+    let s = start_store(store.clone(), Config::default(), settings).await;
+    let a = &s.client;
+    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w = w["id"].as_u64().unwrap();
+    let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
+    let t = t["id"].as_u64().unwrap();
+    // Commits now take longer than the request-time limit: the fetch times out while its
+    // assignment is being recorded.
+    store.delay_ms.store(600, Relaxed);
+    let (st, err) = post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
+    assert_eq!((st, err["error"].as_str()), (408, Some("request_timeout")));
+    store.delay_ms.store(0, Relaxed);
+    // The assignment nobody received is given back: the task is queued again, not left
+    // running on a live worker, and the next fetch gets it as attempt 2.
+    let queued = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (_, task) = call(a, "GET", &format!("/v1/tasks/{t}"), None).await;
+            if task["state"] == "queued" && task["attempt"] == 1 {
+                return task; // assigned as attempt 1, then given back
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the abandoned assignment was given back");
+    assert_eq!(queued["worker"], Value::Null);
+    let (_, got) = post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
+    assert_eq!(
+        (
+            got["tasks"][0]["id"].as_u64(),
+            got["tasks"][0]["attempt"].as_u64()
+        ),
+        (Some(t), Some(2))
+    );
+    s.app.dispatcher().audit().unwrap();
+    s.stop().await;
 }

@@ -27,7 +27,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 
 use crate::app::App;
-use crate::error::{no_route, ApiError};
+use crate::error::{no_method, no_route, ApiError};
 
 /// The HTTP routes.
 pub fn router(app: Arc<App>) -> Router {
@@ -59,10 +59,8 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/admin/tokens/{token}", delete(admin::revoke_token))
         .fallback(no_route)
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            time_limit,
-        ))
+        .method_not_allowed_fallback(no_method)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(app.limits.max_body))
         .with_state(app)
 }
@@ -75,19 +73,28 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "serving");
-    let wakeups = app.wakeups.clone();
+    let stopping = app.clone();
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move {
-            shutdown.await;
+            // Asked to stop, or the store failed (see `App::poison`).
+            tokio::select! {
+                () = shutdown => {}
+                () = stopping.halted() => {}
+            }
             // Waiting fetches answer now instead of holding the shutdown for their wait.
-            wakeups.close();
+            stopping.wakeups.close();
         })
         .await
 }
 
-/// The request-time limit. Cancelling a handler here is safe: its decide-and-commit step runs
-/// detached (see [`crate::app`]).
-async fn time_limit(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+/// Refuses every request once the coordinator is poisoned (503), and enforces the request-time
+/// limit (408). Cancelling a handler here is safe: its decide-and-commit step runs detached
+/// (see [`crate::app`]).
+async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if let Some(reason) = app.poisoned() {
+        return ApiError::unavailable(format!("the coordinator is stopping: {reason}"))
+            .into_response();
+    }
     let limit = app.limits.request_timeout;
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
@@ -162,8 +169,8 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// Documents the errors every route shares, rather than repeating them on each handler: 401
-/// and 408 on every route that takes a token, 400 on routes with path or query parameters, and
+/// Documents the errors every route shares, rather than repeating them on each handler: 401,
+/// 403 and 408 on every route that takes a token, 400 on routes with path or query parameters, and
 /// 400/413/415/422 on routes with a JSON body (malformed, too large, wrong content type, wrong
 /// fields).
 struct CommonErrors;
@@ -202,6 +209,7 @@ impl utoipa::Modify for CommonErrors {
                 };
                 if !public {
                     add("401", "no token, or an unknown one");
+                    add("403", "a token outside its scope");
                     add("408", "the request took longer than --request-timeout");
                 }
                 if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) {

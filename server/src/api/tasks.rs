@@ -15,7 +15,7 @@ use super::{created, ok, Reply};
 use crate::app::{detach, now_ms, App};
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, JsonBody, PathParams, QueryParams};
-use crate::store::{Change, ListFilter, Store, TaskRecord, TaskState};
+use crate::store::{Change, ListFilter, TaskRecord, TaskState};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -165,7 +165,7 @@ pub(crate) struct TaskBody {
     state: TaskState,
     /// The latest attempt (0 before the first fetch).
     attempt: u32,
-    /// The worker running it, or that last ran it.
+    /// The worker running it, or that finished or failed it (none while queued).
     worker: Option<u64>,
     /// The result (finished) or message (failed).
     outcome: Option<String>,
@@ -248,7 +248,7 @@ pub(crate) async fn cancel(
     let a = app.clone();
     let outcome = detach(async move {
         let outcome = a.dispatcher.cancel(TaskId(task))?;
-        a.writer.commit(vec![Change::Cancel { task }]).await?;
+        a.commit_decided(vec![Change::Cancel { task }]).await?;
         Ok(outcome)
     })
     .await?;
@@ -285,9 +285,38 @@ fn hundred() -> usize {
 /// Most tasks one list page may return.
 const MAX_PAGE: usize = 1000;
 
+/// A task in a list: no payload or outcome (read the task for those).
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TaskSummary {
+    id: u64,
+    group: String,
+    tags: Vec<String>,
+    priority: i32,
+    state: TaskState,
+    attempt: u32,
+    worker: Option<u64>,
+    submitted_ms: i64,
+}
+
+impl From<TaskRecord> for TaskSummary {
+    fn from(t: TaskRecord) -> Self {
+        Self {
+            id: t.id,
+            group: t.group,
+            tags: t.tags,
+            priority: t.priority,
+            state: t.state,
+            attempt: t.attempt,
+            worker: t.worker,
+            submitted_ms: t.submitted_ms,
+        }
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Page {
-    tasks: Vec<TaskBody>,
+    /// The tasks, without payloads or outcomes (bounded pages whatever the payload sizes).
+    tasks: Vec<TaskSummary>,
     /// The `after` of the next page, when this one is full.
     next: Option<u64>,
 }
@@ -321,12 +350,16 @@ pub(crate) async fn list(
         after: q.after,
         limit: q.limit,
     };
-    let tasks = app.store.list(&filter)?;
+    // A filtered page may scan many rows: off the async workers.
+    let store = app.store.clone();
+    let tasks = tokio::task::spawn_blocking(move || store.list(&filter))
+        .await
+        .map_err(|_| ApiError::internal("listing tasks failed inside the coordinator"))??;
     let next = (tasks.len() == q.limit)
         .then(|| tasks.last().map(|t| t.id))
         .flatten();
     ok(Page {
-        tasks: tasks.into_iter().map(TaskBody::from).collect(),
+        tasks: tasks.into_iter().map(TaskSummary::from).collect(),
         next,
     })
 }
@@ -375,13 +408,12 @@ pub(crate) async fn update(
         let placement = a
             .dispatcher
             .update(TaskId(task), body.priority, body.tags.as_deref())?;
-        a.writer
-            .commit(vec![Change::Update {
-                task,
-                priority: body.priority,
-                tags: body.tags,
-            }])
-            .await?;
+        a.commit_decided(vec![Change::Update {
+            task,
+            priority: body.priority,
+            tags: body.tags,
+        }])
+        .await?;
         Ok(placement)
     })
     .await?;

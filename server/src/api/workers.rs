@@ -18,7 +18,7 @@ use super::{created, ok, Reply};
 use crate::app::{detach, App};
 use crate::auth::{self, Caller};
 use crate::error::{ApiError, ErrorBody, JsonBody, PathParams};
-use crate::store::{Change, Role, Store, WorkerRecord};
+use crate::store::{Change, Role, WorkerRecord};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -216,7 +216,7 @@ pub(crate) async fn fetch(
             w.as_mut().enable();
         }
         let started = Instant::now();
-        let tasks = detach(take(app.clone(), worker, body.max)).await?;
+        let tasks = take_delivered(app.clone(), worker, body.max).await?;
         app.metrics.fetched(started.elapsed());
         match woken {
             Some(woken) if tasks.is_empty() && !app.wakeups.is_closing() => {
@@ -229,8 +229,52 @@ pub(crate) async fn fetch(
     }
 }
 
+/// [`take`] on a task of its own (an assignment is never left unrecorded), whose tasks are
+/// given back if the request that asked for them is gone by the time they are recorded (the
+/// client hung up, or the request-time limit passed): assigned tasks nobody will receive would
+/// otherwise stay running on a live worker. A reply lost after this point (the connection
+/// breaks while it is written) is the usual at-least-once window: the tasks come back when the
+/// worker gives them back, leaves, or its lease expires.
+async fn take_delivered(app: Arc<App>, worker: u64, max: usize) -> Result<Vec<Assigned>, ApiError> {
+    let (deliver, delivered) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let taken = take(app.clone(), worker, max).await;
+        if let Err(Ok(tasks)) = deliver.send(taken) {
+            let tasks: Vec<_> = tasks.iter().map(|t| (TaskId(t.id), t.attempt)).collect();
+            tracing::info!(
+                worker,
+                tasks = tasks.len(),
+                "fetch abandoned: giving its tasks back"
+            );
+            let _ = give_back(&app, worker, &tasks).await;
+        }
+    });
+    delivered.await.unwrap_or_else(|_| {
+        Err(ApiError::internal(
+            "the fetch failed inside the coordinator",
+        ))
+    })
+}
+
+/// Gives back recorded assignments: the dispatcher requeues them and the store records it.
+async fn give_back(app: &App, worker: u64, tasks: &[(TaskId, u32)]) -> Result<(), ApiError> {
+    let changes = tasks
+        .iter()
+        .filter(|(task, attempt)| {
+            app.dispatcher
+                .give_back(WorkerId(worker), *task, *attempt)
+                .is_ok()
+        })
+        .map(|(task, attempt)| Change::Requeue {
+            task: task.0,
+            attempt: *attempt,
+        })
+        .collect();
+    app.commit_decided(changes).await
+}
+
 /// One fetch: the dispatcher assigns, the writer records the assignments, and the payloads
-/// are read. Runs detached: an assignment is never left unrecorded.
+/// are read.
 async fn take(app: Arc<App>, worker: u64, max: usize) -> Result<Vec<Assigned>, ApiError> {
     let got = app.dispatcher.fetch(WorkerId(worker), max)?;
     app.leases.renew(worker);
@@ -254,14 +298,18 @@ async fn take(app: Arc<App>, worker: u64, max: usize) -> Result<Vec<Assigned>, A
         }
         return Err(e.into());
     }
-    // The payloads, in one read.
+    // The payloads, in one read. If it fails, the recorded assignments are given back.
     let ids: Vec<u64> = got.iter().map(|a| a.task.0).collect();
-    let mut payloads: HashMap<u64, Vec<u8>> = app
-        .store
-        .tasks(&ids)?
-        .into_iter()
-        .map(|t| (t.id, t.payload))
-        .collect();
+    let records = match app.store.tasks(&ids) {
+        Ok(records) => records,
+        Err(e) => {
+            let taken: Vec<_> = got.iter().map(|a| (a.task, a.attempt)).collect();
+            give_back(&app, worker, &taken).await?;
+            return Err(e.into());
+        }
+    };
+    let mut payloads: HashMap<u64, Vec<u8>> =
+        records.into_iter().map(|t| (t.id, t.payload)).collect();
     let tasks = got
         .into_iter()
         .map(|a| Assigned {
@@ -324,6 +372,18 @@ pub(crate) async fn report(
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Reply<Reported> {
     caller.require_worker(worker)?;
+    let longest = [&body.result, &body.message]
+        .into_iter()
+        .flatten()
+        .map(String::len)
+        .max()
+        .unwrap_or(0);
+    if longest > app.limits.max_payload {
+        return Err(ApiError::bad_request(format!(
+            "the result or message is {longest} bytes; the limit (--max-payload) is {}",
+            app.limits.max_payload
+        )));
+    }
     let a = app.clone();
     let reported = detach(async move {
         let (w, t, attempt) = (WorkerId(worker), TaskId(task), body.attempt);
@@ -350,7 +410,7 @@ pub(crate) async fn report(
             }
         };
         a.leases.renew(worker);
-        a.writer.commit(vec![change]).await?;
+        a.commit_decided(vec![change]).await?;
         Ok(())
     })
     .await;

@@ -275,6 +275,7 @@ pub trait Store: Send + Sync + 'static {
     fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError>;
     /// The tasks among `ids` that exist, in any order (one read for a fetch's assignments).
     fn tasks(&self, ids: &[u64]) -> Result<Vec<TaskRecord>, StoreError>;
-    /// A page of tasks (see [`ListFilter`]).
+    /// A page of tasks (see [`ListFilter`]), without their payloads and outcomes (empty and
+    /// `None`), which can be large: read one task for those.
     fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError>;
 }

@@ -356,6 +356,9 @@ fn task_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRecord> {
 
 const TASK_COLUMNS: &str =
     "id, grp, tags, priority, payload, state, attempt, worker, outcome, submitted_ms";
+/// `TASK_COLUMNS` without the payload and outcome, which can be large (for list pages).
+const SUMMARY_COLUMNS: &str =
+    "id, grp, tags, priority, x'', state, attempt, worker, NULL, submitted_ms";
 
 impl Store for SqliteStore {
     fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
@@ -479,7 +482,7 @@ impl Store for SqliteStore {
             .map_err(|_| backend("reader lock poisoned"))?;
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT {TASK_COLUMNS} FROM tasks
+                "SELECT {SUMMARY_COLUMNS} FROM tasks
                  WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR grp = ?3)
                    AND (?5 IS NULL OR grp IN (SELECT value FROM json_each(?5)))
                  ORDER BY id LIMIT ?4"

@@ -17,6 +17,9 @@ use serde_json::Value;
 use switchyard::Config;
 use switchyard_server::api::serve;
 use switchyard_server::app::{App, Opened, Settings};
+use switchyard_server::store::{
+    Change, ListFilter, Recovery, SqliteStore, Store, StoreError, TaskRecord,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -156,11 +159,20 @@ pub fn test_settings() -> Settings {
 
 /// Opens a coordinator on `dir` and serves it.
 pub async fn start_with(dir: &Path, config: Config, settings: Settings) -> Server {
+    serve_opened(App::open(dir, config, settings).await.unwrap()).await
+}
+
+/// Opens a coordinator on `store` and serves it.
+pub async fn start_store(store: Arc<dyn Store>, config: Config, settings: Settings) -> Server {
+    serve_opened(App::open_store(store, config, settings).await.unwrap()).await
+}
+
+async fn serve_opened(opened: Opened) -> Server {
     let Opened {
         app,
         writer,
         new_admin_token,
-    } = App::open(dir, config, settings).await.unwrap();
+    } = opened;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -191,11 +203,16 @@ impl Server {
 /// Starts the `switchyard` binary (`serve` on an ephemeral port, the [`ADMIN`] token, `dir`,
 /// then `args`); returns it and the address it logged.
 pub fn spawn_binary(dir: &Path, args: &[&str]) -> (Child, SocketAddr) {
+    spawn_binary_at(dir, "127.0.0.1:0", args)
+}
+
+/// [`spawn_binary`] listening on `bind`.
+pub fn spawn_binary_at(dir: &Path, bind: &str, args: &[&str]) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args([
             "serve",
             "--bind",
-            "127.0.0.1:0",
+            bind,
             "--admin-token",
             ADMIN,
             "--data-dir",
@@ -219,4 +236,46 @@ pub fn spawn_binary(dir: &Path, args: &[&str]) -> (Child, SocketAddr) {
     let _ = child.kill();
     let status = child.wait();
     panic!("the server exited before serving: {status:?}");
+}
+
+/// The SQLite store with faults on demand: commits can be slowed down or made to fail.
+pub struct Faulty {
+    pub inner: SqliteStore,
+    /// Each commit first sleeps this long.
+    pub delay_ms: std::sync::atomic::AtomicU64,
+    /// Each commit fails (as an I/O error would).
+    pub fail: std::sync::atomic::AtomicBool,
+}
+
+impl Faulty {
+    pub fn open(dir: &Path) -> Arc<Self> {
+        Arc::new(Self {
+            inner: SqliteStore::open(dir).unwrap(),
+            delay_ms: Default::default(),
+            fail: Default::default(),
+        })
+    }
+}
+
+impl Store for Faulty {
+    fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        std::thread::sleep(Duration::from_millis(self.delay_ms.load(Relaxed)));
+        if self.fail.load(Relaxed) {
+            return Err(StoreError::Backend("disk I/O error (injected)".into()));
+        }
+        self.inner.apply(changes)
+    }
+    fn recover(&self) -> Result<Recovery, StoreError> {
+        self.inner.recover()
+    }
+    fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
+        self.inner.task(id)
+    }
+    fn tasks(&self, ids: &[u64]) -> Result<Vec<TaskRecord>, StoreError> {
+        self.inner.tasks(ids)
+    }
+    fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
+        self.inner.list(filter)
+    }
 }
