@@ -21,6 +21,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
+    /// Log level on stderr: error, warn, info or debug (debug logs every request).
+    #[arg(long, global = true, env = "SWITCHYARD_LOG", default_value = "info")]
+    log: tracing::level_filters::LevelFilter,
     #[command(subcommand)]
     command: Command,
 }
@@ -228,13 +231,15 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
     let stderr = std::io::stderr();
     tracing_subscriber::fmt()
+        .with_max_level(cli.log)
         .with_target(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&stderr))
         .init();
-    match run(Cli::parse().command).await {
+    match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("switchyard: {e}");
@@ -329,10 +334,7 @@ async fn run(command: Command) -> Result<(), Error> {
                 wait: Duration::from_secs_f64(args.wait),
                 tasks: args.tasks,
             };
-            let summary = work(&args.conn.client()?, &options, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+            let summary = work(&args.conn.client()?, &options, stop_signal()).await?;
             eprintln!(
                 "switchyard work: {} finished, {} failed, {} reports refused",
                 summary.finished, summary.failed, summary.refused
@@ -340,6 +342,17 @@ async fn run(command: Command) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM (what service managers and containers send).
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stop signal received");
 }
 
 fn seconds(value: f64, flag: &str, allow_zero: bool) -> Result<Duration, Error> {
@@ -388,10 +401,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await
         .map_err(|e| format!("binding {}: {e}", args.bind))?;
-    serve(listener, app.clone(), async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    serve(listener, app.clone(), stop_signal()).await?;
     let poisoned = app.poisoned();
     // Drain the writer: drop the last handles, then wait for it to commit what is queued.
     drop(app);

@@ -96,14 +96,33 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
             .into_response();
     }
     let limit = app.limits.request_timeout;
-    match tokio::time::timeout(limit, next.run(request)).await {
+    // What the debug log needs, read only when it is on.
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let started = std::time::Instant::now();
+        (
+            started,
+            request.method().clone(),
+            request.uri().path().to_owned(),
+        )
+    });
+    let response = match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::timeout(format!(
             "the request took longer than the limit of {} ms",
             limit.as_millis()
         ))
         .into_response(),
+    };
+    if let Some((started, method, path)) = logged {
+        tracing::debug!(
+            %method,
+            path,
+            status = response.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "request"
+        );
     }
+    response
 }
 
 pub(crate) type Reply<T> = Result<(StatusCode, Json<T>), ApiError>;
