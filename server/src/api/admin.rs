@@ -60,8 +60,7 @@ impl From<switchyard::WorkerStats> for WorkerInfo {
 
 /// Totals, counters and every worker's load.
 #[utoipa::path(get, path = "/v1/stats", tag = "admin",
-    responses((status = 200, body = StatsBody),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = StatsBody)))]
 pub(crate) async fn stats(State(app): State<Arc<App>>, caller: Caller) -> Reply<StatsBody> {
     caller.require_admin()?;
     let mut s = app.dispatcher.stats();
@@ -84,8 +83,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>, caller: Caller) -> Reply<
 
 /// Prometheus metrics, in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "admin",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(crate) async fn metrics(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -104,8 +102,7 @@ pub(crate) struct Rebalanced {
 /// Moves queued tasks from overloaded to underloaded workers now (balanced modes; fanout moves
 /// nothing).
 #[utoipa::path(post, path = "/v1/admin/rebalance", tag = "admin",
-    responses((status = 200, body = Rebalanced),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Rebalanced)))]
 pub(crate) async fn rebalance(State(app): State<Arc<App>>, caller: Caller) -> Reply<Rebalanced> {
     caller.require_admin()?;
     // Moves change no durable state: the store records which worker runs a task, not which
@@ -122,8 +119,7 @@ pub(crate) struct Workers {
 
 /// Every registered worker and its load.
 #[utoipa::path(get, path = "/v1/admin/workers", tag = "admin",
-    responses((status = 200, body = Workers),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Workers)))]
 pub(crate) async fn workers(State(app): State<Arc<App>>, caller: Caller) -> Reply<Workers> {
     caller.require_admin()?;
     let workers = app
@@ -147,7 +143,6 @@ pub(crate) struct Removed {
 #[utoipa::path(delete, path = "/v1/admin/workers/{worker}", tag = "admin",
     params(("worker" = u64, Path, description = "the worker")),
     responses((status = 200, body = Removed),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
               (status = 410, description = "no such worker (or already gone)", body = ErrorBody)))]
 pub(crate) async fn remove_worker(
     State(app): State<Arc<App>>,
@@ -177,8 +172,7 @@ pub(crate) struct CreatedToken {
 /// Creates a submitter token scoped to `groups`.
 #[utoipa::path(post, path = "/v1/admin/tokens", tag = "admin", request_body = NewToken,
     responses((status = 201, body = CreatedToken),
-              (status = 400, description = "no groups, or an invalid group name", body = ErrorBody),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+              (status = 400, description = "no groups, or an invalid group name", body = ErrorBody)))]
 pub(crate) async fn create_token(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -225,8 +219,7 @@ pub(crate) struct Tokens {
 
 /// The user tokens in force (never the tokens themselves).
 #[utoipa::path(get, path = "/v1/admin/tokens", tag = "admin",
-    responses((status = 200, body = Tokens),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Tokens)))]
 pub(crate) async fn tokens(State(app): State<Arc<App>>, caller: Caller) -> Reply<Tokens> {
     caller.require_admin()?;
     let tokens = app
@@ -252,7 +245,6 @@ pub(crate) struct Revoked {
 #[utoipa::path(delete, path = "/v1/admin/tokens/{token}", tag = "admin",
     params(("token" = u64, Path, description = "the token's id")),
     responses((status = 200, body = Revoked),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
               (status = 404, description = "no such token in force", body = ErrorBody),
               (status = 409, description = "an admin token", body = ErrorBody)))]
 pub(crate) async fn revoke_token(

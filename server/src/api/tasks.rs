@@ -80,10 +80,8 @@ fn prepare(
     responses(
         (status = 201, body = Submitted),
         (status = 400, description = "invalid group, tags or payload", body = ErrorBody),
-        (status = 401, body = ErrorBody),
         (status = 403, description = "not one of the token's groups", body = ErrorBody),
-        (status = 413, description = "body over the limit", body = ErrorBody),
-    ))]
+        (status = 413, description = "body over the limit", body = ErrorBody)))]
 pub(crate) async fn submit(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -122,9 +120,7 @@ pub(crate) struct SubmittedBatch {
     responses(
         (status = 201, body = SubmittedBatch),
         (status = 400, description = "a task is invalid, or the batch is empty or too large", body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 413, body = ErrorBody),
-    ))]
+        (status = 413, body = ErrorBody)))]
 pub(crate) async fn submit_batch(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -212,9 +208,7 @@ fn may_change(app: &App, caller: &Caller, task: u64) -> Result<(), ApiError> {
     params(("task" = u64, Path, description = "the task")),
     responses(
         (status = 200, body = TaskBody),
-        (status = 401, body = ErrorBody),
-        (status = 404, description = "no such task in the caller's groups", body = ErrorBody),
-    ))]
+        (status = 404, description = "no such task in the caller's groups", body = ErrorBody)))]
 pub(crate) async fn get(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -236,9 +230,7 @@ pub(crate) struct Cancelled {
     params(("task" = u64, Path, description = "the task")),
     responses(
         (status = 200, body = Cancelled),
-        (status = 401, body = ErrorBody),
-        (status = 404, description = "no such live task in the caller's groups", body = ErrorBody),
-    ))]
+        (status = 404, description = "no such live task in the caller's groups", body = ErrorBody)))]
 pub(crate) async fn cancel(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -326,9 +318,7 @@ pub(crate) struct Page {
     responses(
         (status = 200, body = Page),
         (status = 400, description = "a bad state, group or limit", body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, description = "a group outside the token's scope", body = ErrorBody),
-    ))]
+        (status = 403, description = "a group outside the token's scope", body = ErrorBody)))]
 pub(crate) async fn list(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -387,10 +377,8 @@ pub(crate) struct Updated {
     responses(
         (status = 200, body = Updated),
         (status = 400, description = "nothing to change, or invalid tags", body = ErrorBody),
-        (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
-        (status = 409, description = "the task is not queued", body = ErrorBody),
-    ))]
+        (status = 409, description = "the task is not queued", body = ErrorBody)))]
 pub(crate) async fn update(
     State(app): State<Arc<App>>,
     caller: Caller,

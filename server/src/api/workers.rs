@@ -45,9 +45,7 @@ pub(crate) struct Registered {
 #[utoipa::path(post, path = "/v1/workers", tag = "workers", request_body = RegisterBody,
     responses(
         (status = 201, body = Registered),
-        (status = 400, description = "invalid groups or tags", body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-    ))]
+        (status = 400, description = "invalid groups or tags", body = ErrorBody)))]
 pub(crate) async fn register(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -101,9 +99,7 @@ pub(crate) struct Beat {
     params(("worker" = u64, Path, description = "the worker")),
     responses(
         (status = 200, body = Beat),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 410, description = "declared dead or left: register again", body = ErrorBody),
-    ))]
+        (status = 410, description = "declared dead or left: register again", body = ErrorBody)))]
 pub(crate) async fn heartbeat(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -131,9 +127,7 @@ pub(crate) struct Left {
     params(("worker" = u64, Path, description = "the worker")),
     responses(
         (status = 200, body = Left),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 410, body = ErrorBody),
-    ))]
+        (status = 410, body = ErrorBody)))]
 pub(crate) async fn leave(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -184,9 +178,7 @@ pub(crate) struct Assigned {
     responses(
         (status = 200, body = Fetched),
         (status = 400, description = "max or wait_ms out of range", body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 410, description = "declared dead or left: register again", body = ErrorBody),
-    ))]
+        (status = 410, description = "declared dead or left: register again", body = ErrorBody)))]
 pub(crate) async fn fetch(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -360,11 +352,9 @@ pub(crate) struct Reported {
     request_body = ReportBody,
     responses(
         (status = 200, body = Reported),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "no such task", body = ErrorBody),
         (status = 409, description = "a superseded attempt: nothing changed", body = ErrorBody),
-        (status = 410, description = "declared dead or left: register again", body = ErrorBody),
-    ))]
+        (status = 410, description = "declared dead or left: register again", body = ErrorBody)))]
 pub(crate) async fn report(
     State(app): State<Arc<App>>,
     caller: Caller,

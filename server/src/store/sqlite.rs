@@ -154,6 +154,37 @@ fn exec(tx: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::
     tx.prepare_cached(sql)?.execute(params)
 }
 
+/// Runs an `INSERT`; a uniqueness violation is a conflict, described by `what`.
+fn insert(
+    tx: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    what: impl FnOnce() -> String,
+) -> Result<(), StoreError> {
+    match exec(tx, sql, params) {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Err(StoreError::Conflict(format!("{} exists", what())))
+        }
+        Err(e) => Err(backend(e)),
+    }
+}
+
+/// Runs an `UPDATE` of one row by id; no row changed means `what` is not found.
+fn update_one(
+    tx: &Connection,
+    sql: &str,
+    id: u64,
+    what: impl FnOnce() -> String,
+) -> Result<(), StoreError> {
+    match exec(tx, sql, [id as i64]).map_err(backend)? {
+        0 => Err(StoreError::NotFound(what())),
+        _ => Ok(()),
+    }
+}
+
 fn json(v: &[String]) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(backend)
 }
@@ -161,7 +192,7 @@ fn json(v: &[String]) -> Result<String, StoreError> {
 fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreError> {
     let changed = match change {
         Change::Submit(t) => {
-            let inserted = exec(
+            return insert(
                 tx,
                 "INSERT INTO tasks (id, grp, tags, priority, payload, state, attempt, worker,
                                     outcome, submitted_ms, updated_ms)
@@ -179,16 +210,8 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                     t.submitted_ms,
                     now
                 ],
+                || format!("task {}", t.id),
             );
-            return match inserted {
-                Ok(_) => Ok(()),
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    Err(StoreError::Conflict(format!("task {} exists", t.id)))
-                }
-                Err(e) => Err(backend(e)),
-            };
         }
         Change::Assign {
             task,
@@ -265,59 +288,36 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             (n, *task, "update it")
         }
         Change::AddWorker(w) => {
-            let inserted = exec(
+            return insert(
                 tx,
                 "INSERT INTO workers (id, groups, tags, token_hash) VALUES (?1, ?2, ?3, ?4)",
                 params![w.id as i64, json(&w.groups)?, json(&w.tags)?, w.token_hash],
+                || format!("worker {}", w.id),
             );
-            return match inserted {
-                Ok(_) => Ok(()),
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    Err(StoreError::Conflict(format!("worker {} exists", w.id)))
-                }
-                Err(e) => Err(backend(e)),
-            };
         }
         Change::RemoveWorker { worker } => {
-            let n = exec(
+            return update_one(
                 tx,
                 "UPDATE workers SET removed = 1 WHERE id = ?1 AND removed = 0",
-                [*worker as i64],
-            )
-            .map_err(backend)?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("worker {worker}")));
-            }
-            return Ok(());
+                *worker,
+                || format!("worker {worker}"),
+            );
         }
         Change::AddToken(t) => {
-            let inserted = exec(tx,
+            return insert(
+                tx,
                 "INSERT INTO tokens (id, hash, role, groups, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![t.id as i64, t.hash, t.role.as_str(), json(&t.groups)?, t.created_ms],
+                || format!("token {}", t.id),
             );
-            return match inserted {
-                Ok(_) => Ok(()),
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    Err(StoreError::Conflict(format!("token {} exists", t.id)))
-                }
-                Err(e) => Err(backend(e)),
-            };
         }
         Change::RevokeToken { id } => {
-            let n = exec(
+            return update_one(
                 tx,
                 "UPDATE tokens SET revoked = 1 WHERE id = ?1 AND revoked = 0",
-                [*id as i64],
-            )
-            .map_err(backend)?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("token {id}")));
-            }
-            return Ok(());
+                *id,
+                || format!("token {id}"),
+            );
         }
     };
     match changed {
