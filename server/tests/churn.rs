@@ -148,7 +148,7 @@ async fn churn(mode: Mode) {
         .await
         .unwrap_or_else(|_| panic!("{mode:?}: the tasks were not all finished in time"));
 
-    let l = ledger.lock().unwrap();
+    let l = std::mem::take(&mut *ledger.lock().unwrap());
     assert!(
         l.duplicates.is_empty(),
         "{mode:?}: delivered twice: {:?}",
@@ -193,7 +193,6 @@ async fn churn(mode: Mode) {
     let stats: Value = call(&s.client, "GET", "/v1/stats", None).await.1;
     assert_eq!(stats["tasks"], 0, "{mode:?}: {stats}");
     s.app.dispatcher().audit().unwrap();
-    drop(l);
     s.stop().await;
 }
 
