@@ -12,9 +12,9 @@
 //! that finishes whatever happens to the request.
 //!
 //! A decision the store then fails to record (an I/O error, a full disk) leaves the dispatcher
-//! ahead of the store. The coordinator does not guess how to undo it: it stops
-//! ([`App::poison`]). Requests get 503 from then on, the server shuts down, and the next start
-//! rebuilds the dispatcher from the store, which holds every acknowledged decision.
+//! ahead of the store. The coordinator does not guess how to undo it: on any storage failure
+//! it stops ([`App::poison`]). Requests get 503 from then on, the server shuts down, and the
+//! next start rebuilds the dispatcher from the store, which holds every acknowledged decision.
 
 use std::future::Future;
 use std::path::Path;
@@ -82,8 +82,6 @@ pub struct App {
     pub(crate) wakeups: Arc<Wakeups>,
     pub(crate) keyring: Keyring,
     pub(crate) metrics: Metrics,
-    /// Why the coordinator stopped serving, once it has (see [`App::poison`]).
-    halted: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// What [`App::open`] returns.
@@ -187,7 +185,6 @@ impl App {
             wakeups,
             keyring,
             metrics,
-            halted: tokio::sync::watch::Sender::new(None),
         });
         // The reaper holds only a weak reference, so dropping the app still drains the writer.
         tokio::spawn(reap(Arc::downgrade(&app), app.leases.timeout() / 4));
@@ -224,44 +221,48 @@ impl App {
     }
 
     /// Commits `changes` that record decisions the dispatcher has already made. If the store
-    /// fails, the dispatcher is ahead of it: the coordinator stops ([`App::poison`]).
+    /// fails, the dispatcher is ahead of it; the writer has marked itself failed, which stops
+    /// the coordinator ([`App::poison`]).
     pub async fn commit_decided(&self, changes: Vec<Change>) -> Result<(), ApiError> {
-        match self.writer.commit(changes).await {
-            Ok(()) => Ok(()),
-            Err(StoreError::Backend(e)) => {
-                self.poison(format!("the store failed to record a decision: {e}"));
-                Err(StoreError::Backend(e).into())
-            }
-            Err(e) => {
+        self.writer.commit(changes).await.map_err(|e| {
+            if !matches!(e, StoreError::Backend(_)) {
                 // The store's fencing refused what the dispatcher decided: a bug, not an outage.
                 tracing::error!(error = %e, "the store refused a decided change");
-                Err(e.into())
             }
+            e.into()
+        })
+    }
+
+    /// A refusal read from the dispatcher's state (a stale attempt, an unknown task or worker)
+    /// is only true if the decisions behind it are durable: waits for the writer to commit
+    /// everything sent before, and answers 503 instead if the store has failed meanwhile.
+    ///
+    /// One window remains: a decision whose commit is not yet sent when the refusal waits
+    /// (between a dispatcher call and its commit on another thread).
+    pub async fn durable_refusal(&self, refusal: ApiError) -> ApiError {
+        let _ = self.writer.commit(Vec::new()).await;
+        match self.poisoned() {
+            Some(reason) => ApiError::unavailable(format!("the coordinator is stopping: {reason}")),
+            None => refusal,
         }
     }
 
     /// Stops serving: from now on every request gets 503, and [`crate::api::serve`] shuts down.
-    /// The first reason is kept.
+    /// The writer does this itself when the store fails; the first reason is kept.
     pub fn poison(&self, reason: String) {
-        self.halted.send_if_modified(|halted| {
-            if halted.is_some() {
-                return false;
-            }
+        if self.writer.fail(reason.clone()) {
             tracing::error!(%reason, "stopping: restart to recover from the store");
-            *halted = Some(reason);
-            true
-        });
+        }
     }
 
     /// Why the coordinator stopped, if it has.
     pub fn poisoned(&self) -> Option<String> {
-        self.halted.borrow().clone()
+        self.writer.failure()
     }
 
     /// Resolves once the coordinator is poisoned.
     pub async fn halted(&self) {
-        let mut halted = self.halted.subscribe();
-        let _ = halted.wait_for(Option::is_some).await;
+        self.writer.failed().await
     }
 
     /// Removes `worker` (it left, or its lease expired): unregisters it, which redistributes

@@ -71,6 +71,8 @@ pub async fn reap(app: Weak<App>, every: Duration) {
                     app.metrics().lease_expiries.increment(1);
                     tracing::warn!(worker, requeued, "lease expired: worker declared dead")
                 }
+                // It left (or was removed) between its last request and now: nothing to do.
+                Err(e) if e.status() == axum::http::StatusCode::GONE => app.leases().forget(worker),
                 Err(e) => tracing::error!(worker, error = ?e, "declaring a worker dead failed"),
             }
         }

@@ -9,7 +9,9 @@
 //! the result; any other reports it failed, with the status and the end of its standard error.
 //! Heartbeats keep the lease while a command runs. If the coordinator declared the worker dead
 //! (410), it registers again; if it is unreachable or answers 5xx (restarting, say), the worker
-//! keeps its registration and retries with backoff. On shutdown (Ctrl-C) the task in hand is killed and given back,
+//! keeps its registration and retries with backoff. A report it cannot deliver for a minute
+//! stops it: the coordinator then redistributes its tasks when its lease expires, so the task
+//! runs again rather than being lost. On shutdown (Ctrl-C) the task in hand is killed and given back,
 //! and the worker leaves, so its queue is redistributed at once.
 
 use std::future::Future;
@@ -66,9 +68,7 @@ struct Registration {
 
 async fn register(registrar: &Client, opts: &WorkOptions) -> Result<Registration, ClientError> {
     let body = json!({"groups": opts.groups, "tags": opts.tags});
-    let r = registrar
-        .call(Method::POST, "/v1/workers", Some(&body))
-        .await?;
+    let r = retrying(registrar, "/v1/workers", &body).await?;
     let (Some(id), Some(token)) = (r["id"].as_u64(), r["token"].as_str()) else {
         return Err(ClientError::Transport(format!("unexpected answer: {r}")));
     };
@@ -94,6 +94,7 @@ pub async fn work(
     // `shutdown` must not be polled again once it has fired.
     let mut stopping = false;
     let mut failures = 0u32;
+    let mut failed = None;
     let result = loop {
         if stopping
             || opts
@@ -129,33 +130,42 @@ pub async fn work(
             }
             Err(e) => break Err(e),
         };
-        let mut tasks = tasks.into_iter();
-        while let Some(task) = tasks.next() {
-            if opts
-                .tasks
-                .is_some_and(|n| summary.finished + summary.failed >= n)
+        for task in tasks {
+            if stopping
+                || opts
+                    .tasks
+                    .is_some_and(|n| summary.finished + summary.failed >= n)
             {
-                // Done: what this fetch brought beyond `--tasks` goes back.
+                // Stopping, or done: what this fetch brought beyond that goes back.
                 give_back(&me, &task).await;
-                tasks.by_ref().for_each(drop);
                 continue;
             }
             let outcome = tokio::select! {
                 _ = &mut shutdown => {
                     give_back(&me, &task).await;
                     stopping = true;
-                    break;
+                    continue;
                 }
                 o = run(&me, &opts.command, &task) => o,
             };
             match report(&me, &task, outcome).await {
                 Ok(true) => summary.finished += 1,
                 Ok(false) => summary.failed += 1,
+                // Unreachable for a minute: stop. The coordinator redistributes this worker's
+                // tasks when its lease expires, so the task runs again rather than being lost.
+                Err(e) if transient(&e) => {
+                    failed = Some(e);
+                    break;
+                }
+                // Cancelled or reassigned meanwhile: the coordinator keeps nothing of this run.
                 Err(e) => {
                     eprintln!("switchyard work: report refused: {e}");
                     summary.refused += 1;
                 }
             }
+        }
+        if let Some(e) = failed.take() {
+            break Err(e);
         }
     };
     // Leave, so whatever is still queued here goes to the other workers at once.
@@ -183,19 +193,28 @@ fn backoff(n: u32) -> Duration {
     Duration::from_millis(100u64 << n.min(6).saturating_sub(1)).min(Duration::from_secs(5))
 }
 
-/// Sends a report, retrying transient failures a few times: a result is worth keeping.
-async fn send_report(me: &Registration, path: &str, body: &Value) -> Result<Value, ClientError> {
+/// How long a request that fails transiently is retried (a coordinator restart takes seconds).
+const RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Sends `body` to `path`, retrying transient failures with backoff for up to [`RETRY_FOR`]:
+/// a result is worth keeping across a coordinator restart.
+async fn retrying(client: &Client, path: &str, body: &Value) -> Result<Value, ClientError> {
+    let started = Instant::now();
     let mut n = 0;
     loop {
-        match me.client.call(Method::POST, path, Some(body)).await {
-            Err(e) if transient(&e) && n < 5 => {
+        match client.call(Method::POST, path, Some(body)).await {
+            Err(e) if transient(&e) && started.elapsed() < RETRY_FOR => {
                 n += 1;
-                eprintln!("switchyard work: report failed ({e}); retrying");
+                eprintln!("switchyard work: {path} failed ({e}); retrying");
                 tokio::time::sleep(backoff(n)).await;
             }
             other => return other,
         }
     }
+}
+
+async fn send_report(me: &Registration, path: &str, body: &Value) -> Result<Value, ClientError> {
+    retrying(&me.client, path, body).await
 }
 
 /// How a command ended: `Ok(stdout)` or `Err(message)`.

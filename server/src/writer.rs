@@ -9,6 +9,11 @@
 //! never fails its neighbours. The store applies each batch atomically, so a caller's changes
 //! are all durable or none are.
 //!
+//! A storage failure (`StoreError::Backend`: an I/O error, a full disk) marks the writer
+//! failed, before any caller of that batch is answered; [`Writer::failure`] tells, and
+//! [`Writer::failed`] waits for it. The coordinator stops on it (see `App::poison`). Conflicts
+//! and missing rows are answers, not failures.
+//!
 //! Shutdown drains: when every `Writer` handle is dropped, the task commits what is queued and
 //! ends; await its `JoinHandle` before exiting.
 
@@ -41,6 +46,12 @@ pub struct WriterStats {
     pub commit_micros: AtomicU64,
 }
 
+/// What the writer task shares with the handles.
+struct WriterState {
+    stats: Arc<WriterStats>,
+    failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
+}
+
 /// Histograms the writer records each batch into (no-ops unless given).
 #[derive(Clone)]
 pub struct WriterHistograms {
@@ -55,6 +66,7 @@ pub struct WriterHistograms {
 pub struct Writer {
     tx: mpsc::Sender<Pending>,
     stats: Arc<WriterStats>,
+    failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl Default for WriterHistograms {
@@ -82,8 +94,14 @@ impl Writer {
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let stats = Arc::new(WriterStats::default());
-        let task = tokio::spawn(run(store, rx, max_batch.max(1), stats.clone(), histograms));
-        (Self { tx, stats }, task)
+        let failure = Arc::new(tokio::sync::watch::Sender::new(None));
+        // The task gets the shared state, not a sender: only callers' handles keep it running.
+        let state = WriterState {
+            stats: stats.clone(),
+            failure: failure.clone(),
+        };
+        let task = tokio::spawn(run(store, rx, max_batch.max(1), state, histograms));
+        (Self { tx, stats, failure }, task)
     }
 
     /// Commits `changes` durably (atomically: all or none); returns once they are on disk.
@@ -102,6 +120,28 @@ impl Writer {
         &self.stats
     }
 
+    /// Marks the writer failed (the first reason is kept); returns whether this call did.
+    pub fn fail(&self, reason: String) -> bool {
+        self.failure.send_if_modified(|failure| {
+            if failure.is_some() {
+                return false;
+            }
+            *failure = Some(reason);
+            true
+        })
+    }
+
+    /// Why the store failed, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
+    }
+
+    /// Resolves once the store has failed.
+    pub async fn failed(&self) {
+        let mut failure = self.failure.subscribe();
+        let _ = failure.wait_for(Option::is_some).await;
+    }
+
     /// Requests waiting for the writer (queue depth; excludes the batch being committed).
     pub fn waiting(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -112,9 +152,10 @@ async fn run(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<Pending>,
     max_batch: usize,
-    stats: Arc<WriterStats>,
+    writer: WriterState,
     histograms: WriterHistograms,
 ) {
+    let stats = writer.stats.clone();
     while let Some(first) = rx.recv().await {
         // Gather what is already waiting, up to `max_batch` changes.
         let mut callers = vec![first];
@@ -164,6 +205,23 @@ async fn run(
         stats
             .largest_batch
             .fetch_max(size as u64, Ordering::Relaxed);
+        // Mark the failure before answering anyone, so a caller that sees its own answer also
+        // sees the failure of any change committed with or before it.
+        if let Some(Err(StoreError::Backend(e))) = results
+            .iter()
+            .find(|r| matches!(r, Err(StoreError::Backend(_))))
+        {
+            let failed = writer.failure.send_if_modified(|f| {
+                let first = f.is_none();
+                if first {
+                    *f = Some(format!("the store failed: {e}"));
+                }
+                first
+            });
+            if failed {
+                tracing::error!(error = %e, "the store failed");
+            }
+        }
         for ((range, done), result) in answers.into_iter().zip(results) {
             if result.is_ok() {
                 stats

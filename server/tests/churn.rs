@@ -16,6 +16,8 @@ use switchyard_server::app::Settings;
 
 const TASKS: u64 = 240;
 const WORKERS: u64 = 6;
+/// Long enough that a stall on a loaded CI machine does not expire a busy worker's lease.
+const LEASE: Duration = Duration::from_millis(1000);
 
 /// A small deterministic generator (SplitMix64), one per worker.
 struct Rng(u64);
@@ -34,12 +36,19 @@ impl Rng {
 struct Ledger {
     /// Every (task, attempt) a fetch delivered.
     delivered: HashSet<(u64, u64)>,
-    /// Tasks whose "finished" report was accepted.
-    finished: HashMap<u64, u64>,
+    /// Tasks whose "finished" report was accepted: how many times, and the attempt.
+    finished: HashMap<u64, (u64, u64)>,
     duplicates: Vec<(u64, u64)>,
     leaves: u64,
     silences: u64,
     gave_back: u64,
+}
+
+impl Ledger {
+    fn finish(&mut self, task: u64, attempt: u64) {
+        let entry = self.finished.entry(task).or_default();
+        *entry = (entry.0 + 1, attempt);
+    }
 }
 
 async fn register(s: &Session, group: &str) -> u64 {
@@ -84,13 +93,13 @@ async fn worker(s: Arc<Session>, group: &'static str, seed: u64, ledger: Arc<Mut
                 1 => {
                     // Go silent past the lease: declared dead, tasks redistributed.
                     ledger.lock().unwrap().silences += 1;
-                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    tokio::time::sleep(LEASE + LEASE / 2).await;
                     let done = json!({"attempt": attempt, "outcome": "finished"});
                     let (st, _) = post(&s, &report, done).await;
                     assert!(st == 410 || st == 200, "late report: {st}");
                     if st == 200 {
                         // The reaper had not run yet: the report counts.
-                        *ledger.lock().unwrap().finished.entry(id).or_default() += 1;
+                        ledger.lock().unwrap().finish(id, attempt);
                         continue;
                     }
                     me = register(&s, group).await;
@@ -99,13 +108,22 @@ async fn worker(s: Arc<Session>, group: &'static str, seed: u64, ledger: Arc<Mut
                 2 | 3 => {
                     ledger.lock().unwrap().gave_back += 1;
                     let back = json!({"attempt": attempt, "outcome": "given_back"});
-                    assert_eq!(post(&s, &report, back).await.0, 200);
+                    let (st, body) = post(&s, &report, back).await;
+                    if st == 410 {
+                        me = register(&s, group).await; // a stall outlived the lease
+                        break;
+                    }
+                    assert_eq!(st, 200, "{body}");
                 }
                 _ => {
                     let done = json!({"attempt": attempt, "outcome": "finished"});
                     let (st, body) = post(&s, &report, done).await;
+                    if st == 410 {
+                        me = register(&s, group).await; // a stall outlived the lease
+                        break;
+                    }
                     assert_eq!(st, 200, "{body}");
-                    *ledger.lock().unwrap().finished.entry(id).or_default() += 1;
+                    ledger.lock().unwrap().finish(id, attempt);
                 }
             }
         }
@@ -115,7 +133,7 @@ async fn worker(s: Arc<Session>, group: &'static str, seed: u64, ledger: Arc<Mut
 async fn churn(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings {
-        lease_timeout: Duration::from_millis(400),
+        lease_timeout: LEASE,
         ..test_settings()
     };
     let config = Config {
@@ -156,22 +174,31 @@ async fn churn(mode: Mode) {
     );
     assert_eq!(l.finished.len() as u64, TASKS, "{mode:?}");
     assert!(
-        l.finished.values().all(|n| *n == 1),
+        l.finished.values().all(|(n, _)| *n == 1),
         "{mode:?}: finished twice"
     );
-    // The store agrees: every task finished, at the attempt the ledger saw last.
+    // The store agrees: every task finished, at the attempt whose report was accepted.
     let mut after = 0;
+    let mut stored = 0;
     loop {
         let path = format!("/v1/tasks?limit=1000&after={after}");
         let (_, page) = call_as(s.addr, Some(&s.client.admin), "GET", &path, None).await;
         for t in page["tasks"].as_array().unwrap() {
+            let id = t["id"].as_u64().unwrap();
             assert_eq!(t["state"], "finished", "{mode:?}: {t}");
+            assert_eq!(
+                t["attempt"].as_u64(),
+                Some(l.finished[&id].1),
+                "{mode:?}: {t}"
+            );
+            stored += 1;
         }
         match page["next"].as_u64() {
             Some(next) => after = next,
             None => break,
         }
     }
+    assert_eq!(stored, TASKS, "{mode:?}");
     // The churn happened: leaves, expired leases and give-backs, with tasks redistributed.
     let counters = s.app.dispatcher().stats().counters;
     let (_, text) = raw(s.addr, Some(&s.client.admin), "GET", "/metrics", None).await;

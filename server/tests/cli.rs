@@ -147,7 +147,20 @@ fn a_worker_rides_out_a_coordinator_restart() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500)); // registered, long-polling
+    // Wait until it has registered (it is long-polling then).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let stats: Value =
+            serde_json::from_str(&stdout(&cli(&url, Some(ADMIN), &["stats"]))).unwrap();
+        if !stats["workers"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never registered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     server.kill().unwrap();
     server.wait().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300)); // the worker sees it gone

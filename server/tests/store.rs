@@ -149,11 +149,6 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
             attempt: 0,
             message: "x".into(),
         },
-        Change::Update {
-            task: 1,
-            priority: Some(1),
-            tags: None,
-        },
         Change::Assign {
             task: 1,
             worker: 4,
@@ -169,6 +164,15 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
         );
     }
     assert_eq!(state(&s, 1), (TaskState::Running, 1, Some(3), None));
+    // An update decided while the task was queued applies even if the assignment committed
+    // first; once the task has ended it changes nothing.
+    s.apply(&[Change::Update {
+        task: 1,
+        priority: Some(9),
+        tags: None,
+    }])
+    .unwrap();
+    assert_eq!(s.task(1).unwrap().unwrap().priority, 9);
     // A requeue of a superseded attempt changes nothing, and does not fail its batch.
     s.apply(&[
         Change::Requeue {

@@ -404,11 +404,15 @@ pub(crate) async fn report(
         Ok(())
     })
     .await;
-    if let Err(e) = &reported {
-        if e.kind() == "stale_attempt" {
-            app.metrics.stale_reports.increment(1);
+    match reported {
+        Ok(()) => ok(Reported { task }),
+        Err(e) if e.status().is_client_error() => {
+            if e.kind() == "stale_attempt" {
+                app.metrics.stale_reports.increment(1);
+            }
+            // The worker drops its result on a refusal: make sure the refusal is durable.
+            Err(app.durable_refusal(e).await)
         }
+        Err(e) => Err(e),
     }
-    reported?;
-    ok(Reported { task })
 }

@@ -20,6 +20,8 @@
 //!   must not fail because another worker's assignment of one of its tasks committed first;
 //! - `Assign` of a cancelled task changes nothing and succeeds (the dispatcher claimed it
 //!   before the cancel, whose commit came first); `Assign` of a superseded attempt is refused.
+//! - `Update` (decided while the task was queued) applies to a queued or running task, and is a
+//!   no-op once it has ended: a fetch's `Assign` or a report may commit before it.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -281,10 +283,13 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 tx,
                 "UPDATE tasks SET priority = COALESCE(?2, priority), tags = COALESCE(?3, tags),
                                       updated_ms = ?4
-                     WHERE id = ?1 AND state = 'queued'",
+                     WHERE id = ?1 AND state IN ('queued', 'running')",
                 params![*task as i64, priority, tags, now],
             )
             .map_err(backend)?;
+            if n == 0 && state_of(tx, *task)?.is_some() {
+                return Ok(()); // ended meanwhile: nothing left to change
+            }
             (n, *task, "update it")
         }
         Change::AddWorker(w) => {
