@@ -18,8 +18,6 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use switchyard::{Config, Dispatcher, WorkerId};
@@ -30,6 +28,7 @@ use crate::liveness::{reap, Leases};
 use crate::metrics::Metrics;
 use crate::recovery::recover;
 use crate::store::{Change, Role, SqliteStore, Store, StoreError, TokenRecord};
+use crate::sync::{Arc, AtomicU64};
 use crate::wakeups::Wakeups;
 use crate::writer::Writer;
 

@@ -21,17 +21,16 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 
 use crate::app::App;
 use crate::error::ApiError;
 use crate::store::{Role, TokenRecord};
+use crate::sync::{Arc, RwLock};
 
 /// A new random token, as shown to its owner (`sy_` and 64 hex digits).
 pub fn generate() -> String {

@@ -15,6 +15,7 @@
 //! | [`liveness`] | worker leases, renewed by every worker request; the reaper declares silent workers dead |
 //! | [`wakeups`] | long-poll: a waiting fetch is woken the moment work it can fetch is placed |
 //! | [`metrics`] | Prometheus metrics: events as they happen, dispatcher state copied in at scrape time |
+//! | [`sync`] | the locks and atomics the coordinator's shared state uses, named in one place |
 //! | [`client`], [`work`] | the CLI's HTTP client, and the `work` loop that runs a shell command per task |
 //! | `main.rs` | the `switchyard` CLI: `serve` and the client subcommands |
 //!
@@ -33,6 +34,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod recovery;
 pub mod store;
+pub mod sync;
 pub mod wakeups;
 pub mod work;
 pub mod writer;

@@ -7,10 +7,10 @@
 //! Workers restored at start-up begin with a fresh lease.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::app::App;
+use crate::sync::{Mutex, Weak};
 
 /// The last time each worker was heard from.
 #[derive(Debug)]
@@ -30,20 +30,17 @@ impl Leases {
 
     /// The worker was heard from now.
     pub fn renew(&self, worker: u64) {
-        self.seen
-            .lock()
-            .expect("lease table")
-            .insert(worker, Instant::now());
+        self.seen.lock().insert(worker, Instant::now());
     }
 
     /// The worker is gone; it holds no lease.
     pub fn forget(&self, worker: u64) {
-        self.seen.lock().expect("lease table").remove(&worker);
+        self.seen.lock().remove(&worker);
     }
 
     /// Workers silent for longer than the timeout at `now`.
     pub fn expired(&self, now: Instant) -> Vec<u64> {
-        let seen = self.seen.lock().expect("lease table");
+        let seen = self.seen.lock();
         seen.iter()
             .filter(|(_, last)| now.saturating_duration_since(**last) > self.timeout)
             .map(|(w, _)| *w)

@@ -9,11 +9,11 @@
 //! once, so a graceful shutdown does not wait out the long-polls.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use switchyard::{Waker, WorkerId};
 use tokio::sync::Notify;
+
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 
 /// The workers whose fetches are waiting, each with the `Notify` that wakes them.
 #[derive(Default)]
@@ -37,7 +37,7 @@ pub struct Subscription {
 impl Wakeups {
     /// Subscribes `worker`'s fetch to wake-ups.
     pub fn subscribe(self: &Arc<Self>, worker: u64) -> Subscription {
-        let mut map = self.subscribed.lock().expect("wake-up table");
+        let mut map = self.subscribed.lock();
         let entry = map
             .entry(worker)
             .or_insert_with(|| (Arc::new(Notify::new()), 0));
@@ -53,10 +53,7 @@ impl Wakeups {
 
     /// Whether a fetch of `worker` is waiting (an open request: the worker is alive).
     pub fn is_waiting(&self, worker: u64) -> bool {
-        self.subscribed
-            .lock()
-            .expect("wake-up table")
-            .contains_key(&worker)
+        self.subscribed.lock().contains_key(&worker)
     }
 
     /// Shutdown: wakes every waiting fetch; from now on fetches do not wait.
@@ -67,7 +64,7 @@ impl Wakeups {
     /// `SeqCst` on both sides rules out).
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        let map = self.subscribed.lock().expect("wake-up table");
+        let map = self.subscribed.lock();
         for (notify, _) in map.values() {
             notify.notify_waiters();
         }
@@ -87,7 +84,7 @@ impl Wakeups {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut map = self.wakeups.subscribed.lock().expect("wake-up table");
+        let mut map = self.wakeups.subscribed.lock();
         if let Some(entry) = map.get_mut(&self.worker) {
             entry.1 -= 1;
             if entry.1 == 0 {
@@ -103,14 +100,14 @@ impl Waker for Wakeups {
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return;
         }
-        Self::wake(&self.subscribed.lock().expect("wake-up table"), worker);
+        Self::wake(&self.subscribed.lock(), worker);
     }
 
     fn class(&self, candidates: &mut dyn Iterator<Item = WorkerId>) {
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let map = self.subscribed.lock().expect("wake-up table");
+        let map = self.subscribed.lock();
         candidates.for_each(|w| Self::wake(&map, w));
     }
 }

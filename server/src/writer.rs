@@ -18,14 +18,13 @@
 //! ends; await its `JoinHandle` before exiting.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::store::{Change, Store, StoreError};
+use crate::sync::{Arc, AtomicU64, Ordering};
 
 /// One caller's changes and where to send the answer.
 struct Pending {

@@ -1,9 +1,6 @@
 //! Admin routes (admin token only): stats, metrics, rebalance, workers, force-remove, and the
 //! submitter tokens.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
@@ -15,6 +12,7 @@ use crate::app::{detach, now_ms, App};
 use crate::auth::{self, Caller};
 use crate::error::{ApiError, ErrorBody, JsonBody, PathParams};
 use crate::store::{Change, Role, TokenRecord};
+use crate::sync::{Arc, Ordering};
 
 #[derive(Serialize, ToSchema)]
 pub(crate) struct StatsBody {

@@ -14,7 +14,6 @@ pub mod tasks;
 pub mod workers;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -28,6 +27,7 @@ use utoipa::OpenApi;
 
 use crate::app::App;
 use crate::error::{no_method, no_route, ApiError};
+use crate::sync::Arc;
 
 /// The HTTP routes.
 pub fn router(app: Arc<App>) -> Router {

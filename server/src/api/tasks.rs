@@ -3,9 +3,6 @@
 //! An admin sees every task; a submitter only the tasks of its groups. A task of another group
 //! answers 404, as if it did not exist.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use switchyard::{TaskId, TaskSpec};
@@ -16,6 +13,7 @@ use crate::app::{detach, now_ms, App};
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, JsonBody, PathParams, QueryParams};
 use crate::store::{Change, ListFilter, TaskRecord, TaskState};
+use crate::sync::{Arc, Ordering};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

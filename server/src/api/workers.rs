@@ -5,8 +5,6 @@
 //! 410 and must register again.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -19,6 +17,7 @@ use crate::app::{detach, App};
 use crate::auth::{self, Caller};
 use crate::error::{ApiError, ErrorBody, JsonBody, PathParams};
 use crate::store::{Change, Role, WorkerRecord};
+use crate::sync::{Arc, Ordering};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -221,17 +220,24 @@ pub(crate) async fn fetch(
     }
 }
 
-/// [`take`] on a task of its own (an assignment is never left unrecorded), whose tasks are
-/// given back if the request that asked for them is gone by the time they are recorded (the
-/// client hung up, or the request-time limit passed): assigned tasks nobody will receive would
-/// otherwise stay running on a live worker. A reply lost after this point (the connection
-/// breaks while it is written) is the usual at-least-once window: the tasks come back when the
-/// worker gives them back, leaves, or its lease expires.
+/// One fetch. The dispatcher's claim is synchronous, so no cancellation can fall between it
+/// and the spawn that follows; an empty fetch (an idle worker polling) costs no task. The
+/// claimed tasks are recorded ([`record`]) on a task of their own, so an assignment is never
+/// left unrecorded, and given back if the request that asked for them is gone by then (the
+/// client hung up, or the request-time limit passed): tasks nobody will receive would otherwise
+/// stay running on a live worker. A reply lost after this point (the connection breaks while it
+/// is written) is the usual at-least-once window: the tasks come back when the worker gives
+/// them back, leaves, or its lease expires.
 async fn take_delivered(app: Arc<App>, worker: u64, max: usize) -> Result<Vec<Assigned>, ApiError> {
+    let got = app.dispatcher.fetch(WorkerId(worker), max)?;
+    app.leases.renew(worker);
+    if got.is_empty() {
+        return Ok(Vec::new());
+    }
     let (deliver, delivered) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let taken = take(app.clone(), worker, max).await;
-        if let Err(Ok(tasks)) = deliver.send(taken) {
+        let recorded = record(&app, worker, got).await;
+        if let Err(Ok(tasks)) = deliver.send(recorded) {
             let tasks: Vec<_> = tasks.iter().map(|t| (TaskId(t.id), t.attempt)).collect();
             tracing::info!(
                 worker,
@@ -265,14 +271,14 @@ async fn give_back(app: &App, worker: u64, tasks: &[(TaskId, u32)]) -> Result<()
     app.commit_decided(changes).await
 }
 
-/// One fetch: the dispatcher assigns, the writer records the assignments, and the payloads
-/// are read.
-async fn take(app: Arc<App>, worker: u64, max: usize) -> Result<Vec<Assigned>, ApiError> {
-    let got = app.dispatcher.fetch(WorkerId(worker), max)?;
-    app.leases.renew(worker);
-    if got.is_empty() {
-        return Ok(Vec::new());
-    }
+/// Records claimed assignments and reads their payloads. If the commit fails, the dispatcher
+/// takes the tasks back (nothing was written); if the payload read fails after it, they are
+/// given back durably.
+async fn record(
+    app: &App,
+    worker: u64,
+    got: Vec<switchyard::Assignment>,
+) -> Result<Vec<Assigned>, ApiError> {
     let changes = got
         .iter()
         .map(|a| Change::Assign {
@@ -296,7 +302,7 @@ async fn take(app: Arc<App>, worker: u64, max: usize) -> Result<Vec<Assigned>, A
         Ok(records) => records,
         Err(e) => {
             let taken: Vec<_> = got.iter().map(|a| (a.task, a.attempt)).collect();
-            give_back(&app, worker, &taken).await?;
+            give_back(app, worker, &taken).await?;
             return Err(e.into());
         }
     };

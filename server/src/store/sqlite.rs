@@ -24,10 +24,11 @@
 //!   no-op once it has ended: a fetch's `Assign` or a report may commit before it.
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::sync::Mutex;
 
 use super::{
     Change, ListFilter, Recovery, Role, Store, StoreError, TaskRecord, TaskState, TokenRecord,
@@ -367,10 +368,7 @@ const SUMMARY_COLUMNS: &str =
 
 impl Store for SqliteStore {
     fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
-        let mut conn = self
-            .writer
-            .lock()
-            .map_err(|_| backend("writer lock poisoned"))?;
+        let mut conn = self.writer.lock();
         let tx = conn.transaction().map_err(backend)?;
         let now = now_ms();
         for change in changes {
@@ -381,10 +379,7 @@ impl Store for SqliteStore {
     }
 
     fn recover(&self) -> Result<Recovery, StoreError> {
-        let conn = self
-            .reader
-            .lock()
-            .map_err(|_| backend("reader lock poisoned"))?;
+        let conn = self.reader.lock();
         let all_workers = conn
             .prepare("SELECT id, groups, tags, token_hash, removed FROM workers ORDER BY id")
             .and_then(|mut s| {
@@ -456,10 +451,7 @@ impl Store for SqliteStore {
     }
 
     fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
-        let conn = self
-            .reader
-            .lock()
-            .map_err(|_| backend("reader lock poisoned"))?;
+        let conn = self.reader.lock();
         conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))
             .and_then(|mut s| s.query_row([id as i64], task_row).optional())
             .map_err(backend)
@@ -467,10 +459,7 @@ impl Store for SqliteStore {
 
     fn tasks(&self, ids: &[u64]) -> Result<Vec<TaskRecord>, StoreError> {
         let ids = serde_json::to_string(ids).map_err(backend)?;
-        let conn = self
-            .reader
-            .lock()
-            .map_err(|_| backend("reader lock poisoned"))?;
+        let conn = self.reader.lock();
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {TASK_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?1))"
@@ -481,10 +470,7 @@ impl Store for SqliteStore {
     }
 
     fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
-        let conn = self
-            .reader
-            .lock()
-            .map_err(|_| backend("reader lock poisoned"))?;
+        let conn = self.reader.lock();
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {SUMMARY_COLUMNS} FROM tasks
