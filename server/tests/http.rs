@@ -634,3 +634,89 @@ async fn a_fetch_abandoned_before_its_assignments_are_recorded_gives_them_back()
     s.app.dispatcher().audit().unwrap();
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_batch_of_reports_is_decided_report_by_report_and_committed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), Mode::Balanced(Strategy::LeastLoaded)).await;
+    let a = &s.client;
+    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
+    let w = w["id"].as_u64().unwrap();
+    for _ in 0..3 {
+        post(a, "/v1/tasks", json!({"group": "g"})).await;
+    }
+    let (_, got) = post(a, &format!("/v1/workers/{w}/fetch"), json!({"max": 3})).await;
+    let ids: Vec<u64> = got["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    let path = format!("/v1/workers/{w}/reports");
+    let commits = || async { call(a, "GET", "/v1/stats", None).await.1["store_batches"].as_u64() };
+    let before = commits().await.unwrap();
+    let (st, body) = post(
+        a,
+        &path,
+        json!({"reports": [
+            {"task": ids[0], "attempt": 1, "outcome": "finished", "result": "r0"},
+            {"task": ids[1], "attempt": 9, "outcome": "finished"},
+            {"task": ids[2], "attempt": 1, "outcome": "given_back"},
+        ]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let statuses: Vec<(u64, Option<&str>)> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["status"].as_u64().unwrap(), r["error"].as_str()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [(200, None), (409, Some("stale_attempt")), (200, None)]
+    );
+    assert_eq!(
+        commits().await,
+        Some(before + 1),
+        "one commit for the batch"
+    );
+    let state = |t: u64| {
+        let a = a.clone();
+        async move {
+            let (_, task) = call(&a, "GET", &format!("/v1/tasks/{t}"), None).await;
+            (
+                task["state"].as_str().unwrap().to_string(),
+                task["outcome"].clone(),
+            )
+        }
+    };
+    assert_eq!(state(ids[0]).await, ("finished".into(), json!("r0")));
+    assert_eq!(state(ids[1]).await.0, "running");
+    assert_eq!(state(ids[2]).await.0, "queued");
+    // Bad batches change nothing.
+    let one = json!({"task": ids[1], "attempt": 1, "outcome": "finished"});
+    let over_max_batch: Vec<Value> = (0..4).map(|_| one.clone()).collect();
+    for bad in [
+        json!({"reports": []}),
+        json!({ "reports": over_max_batch }),
+        json!({"reports": [{"task": ids[1], "attempt": 1, "outcome": "failed", "message": "m".repeat(65)}]}),
+    ] {
+        let (st, err) = post(a, &path, bad.clone()).await;
+        assert_eq!(
+            (st, err["error"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}"
+        );
+    }
+    let (st, _) = post(
+        a,
+        &path,
+        json!({"reports": [{"task": 1, "attempt": 1, "outcome": "done"}]}),
+    )
+    .await;
+    assert_eq!(st, 422);
+    assert_eq!(state(ids[1]).await.0, "running");
+    s.app.dispatcher().audit().unwrap();
+    s.stop().await;
+}

@@ -12,8 +12,9 @@
 //! fsync, shared by group commit). With `--server URL --token ADMIN` it drives an external one
 //! (this is how `flamegraphs/record.sh http` profiles the server alone).
 //!
-//! Phases: `/health` (the floor); single submissions; batch submissions; workers draining
-//! everything with fetch + report. Prints a Markdown table on stdout, progress on stderr.
+//! Phases: `/health` (the floor); single submissions; batch submissions; workers draining half
+//! the tasks with a fetch and a report per task, and the other half with a fetch and one batched
+//! report. Prints a Markdown table on stdout, progress on stderr.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -269,48 +270,30 @@ async fn run(args: Args) {
     .await;
     phases.push(p);
 
-    // Drain: every worker fetches up to `fetch` and reports each, until nothing is left.
+    // Drain: every worker fetches up to `fetch` and reports what it got. The first half of the
+    // tasks is reported one request (and one commit) per task, the rest in one batched report
+    // per fetch; nothing is left at the end.
     let total = single_n * c + batches * batch as u64 * c;
     let done = Arc::new(AtomicU64::new(0));
-    let fetch = args.fetch;
-    let (p, _) = phase("fetch + report (per task)", worker_conns, {
-        let ids = ids.clone();
-        let done = done.clone();
-        move |i, mut conn| {
-            let id = ids[i];
-            let done = done.clone();
-            async move {
-                let mut l = histogram();
-                let mut n = 0;
-                let fetch_path = format!("/v1/workers/{id}/fetch");
-                let body = json!({ "max": fetch });
-                while done.load(Ordering::Relaxed) < total {
-                    let t = Instant::now();
-                    let (st, got) = conn.call(Method::POST, &fetch_path, Some(&body)).await;
-                    assert_eq!(st, 200, "{got}");
-                    let tasks = got["tasks"].as_array().cloned().unwrap_or_default();
-                    if tasks.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                        continue;
-                    }
-                    for task in &tasks {
-                        let path = format!("/v1/workers/{id}/tasks/{}/report", task["id"]);
-                        let report = json!({"attempt": task["attempt"], "outcome": "finished"});
-                        let (st, r) = conn.call(Method::POST, &path, Some(&report)).await;
-                        assert_eq!(st, 200, "{r}");
-                    }
-                    // One sample per task: the fetch and its reports, shared out.
-                    let per = t.elapsed().as_micros() as u64 / tasks.len() as u64;
-                    l.record_n(per.max(1), tasks.len() as u64).unwrap();
-                    n += tasks.len() as u64;
-                    done.fetch_add(tasks.len() as u64, Ordering::Relaxed);
-                }
-                (conn, n, l)
-            }
-        }
-    })
-    .await;
-    phases.push(p);
+    let mut worker_conns = worker_conns;
+    for (name, until, batched) in [
+        ("fetch + a report per task (per task)", total / 2, false),
+        ("fetch + one batched report (per task)", total, true),
+    ] {
+        let drain = Drain {
+            ids: ids.clone(),
+            done: done.clone(),
+            until,
+            fetch: args.fetch,
+            batched,
+        };
+        let (p, back) = phase(name, worker_conns, move |i, conn| {
+            drain.clone().run(i, conn)
+        })
+        .await;
+        phases.push(p);
+        worker_conns = back;
+    }
     assert_eq!(
         done.load(Ordering::Relaxed),
         total,
@@ -318,6 +301,68 @@ async fn run(args: Args) {
     );
 
     report(&args, &phases);
+}
+
+/// One worker's share of a drain phase.
+#[derive(Clone)]
+struct Drain {
+    ids: Vec<u64>,
+    done: Arc<AtomicU64>,
+    until: u64,
+    fetch: usize,
+    batched: bool,
+}
+
+impl Drain {
+    async fn run(self, i: usize, mut conn: Conn) -> (Conn, u64, Histogram<u64>) {
+        let id = self.ids[i];
+        let mut l = histogram();
+        let mut n = 0;
+        let fetch_path = format!("/v1/workers/{id}/fetch");
+        let body = json!({ "max": self.fetch });
+        while self.done.load(Ordering::Relaxed) < self.until {
+            let t = Instant::now();
+            let (st, got) = conn.call(Method::POST, &fetch_path, Some(&body)).await;
+            assert_eq!(st, 200, "{got}");
+            let tasks = got["tasks"].as_array().cloned().unwrap_or_default();
+            if tasks.is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            if self.batched {
+                let reports: Vec<Value> = tasks
+                    .iter()
+                    .map(|t| json!({"task": t["id"], "attempt": t["attempt"], "outcome": "finished"}))
+                    .collect();
+                let path = format!("/v1/workers/{id}/reports");
+                let (st, r) = conn
+                    .call(Method::POST, &path, Some(&json!({ "reports": reports })))
+                    .await;
+                assert_eq!(st, 200, "{r}");
+                assert!(
+                    r["results"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|x| x["status"] == 200),
+                    "{r}"
+                );
+            } else {
+                for task in &tasks {
+                    let path = format!("/v1/workers/{id}/tasks/{}/report", task["id"]);
+                    let report = json!({"attempt": task["attempt"], "outcome": "finished"});
+                    let (st, r) = conn.call(Method::POST, &path, Some(&report)).await;
+                    assert_eq!(st, 200, "{r}");
+                }
+            }
+            // One sample per task: the fetch and its reports, shared out.
+            let per = t.elapsed().as_micros() as u64 / tasks.len() as u64;
+            l.record_n(per.max(1), tasks.len() as u64).unwrap();
+            n += tasks.len() as u64;
+            self.done.fetch_add(tasks.len() as u64, Ordering::Relaxed);
+        }
+        (conn, n, l)
+    }
 }
 
 fn report(args: &Args, phases: &[Phase]) {

@@ -2,7 +2,7 @@
 //!
 //! | module | caller | routes |
 //! |---|---|---|
-//! | [`workers`] | a worker (its own token); registration by an admin or submitter | register, heartbeat, fetch (long-poll), report, leave |
+//! | [`workers`] | a worker (its own token); registration by an admin or submitter | register, heartbeat, fetch (long-poll), report (one or a batch), leave |
 //! | [`tasks`] | a submitter (its groups) or the admin | submit, batch, get, list, update, cancel |
 //! | [`admin`] | the admin | stats, rebalance, workers, force-remove, tokens, `/metrics` |
 //!
@@ -44,6 +44,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/workers/{worker}/tasks/{task}/report",
             post(workers::report),
         )
+        .route("/v1/workers/{worker}/reports", post(workers::reports))
         .route("/v1/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/batch", post(tasks::submit_batch))
         .route(
@@ -160,7 +161,8 @@ pub(crate) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     info(title = "Switchyard", description = "Hands tagged, prioritised tasks to workers that fetch them over HTTP."),
     paths(
         health, openapi,
-        workers::register, workers::heartbeat, workers::fetch, workers::report, workers::leave,
+        workers::register, workers::heartbeat, workers::fetch, workers::report, workers::reports,
+        workers::leave,
         tasks::submit, tasks::submit_batch, tasks::get, tasks::list, tasks::update, tasks::cancel,
         admin::stats, admin::metrics, admin::rebalance, admin::workers, admin::remove_worker,
         admin::create_token, admin::tokens, admin::revoke_token,

@@ -368,6 +368,25 @@ pub(crate) async fn report(
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Reply<Reported> {
     caller.require_worker(worker)?;
+    check_text(&app, &body)?;
+    let a = app.clone();
+    let reported = detach(async move {
+        let change = decide(&a, worker, task, body)?;
+        a.commit_decided(vec![change]).await
+    })
+    .await;
+    match reported {
+        Ok(()) => ok(Reported { task }),
+        Err(e) if e.status().is_client_error() => {
+            // The worker drops its result on a refusal: make sure the refusal is durable.
+            Err(app.durable_refusal(e).await)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A result or message is bounded like a payload.
+fn check_text(app: &App, body: &ReportBody) -> Result<(), ApiError> {
     let longest = [&body.result, &body.message]
         .into_iter()
         .flatten()
@@ -380,45 +399,151 @@ pub(crate) async fn report(
             app.limits.max_payload
         )));
     }
-    let a = app.clone();
-    let reported = detach(async move {
-        let (w, t, attempt) = (WorkerId(worker), TaskId(task), body.attempt);
-        let change = match body.outcome {
-            Outcome::Finished => {
-                a.dispatcher.complete(w, t, attempt)?;
-                Change::Finish {
-                    task,
-                    attempt,
-                    result: body.result,
-                }
-            }
-            Outcome::Failed => {
-                a.dispatcher.complete(w, t, attempt)?;
-                Change::Fail {
-                    task,
-                    attempt,
-                    message: body.message.unwrap_or_default(),
-                }
-            }
-            Outcome::GivenBack => {
-                a.dispatcher.give_back(w, t, attempt)?;
-                Change::Requeue { task, attempt }
-            }
-        };
-        a.leases.renew(worker);
-        a.commit_decided(vec![change]).await?;
-        Ok(())
-    })
-    .await;
-    match reported {
-        Ok(()) => ok(Reported { task }),
-        Err(e) if e.status().is_client_error() => {
-            if e.kind() == "stale_attempt" {
+    Ok(())
+}
+
+/// The dispatcher's decision on one report, as the change that records it. Renews the lease
+/// of a worker whose report is accepted.
+fn decide(app: &App, worker: u64, task: u64, body: ReportBody) -> Result<Change, ApiError> {
+    let (w, t, attempt) = (WorkerId(worker), TaskId(task), body.attempt);
+    let decided = match body.outcome {
+        Outcome::Finished => app
+            .dispatcher
+            .complete(w, t, attempt)
+            .map(|()| Change::Finish {
+                task,
+                attempt,
+                result: body.result,
+            }),
+        Outcome::Failed => app
+            .dispatcher
+            .complete(w, t, attempt)
+            .map(|()| Change::Fail {
+                task,
+                attempt,
+                message: body.message.unwrap_or_default(),
+            }),
+        Outcome::GivenBack => app
+            .dispatcher
+            .give_back(w, t, attempt)
+            .map(|_| Change::Requeue { task, attempt }),
+    };
+    match decided {
+        Ok(change) => {
+            app.leases.renew(worker);
+            Ok(change)
+        }
+        Err(e) => {
+            if matches!(e, switchyard::Error::StaleAttempt { .. }) {
                 app.metrics.stale_reports.increment(1);
             }
-            // The worker drops its result on a refusal: make sure the refusal is durable.
-            Err(app.durable_refusal(e).await)
+            Err(e.into())
         }
-        Err(e) => Err(e),
     }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReportsBody {
+    /// 1 to the server's `--max-batch` reports, each as in the single report plus its task.
+    reports: Vec<TaskReport>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TaskReport {
+    task: u64,
+    attempt: u32,
+    outcome: Outcome,
+    #[serde(default)]
+    result: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+impl TaskReport {
+    fn split(self) -> (u64, ReportBody) {
+        let report = ReportBody {
+            attempt: self.attempt,
+            outcome: self.outcome,
+            result: self.result,
+            message: self.message,
+        };
+        (self.task, report)
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ReportsOutcome {
+    /// One per report, in order.
+    results: Vec<ReportResult>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ReportResult {
+    task: u64,
+    /// What the single report would have answered: 200, or its 4xx.
+    status: u16,
+    /// The error kind, if refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+}
+
+/// Reports several assignments in one request and one commit. Each is decided on its own (a
+/// stale one is refused without failing the others); all accepted ones are durable before the
+/// reply.
+#[utoipa::path(post, path = "/v1/workers/{worker}/reports", tag = "workers",
+    params(("worker" = u64, Path, description = "the worker")),
+    request_body = ReportsBody,
+    responses(
+        (status = 200, description = "each report's own status", body = ReportsOutcome),
+        (status = 400, description = "no reports, too many, or a result over the limit", body = ErrorBody),
+        (status = 503, description = "the store failed: nothing is known to be recorded", body = ErrorBody)))]
+pub(crate) async fn reports(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParams(worker): PathParams<u64>,
+    JsonBody(body): JsonBody<ReportsBody>,
+) -> Reply<ReportsOutcome> {
+    caller.require_worker(worker)?;
+    if body.reports.is_empty() || body.reports.len() > app.limits.max_batch {
+        return Err(ApiError::bad_request(format!(
+            "a batch holds 1..={} reports",
+            app.limits.max_batch
+        )));
+    }
+    let reports: Vec<(u64, ReportBody)> = body.reports.into_iter().map(TaskReport::split).collect();
+    for (i, (_, r)) in reports.iter().enumerate() {
+        check_text(&app, r).map_err(|e| e.in_batch(i))?;
+    }
+    let a = app.clone();
+    let results = detach(async move {
+        let mut changes = Vec::with_capacity(reports.len());
+        let mut results = Vec::with_capacity(reports.len());
+        for (task, report) in reports {
+            let (status, error) = match decide(&a, worker, task, report) {
+                Ok(change) => {
+                    changes.push(change);
+                    (200, None)
+                }
+                Err(e) => (e.status().as_u16(), Some(e.kind())),
+            };
+            results.push(ReportResult {
+                task,
+                status,
+                error,
+            });
+        }
+        // Also the barrier that makes any refusal above durable (see `App::durable_refusal`):
+        // it completes after every commit sent before it.
+        a.commit_decided(changes).await?;
+        if let Some(reason) = a.poisoned() {
+            return Err(ApiError::unavailable(format!(
+                "the coordinator is stopping: {reason}"
+            )));
+        }
+        Ok(results)
+    })
+    .await?;
+    ok(ReportsOutcome { results })
 }
