@@ -203,31 +203,17 @@ async fn run(args: Args) {
     phases.push(p);
 
     // Workers, registered by the admin, one per connection.
+    let mut admin_conn = Conn::open(&authority, &admin).await;
     let mut workers = Vec::new();
-    let mut conns = conns.into_iter();
-    let mut admin_conn = conns.next().unwrap();
     for conn in conns {
+        let body = json!({"groups": ["load"]});
         let (st, w) = admin_conn
-            .call(
-                Method::POST,
-                "/v1/workers",
-                Some(&json!({"groups": ["load"]})),
-            )
+            .call(Method::POST, "/v1/workers", Some(&body))
             .await;
         assert_eq!(st, 201, "{w}");
         let id = w["id"].as_u64().unwrap();
         workers.push((id, conn.with_token(w["token"].as_str().unwrap())));
     }
-    let (st, w) = admin_conn
-        .call(
-            Method::POST,
-            "/v1/workers",
-            Some(&json!({"groups": ["load"]})),
-        )
-        .await;
-    assert_eq!(st, 201, "{w}");
-    let fresh = Conn::open(&authority, w["token"].as_str().unwrap()).await;
-    workers.push((w["id"].as_u64().unwrap(), fresh));
     let ids: Vec<u64> = workers.iter().map(|(id, _)| *id).collect();
     let worker_conns: Vec<Conn> = workers.into_iter().map(|(_, c)| c).collect();
 
