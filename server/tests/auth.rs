@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{call, call_as, post, raw, start_with, test_settings, Server, ADMIN};
+use common::{call, call_as, post, raw, register, start_with, test_settings, Server, ADMIN};
 use serde_json::{json, Value};
 use switchyard::{Config, Limits, Mode, Strategy};
 use switchyard_server::app::Settings;
@@ -462,8 +462,7 @@ async fn metrics_count_what_happened() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path()).await;
     let a = &s.client;
-    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w = w["id"].as_u64().unwrap();
+    let w = register(a, json!({"groups": ["g"]})).await;
     for _ in 0..3 {
         post(a, "/v1/tasks", json!({"group": "g"})).await;
     }

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    call, json_body, post, send, start_store, start_with, test_settings, Faulty, Server, ADMIN,
+    call, json_body, post, register, send, start_store, start_with, submit, test_settings, Faulty,
+    Server, ADMIN,
 };
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering::Relaxed;
@@ -96,10 +97,8 @@ async fn every_error_is_a_json_4xx() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), Mode::Balanced(Strategy::RoundRobin)).await;
     let a = &s.client;
-    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w = w["id"].as_u64().unwrap();
-    let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
-    let t = t["id"].as_u64().unwrap();
+    let w = register(a, json!({"groups": ["g"]})).await;
+    let t = submit(a, json!({"group": "g"})).await;
     post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
     let cases: Vec<(u16, &str, (u16, Value))> = vec![
         (
@@ -220,8 +219,7 @@ async fn a_restart_recovers_workers_then_tasks_and_keeps_attempts() {
     let mode = Mode::Balanced(Strategy::LeastLoaded);
     let s = start(dir.path(), mode).await;
     let a = &s.client;
-    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w = w["id"].as_u64().unwrap();
+    let w = register(a, json!({"groups": ["g"]})).await;
     let mut ids = Vec::new();
     for i in 0..3 {
         let (_, t) = post(a, "/v1/tasks", json!({"group": "g", "priority": i})).await;
@@ -270,14 +268,11 @@ async fn a_silent_worker_is_declared_dead_and_its_running_task_moves_on() {
     let lease = std::time::Duration::from_millis(300);
     let s = start_with_lease(dir.path(), Mode::Balanced(Strategy::LeastLoaded), lease).await;
     let a = &s.client;
-    let (_, w1) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w1 = w1["id"].as_u64().unwrap();
-    let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
-    let t = t["id"].as_u64().unwrap();
+    let w1 = register(a, json!({"groups": ["g"]})).await;
+    let t = submit(a, json!({"group": "g"})).await;
     let (_, got) = post(a, &format!("/v1/workers/{w1}/fetch"), json!({})).await;
     assert_eq!(got["tasks"][0]["id"].as_u64(), Some(t));
-    let (_, w2) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w2 = w2["id"].as_u64().unwrap();
+    let w2 = register(a, json!({"groups": ["g"]})).await;
     // w2 keeps polling (which keeps it alive); w1 falls silent. Once w1's lease expires, its
     // running task is requeued and reaches w2 as attempt 2.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -321,8 +316,7 @@ async fn users_list_and_update_tasks_and_admins_rebalance_list_and_remove_worker
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), Mode::Balanced(Strategy::LeastLoaded)).await;
     let a = &s.client;
-    let (_, w1) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w1 = w1["id"].as_u64().unwrap();
+    let w1 = register(a, json!({"groups": ["g"]})).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         let group = if i % 2 == 0 { "g" } else { "h" };
@@ -376,8 +370,7 @@ async fn users_list_and_update_tasks_and_admins_rebalance_list_and_remove_worker
     assert_eq!(task["priority"], 9, "the change is durable");
     // A second worker of group g arrives (w1 holds 2 queued + 1 running, it holds nothing);
     // a rebalance moves queued work to it.
-    let (_, w2) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w2 = w2["id"].as_u64().unwrap();
+    let w2 = register(a, json!({"groups": ["g"]})).await;
     let (st, moved) = post(a, "/v1/admin/rebalance", json!({})).await;
     assert_eq!(st, 200);
     assert!(moved["moved"].as_u64().unwrap() >= 1, "{moved}");
@@ -462,8 +455,7 @@ async fn a_waiting_fetch_returns_the_moment_work_is_placed_and_times_out_empty()
         let dir = tempfile::tempdir().unwrap();
         let s = start(dir.path(), mode).await;
         let a = &s.client;
-        let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-        let w = w["id"].as_u64().unwrap();
+        let w = register(a, json!({"groups": ["g"]})).await;
         // Nothing to fetch: the wait runs out and the answer is empty.
         let t0 = std::time::Instant::now();
         let (st, got) = post(
@@ -540,10 +532,8 @@ async fn a_store_failure_after_a_decision_stops_the_coordinator_and_a_restart_re
     let store = Faulty::open(dir.path());
     let s = start_store(store.clone(), Config::default(), test_settings()).await;
     let a = &s.client;
-    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w = w["id"].as_u64().unwrap();
-    let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
-    let t = t["id"].as_u64().unwrap();
+    let w = register(a, json!({"groups": ["g"]})).await;
+    let t = submit(a, json!({"group": "g"})).await;
     post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
     // The dispatcher accepts the report; the store cannot record it.
     store.fail.store(true, Relaxed);
@@ -599,10 +589,8 @@ async fn a_fetch_abandoned_before_its_assignments_are_recorded_gives_them_back()
     };
     let s = start_store(store.clone(), Config::default(), settings).await;
     let a = &s.client;
-    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w = w["id"].as_u64().unwrap();
-    let (_, t) = post(a, "/v1/tasks", json!({"group": "g"})).await;
-    let t = t["id"].as_u64().unwrap();
+    let w = register(a, json!({"groups": ["g"]})).await;
+    let t = submit(a, json!({"group": "g"})).await;
     // Commits now take longer than the request-time limit: the fetch times out while its
     // assignment is being recorded.
     store.delay_ms.store(600, Relaxed);
@@ -640,8 +628,7 @@ async fn a_batch_of_reports_is_decided_report_by_report_and_committed_once() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), Mode::Balanced(Strategy::LeastLoaded)).await;
     let a = &s.client;
-    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w = w["id"].as_u64().unwrap();
+    let w = register(a, json!({"groups": ["g"]})).await;
     for _ in 0..3 {
         post(a, "/v1/tasks", json!({"group": "g"})).await;
     }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Child;
 
-use common::{post, spawn_binary, Session};
+use common::{post, register, spawn_binary, Session};
 use serde_json::json;
 
 fn start(dir: &Path) -> (Child, SocketAddr) {
@@ -23,8 +23,7 @@ async fn acknowledged_tasks_survive_sigkill_and_are_handed_out_once() {
     let (mut server, addr) = start(dir.path());
     let mut session = Session::new(addr);
     let a = &session;
-    let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
-    let w = w["id"].as_u64().unwrap();
+    let w = register(a, json!({"groups": ["g"]})).await;
     let mut acked = BTreeSet::new();
     for i in 0..40 {
         let (status, t) = post(a, "/v1/tasks", json!({"group": "g", "priority": i % 4})).await;

@@ -131,6 +131,20 @@ pub async fn post(s: &Session, path: &str, body: Value) -> (u16, Value) {
     call(s, "POST", path, Some(&body.to_string())).await
 }
 
+/// Registers a worker (`body`: its groups and tags); returns its id.
+pub async fn register(s: &Session, body: Value) -> u64 {
+    let (status, w) = post(s, "/v1/workers", body).await;
+    assert_eq!(status, 201, "{w}");
+    w["id"].as_u64().unwrap()
+}
+
+/// Submits a task; returns its id.
+pub async fn submit(s: &Session, body: Value) -> u64 {
+    let (status, t) = post(s, "/v1/tasks", body).await;
+    assert_eq!(status, 201, "{t}");
+    t["id"].as_u64().unwrap()
+}
+
 /// A coordinator serving on an ephemeral loopback port, in this process.
 pub struct Server {
     pub addr: SocketAddr,
