@@ -83,8 +83,13 @@ pub(crate) async fn register(
     created(Registered {
         id,
         token,
-        lease_ms: app.limits.lease_timeout.as_millis() as u64,
+        lease_ms: lease_ms(&app),
     })
+}
+
+/// The lease timeout, as the worker is told it.
+fn lease_ms(app: &App) -> u64 {
+    app.limits.lease_timeout.as_millis() as u64
 }
 
 #[derive(Serialize, ToSchema)]
@@ -110,7 +115,7 @@ pub(crate) async fn heartbeat(
     }
     app.leases.renew(worker);
     ok(Beat {
-        lease_ms: app.limits.lease_timeout.as_millis() as u64,
+        lease_ms: lease_ms(&app),
     })
 }
 
