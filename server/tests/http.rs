@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    call, json_body, post, register, send, start_store, start_with, submit, test_settings, Faulty,
+    call, faulty, json_body, post, register, send, start_store, start_with, submit, test_settings,
     Server, ADMIN,
 };
 use serde_json::{json, Value};
@@ -529,14 +529,14 @@ async fn a_graceful_shutdown_answers_waiting_fetches_at_once() {
 #[tokio::test]
 async fn a_store_failure_after_a_decision_stops_the_coordinator_and_a_restart_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Faulty::open(dir.path());
+    let (faults, store) = faulty(dir.path());
     let s = start_store(store.clone(), Config::default(), test_settings()).await;
     let a = &s.client;
     let w = register(a, json!({"groups": ["g"]})).await;
     let t = submit(a, json!({"group": "g"})).await;
     post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
     // The dispatcher accepts the report; the store cannot record it.
-    store.fail.store(true, Relaxed);
+    faults.fail.store(true, Relaxed);
     let report = format!("/v1/workers/{w}/tasks/{t}/report");
     let finished = json!({"attempt": 1, "outcome": "finished", "result": "r"});
     let (st, err) = post(a, &report, finished.clone()).await;
@@ -581,7 +581,7 @@ async fn call_refused(addr: std::net::SocketAddr) -> Option<()> {
 #[tokio::test]
 async fn a_fetch_abandoned_before_its_assignments_are_recorded_gives_them_back() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Faulty::open(dir.path());
+    let (faults, store) = faulty(dir.path());
     let settings = Settings {
         max_wait: Duration::from_millis(100),
         request_timeout: Duration::from_millis(300),
@@ -593,10 +593,10 @@ async fn a_fetch_abandoned_before_its_assignments_are_recorded_gives_them_back()
     let t = submit(a, json!({"group": "g"})).await;
     // Commits now take longer than the request-time limit: the fetch times out while its
     // assignment is being recorded.
-    store.delay_ms.store(600, Relaxed);
+    faults.delay_ms.store(600, Relaxed);
     let (st, err) = post(a, &format!("/v1/workers/{w}/fetch"), json!({})).await;
     assert_eq!((st, err["error"].as_str()), (408, Some("request_timeout")));
-    store.delay_ms.store(0, Relaxed);
+    faults.delay_ms.store(0, Relaxed);
     // The assignment nobody received is given back: the task is queued again, not left
     // running on a live worker, and the next fetch gets it as attempt 2.
     let queued = tokio::time::timeout(Duration::from_secs(5), async {

@@ -1,8 +1,11 @@
 //! The SQLite store and the group-commit writer: round trips, durability across reopening,
 //! fencing, all-or-nothing batches, conflict isolation and group commit.
 
+mod common;
+
 use std::sync::{Arc, Barrier, Mutex};
 
+use common::Hooked;
 use switchyard_server::store::{
     Change, ListFilter, Recovery, Role, SqliteStore, Store, StoreError, TaskRecord, TaskState,
     TokenRecord, WorkerRecord,
@@ -445,57 +448,34 @@ fn a_list_can_be_limited_to_a_set_of_groups() {
     assert_eq!(ids(Some(vec![]), None), Vec::<u64>::new());
 }
 
-/// A store that holds its first `apply` until the test opens a gate, and records batch sizes.
-struct Gated {
-    inner: SqliteStore,
-    gate: Barrier,
-    first: Mutex<bool>,
-    batches: Mutex<Vec<usize>>,
-}
-
-impl Store for Gated {
-    fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
-        let wait = std::mem::replace(&mut *self.first.lock().unwrap(), false);
-        if wait {
-            self.gate.wait(); // the test queues more requests meanwhile
-            self.gate.wait();
-        }
-        self.batches.lock().unwrap().push(changes.len());
-        self.inner.apply(changes)
-    }
-    fn recover(&self) -> Result<Recovery, StoreError> {
-        self.inner.recover()
-    }
-    fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
-        self.inner.task(id)
-    }
-    fn tasks(&self, ids: &[u64]) -> Result<Vec<TaskRecord>, StoreError> {
-        self.inner.tasks(ids)
-    }
-    fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
-        self.inner.list(filter)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_requests_share_one_commit_and_a_conflict_fails_only_its_caller() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Gated {
-        inner: SqliteStore::open(dir.path()).unwrap(),
-        gate: Barrier::new(2),
-        first: Mutex::new(true),
-        batches: Mutex::new(Vec::new()),
-    });
+    // A store that holds its first commit until the test opens a gate, and records batch sizes.
+    let gate = Arc::new(Barrier::new(2));
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let store = {
+        let (gate, batches, first) = (gate.clone(), batches.clone(), Mutex::new(true));
+        Hooked::open(
+            dir.path(),
+            Box::new(move |changes| {
+                if std::mem::replace(&mut *first.lock().unwrap(), false) {
+                    gate.wait(); // the test queues more requests meanwhile
+                    gate.wait();
+                }
+                batches.lock().unwrap().push(changes.len());
+                Ok(())
+            }),
+        )
+    };
     let (writer, writer_task) = Writer::spawn(store.clone(), 1024, 10_000);
     // The first commit enters the store and is held there.
     let first = tokio::spawn({
         let w = writer.clone();
         async move { w.commit(vec![Change::Submit(task(0))]).await }
     });
-    let gate = store.clone();
-    tokio::task::spawn_blocking(move || gate.gate.wait())
-        .await
-        .unwrap();
+    let g = gate.clone();
+    tokio::task::spawn_blocking(move || g.wait()).await.unwrap();
     // Meanwhile 100 requests queue up, one of them a duplicate that must fail alone.
     let mut waiting = Vec::new();
     for i in 1..=100u64 {
@@ -508,10 +488,8 @@ async fn waiting_requests_share_one_commit_and_a_conflict_fails_only_its_caller(
     while writer.waiting() < 100 {
         tokio::task::yield_now().await;
     }
-    let gate = store.clone();
-    tokio::task::spawn_blocking(move || gate.gate.wait())
-        .await
-        .unwrap();
+    let g = gate.clone();
+    tokio::task::spawn_blocking(move || g.wait()).await.unwrap();
     first.await.unwrap().unwrap();
     for w in waiting {
         let (i, result) = w.await.unwrap();
@@ -521,7 +499,7 @@ async fn waiting_requests_share_one_commit_and_a_conflict_fails_only_its_caller(
             result.unwrap();
         }
     }
-    let batches = store.batches.lock().unwrap().clone();
+    let batches = batches.lock().unwrap().clone();
     // The held commit, then one batch of the 100 waiting requests (which failed on the
     // duplicate), then each of the 100 alone.
     assert_eq!(batches[0], 1);

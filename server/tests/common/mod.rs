@@ -252,32 +252,27 @@ pub fn spawn_binary_at(dir: &Path, bind: &str, args: &[&str]) -> (Child, SocketA
     panic!("the server exited before serving: {status:?}");
 }
 
-/// The SQLite store with faults on demand: commits can be slowed down or made to fail.
-pub struct Faulty {
+/// What runs before each commit of a [`Hooked`] store: it may wait, record, or fail the commit.
+pub type BeforeApply = Box<dyn Fn(&[Change]) -> Result<(), StoreError> + Send + Sync>;
+
+/// The SQLite store with a hook before every commit; everything else is passed through.
+pub struct Hooked {
     pub inner: SqliteStore,
-    /// Each commit first sleeps this long.
-    pub delay_ms: std::sync::atomic::AtomicU64,
-    /// Each commit fails (as an I/O error would).
-    pub fail: std::sync::atomic::AtomicBool,
+    before_apply: BeforeApply,
 }
 
-impl Faulty {
-    pub fn open(dir: &Path) -> Arc<Self> {
+impl Hooked {
+    pub fn open(dir: &Path, before_apply: BeforeApply) -> Arc<Self> {
         Arc::new(Self {
             inner: SqliteStore::open(dir).unwrap(),
-            delay_ms: Default::default(),
-            fail: Default::default(),
+            before_apply,
         })
     }
 }
 
-impl Store for Faulty {
+impl Store for Hooked {
     fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering::Relaxed;
-        std::thread::sleep(Duration::from_millis(self.delay_ms.load(Relaxed)));
-        if self.fail.load(Relaxed) {
-            return Err(StoreError::Backend("disk I/O error (injected)".into()));
-        }
+        (self.before_apply)(changes)?;
         self.inner.apply(changes)
     }
     fn recover(&self) -> Result<Recovery, StoreError> {
@@ -292,4 +287,31 @@ impl Store for Faulty {
     fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
         self.inner.list(filter)
     }
+}
+
+/// Faults on demand for a [`Hooked`] store: commits slowed down or made to fail.
+#[derive(Default)]
+pub struct Faults {
+    /// Each commit first sleeps this long.
+    pub delay_ms: std::sync::atomic::AtomicU64,
+    /// Each commit fails (as an I/O error would).
+    pub fail: std::sync::atomic::AtomicBool,
+}
+
+/// A store in `dir` whose commits obey the returned [`Faults`].
+pub fn faulty(dir: &Path) -> (Arc<Faults>, Arc<Hooked>) {
+    let faults = Arc::new(Faults::default());
+    let f = faults.clone();
+    let store = Hooked::open(
+        dir,
+        Box::new(move |_| {
+            use std::sync::atomic::Ordering::Relaxed;
+            std::thread::sleep(Duration::from_millis(f.delay_ms.load(Relaxed)));
+            if f.fail.load(Relaxed) {
+                return Err(StoreError::Backend("disk I/O error (injected)".into()));
+            }
+            Ok(())
+        }),
+    );
+    (faults, store)
 }
