@@ -470,6 +470,35 @@ impl Dispatcher {
         Ok(placement)
     }
 
+    /// The assignments `worker` runs now (claimed, not yet reported, given back or cancelled),
+    /// in claim order. A coordinator compares them with what the worker says it holds.
+    ///
+    /// Locks the worker's queue, then each task's cell in turn (the documented order).
+    pub fn running(&self, worker: WorkerId) -> Result<Vec<Assignment>> {
+        let w = self.registry.get(worker)?;
+        let q = w.queue.lock();
+        if q.closed {
+            return Err(Error::UnknownWorker(worker));
+        }
+        let mut out = Vec::with_capacity(w.load.running());
+        for record in &q.running {
+            if !record.is_current(&self.cells) {
+                continue; // reported, given back or cancelled: a pruned-later record
+            }
+            let Some(l) = self.cells.lock(record.slot) else {
+                continue;
+            };
+            if l.st.gen == record.gen && l.is_running_on(&w, record.attempt) {
+                out.push(Assignment {
+                    task: l.st.id,
+                    attempt: record.attempt,
+                    priority: l.st.priority,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether a report by `w` for `attempt` names the task's current assignment.
     fn check_assignment(l: &Locked<'_>, w: &Worker, task: TaskId, attempt: u32) -> Result<()> {
         if !l.is_running_on(w, attempt) {

@@ -20,15 +20,17 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use switchyard::{Config, Dispatcher, WorkerId};
+use switchyard::{Config, Dispatcher, Limits, WorkerId};
 
 use crate::auth::{self, Caller, Keyring};
+use crate::delivery::Deliveries;
 use crate::error::ApiError;
+use crate::input;
 use crate::liveness::{reap, Leases};
 use crate::metrics::Metrics;
 use crate::recovery::recover;
-use crate::store::{Change, Role, SqliteStore, Store, StoreError, TokenRecord};
-use crate::sync::{Arc, AtomicU64};
+use crate::store::{Change, Requeued, Role, SqliteStore, Store, StoreError, TokenRecord};
+use crate::sync::{Arc, AtomicU64, Weak};
 use crate::wakeups::Wakeups;
 use crate::writer::Writer;
 
@@ -51,7 +53,47 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// The admin token. `None` keeps the stored one, or generates one on the first start.
     pub admin_token: Option<String>,
+    /// How long a submission's idempotency key is remembered.
+    pub key_window: Duration,
 }
+
+impl Settings {
+    /// Checks the settings together; the error names the flag to change.
+    pub fn validate(&self) -> Result<(), String> {
+        let at_least = |value: usize, least: usize, flag: &str| {
+            if value < least {
+                Err(format!("{flag} must be at least {least}"))
+            } else {
+                Ok(())
+            }
+        };
+        at_least(self.max_fetch, 1, "--max-fetch")?;
+        at_least(self.max_batch, 1, "--max-batch")?;
+        // `null`, the smallest payload, is 4 bytes.
+        at_least(self.max_payload, 4, "--max-payload")?;
+        at_least(self.max_body, 64, "--max-body")?;
+        if self.request_timeout <= self.max_wait {
+            return Err(
+                "--request-timeout must be longer than --max-wait (the longest fetch wait)".into(),
+            );
+        }
+        if self.lease_timeout.is_zero() {
+            return Err("--lease-timeout must be above 0".into());
+        }
+        if let Some(t) = &self.admin_token {
+            if t.trim().len() < MIN_ADMIN_TOKEN {
+                return Err(format!(
+                    "the admin token must be at least {MIN_ADMIN_TOKEN} characters \
+                     (a generated one is 67): a short token can be guessed"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The shortest admin token accepted from the configuration.
+pub const MIN_ADMIN_TOKEN: usize = 32;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -64,6 +106,7 @@ impl Default for Settings {
             max_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
             admin_token: None,
+            key_window: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -81,6 +124,9 @@ pub struct App {
     pub(crate) wakeups: Arc<Wakeups>,
     pub(crate) keyring: Keyring,
     pub(crate) metrics: Metrics,
+    pub(crate) deliveries: Deliveries,
+    /// The configured limits on new input (the dispatcher's may be wider: see [`crate::input`]).
+    pub(crate) input_limits: Limits,
 }
 
 /// What [`App::open`] returns.
@@ -131,19 +177,24 @@ impl App {
     /// starts the writer and the reaper.
     pub async fn open_store(
         store: Arc<dyn Store>,
-        config: Config,
+        mut config: Config,
         limits: Settings,
     ) -> Result<Opened, StartError> {
-        if limits.request_timeout <= limits.max_wait {
-            return Err("the request timeout must be longer than the longest fetch wait".into());
-        }
-        let dispatcher = Dispatcher::new(config)?;
+        limits.validate()?;
         let state = store.recover()?;
+        // Limits bound new input; what is stored loads whatever they are now.
+        let input_limits = config.limits.clone();
+        config.limits = input::widened(&input_limits, &state);
+        let dispatcher = Dispatcher::new(config)?;
         let recovered = recover(&state, &dispatcher, now_ms())?;
         let metrics = Metrics::new();
         let (writer, writer_task) =
             Writer::spawn_observed(store.clone(), 65_536, 4_096, metrics.writer());
-        writer.commit(recovered.requeued.clone()).await?;
+        // This start's number: delivery ids of this start are above every earlier start's.
+        let boot = state.boot + 1;
+        let mut first = recovered.requeued.clone();
+        first.push(Change::Boot { boot });
+        writer.commit(first).await?;
         tracing::info!(
             workers = recovered.workers,
             queued = recovered.queued,
@@ -184,14 +235,54 @@ impl App {
             wakeups,
             keyring,
             metrics,
+            deliveries: Deliveries::new(boot),
+            input_limits,
         });
         // The reaper holds only a weak reference, so dropping the app still drains the writer.
         tokio::spawn(reap(Arc::downgrade(&app), app.leases.timeout() / 4));
+        tokio::spawn(forget_keys(Arc::downgrade(&app)));
         Ok(Opened {
             app,
             writer: writer_task,
             new_admin_token,
         })
+    }
+
+    /// Checks a new task's group and tags against the configured limits and name rules.
+    pub(crate) fn check_task<S: AsRef<str>>(
+        &self,
+        group: Option<&str>,
+        tags: &[S],
+    ) -> Result<(), ApiError> {
+        input::check_task(group, tags, &self.input_limits)
+    }
+
+    /// Checks a new worker's groups and tags against the configured limits and name rules.
+    pub(crate) fn check_worker<S: AsRef<str>, T: AsRef<str>>(
+        &self,
+        groups: &[S],
+        tags: &[T],
+    ) -> Result<(), ApiError> {
+        input::check_worker(groups, tags, &self.input_limits)
+    }
+
+    /// The ids of the submission remembered under `key` for token `scope`, if it is within the
+    /// idempotency window; 409 if the key was used for different content.
+    pub(crate) fn remembered(
+        &self,
+        scope: u64,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Option<Vec<u64>>, ApiError> {
+        let oldest = now_ms().saturating_sub(self.limits.key_window.as_millis() as i64);
+        match self.store.key(scope, key)? {
+            Some(k) if k.created_ms < oldest => Ok(None),
+            Some(k) if k.fingerprint == fingerprint => Ok(Some(k.ids)),
+            Some(_) => Err(ApiError::conflict(format!(
+                "idempotency key {key:?} was used for a different submission"
+            ))),
+            None => Ok(None),
+        }
     }
 
     /// Worker leases (renewed by worker requests, read by the reaper).
@@ -271,6 +362,7 @@ impl App {
         let app = self.clone();
         detach(async move {
             app.leases.forget(worker);
+            app.deliveries.forget(worker);
             let departure = app.dispatcher.unregister(WorkerId(worker))?;
             let mut changes = vec![Change::RemoveWorker { worker }];
             for r in &departure.tasks {
@@ -278,6 +370,7 @@ impl App {
                     changes.push(Change::Requeue {
                         task: r.task.0,
                         attempt,
+                        why: Requeued::WorkerGone,
                     });
                 }
             }
@@ -286,6 +379,25 @@ impl App {
             Ok(requeued)
         })
         .await
+    }
+}
+
+/// Forgets idempotency keys older than the window, once a minute, until the app is dropped.
+/// (A lookup ignores an expired key anyway; this keeps the table small.)
+async fn forget_keys(app: Weak<App>) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        let before_ms = now_ms().saturating_sub(app.limits.key_window.as_millis() as i64);
+        if let Err(e) = app
+            .writer
+            .commit(vec![Change::ForgetKeys { before_ms }])
+            .await
+        {
+            tracing::warn!(error = %e, "forgetting old idempotency keys failed");
+        }
     }
 }
 
@@ -299,7 +411,6 @@ async fn settle_admin_token(
 ) -> Result<(Vec<TokenRecord>, Option<String>), StartError> {
     let admins = || tokens.iter().filter(|t| t.role == Role::Admin);
     let (wanted, generated) = match &limits.admin_token {
-        Some(t) if t.trim().is_empty() => return Err("the admin token is empty".into()),
         Some(t) if admins().any(|a| a.hash == auth::hash(t.trim())) => return Ok((tokens, None)),
         // Trimmed, as presented tokens are.
         Some(t) => (t.trim().to_string(), None),

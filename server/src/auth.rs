@@ -46,7 +46,12 @@ pub fn generate() -> String {
 
 /// The stored form of `token`: lower-case hex SHA-256.
 pub fn hash(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
+    hash_bytes(token.as_bytes())
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
     let mut hex = String::with_capacity(64);
     for b in digest {
         let _ = write!(hex, "{b:02x}");
@@ -89,6 +94,14 @@ impl Caller {
         match self {
             Caller::User(t) => t.role == Role::Admin || t.groups.iter().any(|g| g == group),
             Caller::Worker(_) => false,
+        }
+    }
+
+    /// The id of the user token presenting the request (`None` for a worker).
+    pub fn token_id(&self) -> Option<u64> {
+        match self {
+            Caller::User(t) => Some(t.id),
+            Caller::Worker(_) => None,
         }
     }
 

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use crate::store::StoreError;
+use crate::store::{StoreError, TaskState};
 
 /// An API error: a status and a message.
 #[derive(Debug)]
@@ -17,12 +17,19 @@ pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
     message: String,
+    /// The task's state, when the refusal is about a task in the wrong state.
+    state: Option<TaskState>,
 }
 
 impl ApiError {
     /// A 400 with `message`.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// A 400 for a name or list outside the rules and limits (as the dispatcher's own).
+    pub fn invalid_input(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_input", message)
     }
 
     /// A 401: no token, or one the coordinator does not know.
@@ -43,6 +50,23 @@ impl ApiError {
     /// A 409 with `message`.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// A 409 for a worker's report or request about an assignment that is not its own: the
+    /// same answer whether the task exists or not, so a worker's token cannot probe task ids.
+    pub fn not_assigned(worker: u64, task: u64, attempt: u32) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "not_assigned",
+            format!("worker {worker} holds no attempt {attempt} of task {task}"),
+        )
+    }
+
+    /// A 409 about a task that is in `state` (it ended, or the attempt named did).
+    pub fn ended(kind: &'static str, message: impl Into<String>, state: TaskState) -> Self {
+        let mut e = Self::new(StatusCode::CONFLICT, kind, message);
+        e.state = Some(state);
+        e
     }
 
     /// A 408: the request took longer than the request-time limit.
@@ -70,6 +94,16 @@ impl ApiError {
         self.kind
     }
 
+    /// A body that is not the JSON the route takes (422, as `axum::Json` answers).
+    pub fn bad_body(e: serde_json::Error) -> Self {
+        let status = if e.is_data() {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        Self::new(status, "bad_json", e.to_string())
+    }
+
     /// The same error, saying which task of a batch caused it.
     pub fn in_batch(mut self, index: usize) -> Self {
         self.message = format!("task {index} of the batch: {}", self.message);
@@ -81,6 +115,7 @@ impl ApiError {
             status,
             kind,
             message: message.into(),
+            state: None,
         }
     }
 }
@@ -93,6 +128,10 @@ pub struct ErrorBody {
     pub error: &'static str,
     /// What happened, for people.
     pub message: String,
+    /// The task's state, when the error is about a task in the wrong state (for example a
+    /// cancel of a finished task, or a report of a cancelled one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<TaskState>,
 }
 
 impl IntoResponse for ApiError {
@@ -100,6 +139,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: self.kind,
             message: self.message,
+            state: self.state,
         };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
@@ -133,7 +173,9 @@ impl From<StoreError> for ApiError {
         let (status, kind) = match &e {
             StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            StoreError::Backend(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            StoreError::Backend(_) | StoreError::Locked(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
         };
         tracing::warn!(error = %e, "store refused a change");
         Self::new(status, kind, e.to_string())

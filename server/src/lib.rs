@@ -8,7 +8,9 @@
 //! | [`app`] | the coordinator's state; opening (recovery, admin token), removing workers, and [`app::detach`] |
 //! | [`api`] | the HTTP routes, split by caller ([`api::workers`], [`api::tasks`], [`api::admin`]), the request-time limit and the OpenAPI document |
 //! | [`auth`] | bearer tokens (stored hashed) and each caller's scope |
+//! | [`delivery`] | the delivery protocol: assignments durable before the reply, reconciliation of what a worker holds, idempotent reports; the guarantee and its failure windows |
 //! | [`error`] | one error type, mapped to a status and a JSON body in one place |
+//! | [`input`] | rules for new input: name rules and the configured limits (stored state loads whatever they are now) |
 //! | [`store`] | the `Store` trait, its records and changes; SQLite (WAL) as the embedded default |
 //! | [`writer`] | the group-commit writer: one transaction per batch of waiting requests |
 //! | [`recovery`] | restart: workers into the dispatcher first, then tasks (queued and running) |
@@ -29,7 +31,9 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod client;
+pub mod delivery;
 pub mod error;
+pub mod input;
 pub mod liveness;
 pub mod metrics;
 pub mod recovery;

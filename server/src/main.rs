@@ -206,6 +206,13 @@ struct ServeArgs {
     /// Longest group or tag name, in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_NAME_LEN", default_value_t = 128)]
     max_name_len: usize,
+    /// Seconds a submission's idempotency key is remembered (a retry within it creates nothing).
+    #[arg(
+        long,
+        env = "SWITCHYARD_IDEMPOTENCY_WINDOW",
+        default_value_t = 86_400.0
+    )]
+    idempotency_window: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -336,8 +343,8 @@ async fn run(command: Command) -> Result<(), Error> {
             };
             let summary = work(&args.conn.client()?, &options, stop_signal()).await?;
             eprintln!(
-                "switchyard work: {} finished, {} failed, {} reports refused",
-                summary.finished, summary.failed, summary.refused
+                "switchyard work: {} finished, {} failed, {} reports refused, {} revoked",
+                summary.finished, summary.failed, summary.refused, summary.revoked
             );
             Ok(())
         }
@@ -355,12 +362,18 @@ async fn stop_signal() {
     tracing::info!("stop signal received");
 }
 
+/// The longest duration any flag takes: a year.
+const LONGEST: f64 = 365.0 * 24.0 * 3600.0;
+
 fn seconds(value: f64, flag: &str, allow_zero: bool) -> Result<Duration, Error> {
-    if value.is_finite() && (value > 0.0 || (allow_zero && value == 0.0)) {
+    if value.is_finite() && value <= LONGEST && (value > 0.0 || (allow_zero && value == 0.0)) {
         Ok(Duration::from_secs_f64(value))
     } else {
-        let least = if allow_zero { "0 or more" } else { "above 0" };
-        Err(format!("{flag} must be a number of seconds, {least}").into())
+        let least = if allow_zero { "0" } else { "above 0" };
+        Err(
+            format!("{flag} must be a number of seconds, from {least} to {LONGEST} (a year)")
+                .into(),
+        )
     }
 }
 
@@ -385,6 +398,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         max_wait: seconds(args.max_wait, "--max-wait", true)?,
         request_timeout: seconds(args.request_timeout, "--request-timeout", false)?,
         admin_token: args.admin_token,
+        key_window: seconds(args.idempotency_window, "--idempotency-window", false)?,
     };
     let Opened {
         app,

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub stale_reports: Counter,
     /// Workers declared dead by the reaper.
     pub lease_expiries: Counter,
+    /// Assignments requeued because their worker said it did not hold them (lost replies).
+    pub not_held: Counter,
     writer: WriterHistograms,
     scraped: Scraped,
 }
@@ -151,6 +153,10 @@ impl Metrics {
             lease_expiries: counter(
                 "switchyard_lease_expiries_total",
                 "Workers declared dead after their lease expired",
+            ),
+            not_held: counter(
+                "switchyard_not_held_requeued_total",
+                "Assignments queued again because their worker said it did not hold them",
             ),
             writer,
             scraped,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use switchyard::{Dispatcher, SeedTask, TaskId, TaskSpec, WorkerId};
 
-use crate::store::{Change, Recovery, StoreError, TaskState};
+use crate::store::{Change, Recovery, Requeued, StoreError, TaskState};
 
 /// What recovery did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +64,7 @@ pub fn recover(
                 requeued.push(Change::Requeue {
                     task: t.id,
                     attempt: t.attempt,
+                    why: Requeued::WorkerGone,
                 });
             }
             if keeps_worker {

@@ -11,10 +11,21 @@
 //! (410), it registers again; if it is unreachable or answers 5xx (restarting, say), the worker
 //! keeps its registration and retries with backoff. A report it cannot deliver for a minute
 //! stops it: the coordinator then redistributes its tasks when its lease expires, so the task
-//! runs again rather than being lost. On shutdown (Ctrl-C) the task in hand is killed and given back,
-//! and the worker leaves, so its queue is redistributed at once.
+//! runs again rather than being lost.
+//!
+//! It follows the delivery protocol (see `crate::delivery`): every fetch and heartbeat says what
+//! it holds (the tasks of its current fetch not yet reported, and the last delivery id it
+//! received), so a fetch reply it never received comes back to the queue, and a task cancelled
+//! while it runs is named in the answer: its command is stopped and not reported.
+//!
+//! Each command runs in a process group of its own. To stop one — on a cancellation, or on
+//! shutdown (Ctrl-C or SIGTERM, what supervisors send) — the whole group gets SIGTERM, then
+//! SIGKILL after a grace period, so no grandchild outlives it. On shutdown the task in hand is
+//! then given back and the worker leaves, so its queue is redistributed at once.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -56,14 +67,39 @@ pub struct WorkSummary {
     pub finished: u64,
     /// Tasks reported failed.
     pub failed: u64,
-    /// Reports the coordinator refused (the task was cancelled or reassigned meanwhile).
+    /// Reports the coordinator refused (the attempt ended otherwise meanwhile).
     pub refused: u64,
+    /// Tasks stopped because the coordinator revoked them (cancelled, or reassigned).
+    pub revoked: u64,
 }
+
+impl WorkSummary {
+    /// Tasks this worker is done with, however they ended.
+    fn handled(&self) -> u64 {
+        self.finished + self.failed + self.refused + self.revoked
+    }
+}
+
+/// How long a stopped command's process group has between SIGTERM and SIGKILL.
+const GRACE: Duration = Duration::from_secs(5);
 
 struct Registration {
     id: u64,
     client: Client,
     lease: Duration,
+    /// The highest delivery id received: confirmed in every `holding`.
+    delivery: u64,
+}
+
+impl Registration {
+    /// The `holding` statement for `tasks`.
+    fn holding<'a>(&self, tasks: impl IntoIterator<Item = &'a Value>) -> Value {
+        let tasks: Vec<Value> = tasks
+            .into_iter()
+            .map(|t| json!({"id": t["id"], "attempt": t["attempt"]}))
+            .collect();
+        json!({"delivery": self.delivery, "tasks": tasks})
+    }
 }
 
 async fn register(registrar: &Client, opts: &WorkOptions) -> Result<Registration, ClientError> {
@@ -78,7 +114,15 @@ async fn register(registrar: &Client, opts: &WorkOptions) -> Result<Registration
         id,
         client: Client::new(&opts.server, Some(token.to_string()))?,
         lease,
+        delivery: 0,
     })
+}
+
+/// Whether `task` is named in a `revoked` list.
+fn is_revoked(revoked: &[Value], task: &Value) -> bool {
+    revoked
+        .iter()
+        .any(|r| r["id"] == task["id"] && r["attempt"] == task["attempt"])
 }
 
 /// Runs the worker until `shutdown` resolves or `opts.tasks` tasks are done.
@@ -90,28 +134,33 @@ pub async fn work(
     let mut me = register(registrar, opts).await?;
     let mut summary = WorkSummary::default();
     tokio::pin!(shutdown);
-    let fetch_body = json!({"max": opts.batch, "wait_ms": opts.wait.as_millis() as u64});
     // `shutdown` must not be polled again once it has fired.
     let mut stopping = false;
     let mut failures = 0u32;
     let mut failed = None;
+    let done = |s: &WorkSummary| opts.tasks.is_some_and(|n| s.handled() >= n);
     let result = loop {
-        if stopping
-            || opts
-                .tasks
-                .is_some_and(|n| summary.finished + summary.failed >= n)
-        {
+        if stopping || done(&summary) {
             break Ok(());
         }
         let path = format!("/v1/workers/{}/fetch", me.id);
+        // Nothing is in hand between fetches: the statement confirms the last delivery.
+        let body = json!({
+            "max": opts.batch,
+            "wait_ms": opts.wait.as_millis() as u64,
+            "holding": me.holding([]),
+        });
         let fetched = tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            f = me.client.call(Method::POST, &path, Some(&fetch_body)) => f,
+            f = me.client.call(Method::POST, &path, Some(&body)) => f,
         };
-        let tasks = match fetched {
+        let mut in_hand: VecDeque<Value> = match fetched {
             Ok(v) => {
                 failures = 0;
-                v["tasks"].as_array().cloned().unwrap_or_default()
+                if let Some(d) = v["delivery"].as_u64() {
+                    me.delivery = me.delivery.max(d);
+                }
+                v["tasks"].as_array().cloned().unwrap_or_default().into()
             }
             Err(e) if e.status() == Some(410) => {
                 eprintln!("switchyard work: declared dead by the coordinator; registering again");
@@ -130,23 +179,29 @@ pub async fn work(
             }
             Err(e) => break Err(e),
         };
-        for task in tasks {
-            if stopping
-                || opts
-                    .tasks
-                    .is_some_and(|n| summary.finished + summary.failed >= n)
-            {
+        while let Some(task) = in_hand.pop_front() {
+            if stopping || done(&summary) {
                 // Stopping, or done: what this fetch brought beyond that goes back.
                 give_back(&me, &task).await;
                 continue;
             }
-            let outcome = tokio::select! {
-                _ = &mut shutdown => {
+            let ran = run(&me, &opts.command, &task, &mut in_hand, shutdown.as_mut()).await;
+            let outcome = match ran {
+                Ran::Done(outcome) => outcome,
+                Ran::Revoked => {
+                    eprintln!(
+                        "switchyard work: task {} attempt {} was revoked (cancelled or \
+                         reassigned): stopped its command",
+                        task["id"], task["attempt"]
+                    );
+                    summary.revoked += 1;
+                    continue;
+                }
+                Ran::Stopped => {
                     give_back(&me, &task).await;
                     stopping = true;
                     continue;
                 }
-                o = run(&me, &opts.command, &task) => o,
             };
             match report(&me, &task, outcome).await {
                 Ok(true) => summary.finished += 1,
@@ -197,7 +252,8 @@ fn backoff(n: u32) -> Duration {
 const RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// Sends `body` to `path`, retrying transient failures with backoff for up to [`RETRY_FOR`]:
-/// a result is worth keeping across a coordinator restart.
+/// a result is worth keeping across a coordinator restart. Reports are idempotent, so a retry
+/// of one whose answer was lost is answered as already recorded.
 async fn retrying(client: &Client, path: &str, body: &Value) -> Result<Value, ClientError> {
     let started = Instant::now();
     let mut n = 0;
@@ -213,15 +269,29 @@ async fn retrying(client: &Client, path: &str, body: &Value) -> Result<Value, Cl
     }
 }
 
-async fn send_report(me: &Registration, path: &str, body: &Value) -> Result<Value, ClientError> {
-    retrying(&me.client, path, body).await
-}
-
 /// How a command ended: `Ok(stdout)` or `Err(message)`.
 type Outcome = Result<String, String>;
 
-/// Runs the command for `task`, heartbeating while it runs.
-async fn run(me: &Registration, command: &str, task: &Value) -> Outcome {
+/// How running a task ended.
+enum Ran {
+    /// The command ended by itself: report this.
+    Done(Outcome),
+    /// The coordinator revoked the task (cancelled or reassigned): its command was stopped.
+    Revoked,
+    /// Shutdown: the command was stopped; give the task back.
+    Stopped,
+}
+
+/// Runs the command for `task`, heartbeating while it runs. Each heartbeat says what the worker
+/// holds (`task` and the rest of its fetch, `waiting`); revoked tasks leave `waiting`, and a
+/// revoked `task` has its command stopped. `shutdown` stops it too.
+async fn run<F: Future<Output = ()>>(
+    me: &Registration,
+    command: &str,
+    task: &Value,
+    waiting: &mut VecDeque<Value>,
+    mut shutdown: Pin<&mut F>,
+) -> Ran {
     let payload = task["payload"].to_string();
     let mut child = tokio::process::Command::new("sh");
     child
@@ -229,18 +299,24 @@ async fn run(me: &Registration, command: &str, task: &Value) -> Outcome {
         .arg(command)
         .env("SWITCHYARD_TASK_ID", task["id"].to_string())
         .env("SWITCHYARD_ATTEMPT", task["attempt"].to_string())
-        .env("SWITCHYARD_PRIORITY", task["priority"].to_string());
+        .env("SWITCHYARD_PRIORITY", task["priority"].to_string())
+        // Its own process group, so stopping it reaches everything it started.
+        .process_group(0);
     // Linux refuses an environment string over 128 KiB; larger payloads come on stdin only.
     if payload.len() <= MAX_ENV_PAYLOAD {
         child.env("SWITCHYARD_PAYLOAD", &payload);
     }
-    let mut child = child
+    let mut child = match child
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("could not start sh: {e}"))?;
+    {
+        Ok(child) => child,
+        Err(e) => return Ran::Done(Err(format!("could not start sh: {e}"))),
+    };
+    let group = child.id();
     if let Some(mut stdin) = child.stdin.take() {
         // On its own task: a command may read its input late, or never, while it writes output
         // and the heartbeats go on. A command that does not read it closes the pipe: not an
@@ -258,14 +334,31 @@ async fn run(me: &Registration, command: &str, task: &Value) -> Outcome {
     let output = loop {
         tokio::select! {
             o = &mut output => break o,
+            _ = &mut shutdown => {
+                stop_group(group, output.as_mut()).await;
+                return Ran::Stopped;
+            }
             _ = heartbeat.tick() => {
-                if let Err(e) = me.client.call(Method::POST, &beat, None).await {
-                    eprintln!("switchyard work: heartbeat failed: {e}");
+                let holding = me.holding(std::iter::once(task).chain(waiting.iter()));
+                let body = json!({ "holding": holding });
+                match me.client.call(Method::POST, &beat, Some(&body)).await {
+                    Ok(answer) => {
+                        let revoked = answer["revoked"].as_array().cloned().unwrap_or_default();
+                        waiting.retain(|t| !is_revoked(&revoked, t));
+                        if is_revoked(&revoked, task) {
+                            stop_group(group, output.as_mut()).await;
+                            return Ran::Revoked;
+                        }
+                    }
+                    Err(e) => eprintln!("switchyard work: heartbeat failed: {e}"),
                 }
             }
         }
     };
-    let output = output.map_err(|e| format!("waiting for the command: {e}"))?;
+    let output = match output {
+        Ok(output) => output,
+        Err(e) => return Ran::Done(Err(format!("waiting for the command: {e}"))),
+    };
     eprintln!(
         "switchyard work: task {} attempt {}: {} in {:.2?}",
         task["id"],
@@ -281,11 +374,32 @@ async fn run(me: &Registration, command: &str, task: &Value) -> Outcome {
             .unwrap_or(text.len());
         text[start..].to_string()
     };
-    if output.status.success() {
+    Ran::Done(if output.status.success() {
         Ok(tail(&output.stdout))
     } else {
         Err(format!("{}: {}", output.status, tail(&output.stderr)))
+    })
+}
+
+/// Stops the command whose process group is `group`: SIGTERM to the group, then SIGKILL if it
+/// has not ended after [`GRACE`]; waits for its shell (`output`) to end.
+async fn stop_group<O: Future>(group: Option<u32>, mut output: Pin<&mut O>) {
+    let group = group
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(rustix::process::Pid::from_raw);
+    let signal = |sig| {
+        if let Some(g) = group {
+            // ESRCH: the group has already ended.
+            let _ = rustix::process::kill_process_group(g, sig);
+        }
+    };
+    signal(rustix::process::Signal::TERM);
+    if tokio::time::timeout(GRACE, output.as_mut()).await.is_err() {
+        signal(rustix::process::Signal::KILL);
+        output.await;
     }
+    // The shell may have ended before its children: make sure none is left.
+    signal(rustix::process::Signal::KILL);
 }
 
 /// Reports `outcome`; `Ok(true)` for finished, `Ok(false)` for failed.
@@ -301,14 +415,14 @@ async fn report(me: &Registration, task: &Value, outcome: Outcome) -> Result<boo
             false,
         ),
     };
-    send_report(me, &path, &body).await?;
+    retrying(&me.client, &path, &body).await?;
     Ok(finished)
 }
 
 async fn give_back(me: &Registration, task: &Value) {
     let path = format!("/v1/workers/{}/tasks/{}/report", me.id, task["id"]);
     let body = json!({"attempt": task["attempt"], "outcome": "given_back"});
-    if let Err(e) = send_report(me, &path, &body).await {
+    if let Err(e) = retrying(&me.client, &path, &body).await {
         eprintln!(
             "switchyard work: giving back task {} failed: {e}",
             task["id"]

@@ -160,7 +160,7 @@ async fn every_error_is_a_json_4xx() {
         (404, "no_route", call(a, "GET", "/nowhere", None).await),
         (
             409,
-            "stale_attempt",
+            "not_assigned",
             post(
                 a,
                 &format!("/v1/workers/{w}/tasks/{t}/report"),
@@ -555,6 +555,7 @@ async fn a_store_failure_after_a_decision_stops_the_coordinator_and_a_restart_re
     assert!(served.is_ok(), "the poisoned server kept serving");
     let token = a.worker_token(w);
     s.stop().await;
+    drop(store); // the data directory's lock goes with the last handle
 
     // The store never recorded the report: after a restart the task is still running on the
     // worker at attempt 1, and the report goes through.
@@ -661,7 +662,7 @@ async fn a_batch_of_reports_is_decided_report_by_report_and_committed_once() {
         .collect();
     assert_eq!(
         statuses,
-        [(200, None), (409, Some("stale_attempt")), (200, None)]
+        [(200, None), (409, Some("not_assigned")), (200, None)]
     );
     assert_eq!(
         commits().await,

@@ -4,7 +4,9 @@
 
 use switchyard::{Config, Dispatcher, Mode, Strategy, TaskId, TaskStatus, WorkerId};
 use switchyard_server::recovery::recover;
-use switchyard_server::store::{Change, SqliteStore, Store, TaskRecord, TaskState, WorkerRecord};
+use switchyard_server::store::{
+    Change, Requeued, SqliteStore, Store, TaskRecord, TaskState, WorkerRecord,
+};
 
 fn task(id: u64, submitted_ms: i64, priority: i32) -> TaskRecord {
     TaskRecord {
@@ -61,6 +63,7 @@ fn crashed_store(dir: &std::path::Path) -> SqliteStore {
         Change::Requeue {
             task: 3,
             attempt: 1,
+            why: Requeued::WorkerGone,
         },
         Change::Assign {
             task: 3,
@@ -97,7 +100,8 @@ fn recovery_registers_workers_before_placing_tasks_in_every_mode() {
             r.requeued,
             vec![Change::Requeue {
                 task: 3,
-                attempt: 2
+                attempt: 2,
+                why: Requeued::WorkerGone,
             }]
         );
         store.apply(&r.requeued).unwrap();

@@ -7,8 +7,8 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use common::Hooked;
 use switchyard_server::store::{
-    Change, ListFilter, Recovery, Role, SqliteStore, Store, StoreError, TaskRecord, TaskState,
-    TokenRecord, WorkerRecord,
+    Change, ListFilter, Recovery, Requeued, Role, SqliteStore, Store, StoreError, TaskRecord,
+    TaskState, TokenRecord, WorkerRecord,
 };
 use switchyard_server::writer::Writer;
 
@@ -67,6 +67,7 @@ fn a_task_goes_through_its_life_and_recovery_sees_only_live_tasks() {
     s.apply(&[Change::Requeue {
         task: 1,
         attempt: 1,
+        why: Requeued::WorkerGone,
     }])
     .unwrap();
     s.apply(&[Change::Assign {
@@ -181,6 +182,7 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
         Change::Requeue {
             task: 1,
             attempt: 0,
+            why: Requeued::WorkerGone,
         },
         Change::Submit(task(2)),
     ])
@@ -189,7 +191,8 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
     assert!(matches!(
         s.apply(&[Change::Requeue {
             task: 9,
-            attempt: 1
+            attempt: 1,
+            why: Requeued::WorkerGone,
         }]),
         Err(StoreError::NotFound(_))
     ));
@@ -226,6 +229,7 @@ fn a_departure_and_a_late_assign_end_the_same_in_either_order() {
         let requeue = Change::Requeue {
             task: 1,
             attempt: 1,
+            why: Requeued::WorkerGone,
         };
         let (first, second) = if requeue_first {
             (requeue, assign)
@@ -284,10 +288,12 @@ fn a_departure_batch_commits_even_if_another_worker_took_a_task_first() {
         Change::Requeue {
             task: 1,
             attempt: 1,
+            why: Requeued::WorkerGone,
         },
         Change::Requeue {
             task: 2,
             attempt: 1,
+            why: Requeued::WorkerGone,
         },
     ])
     .unwrap();

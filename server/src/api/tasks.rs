@@ -4,15 +4,18 @@
 //! answers 404, as if it did not exist.
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use switchyard::{TaskId, TaskSpec};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{created, ok, Reply};
 use crate::app::{detach, now_ms, App};
-use crate::auth::Caller;
+use crate::auth::{self, Caller};
+use crate::delivery::raw_payload;
 use crate::error::{ApiError, ErrorBody, JsonBody, PathParams, QueryParams};
-use crate::store::{Change, ListFilter, TaskRecord, TaskState};
+use crate::store::{Change, KeyRecord, ListFilter, TaskRecord, TaskState};
 use crate::sync::{Arc, Ordering};
 
 #[derive(Deserialize, ToSchema)]
@@ -26,14 +29,33 @@ pub(crate) struct SubmitBody {
     /// Higher runs first.
     #[serde(default)]
     priority: i32,
-    /// Any JSON, handed to the worker as is (at most the server's `--max-payload` bytes).
+    /// Any JSON (at most the server's `--max-payload` bytes), kept and handed to the worker
+    /// byte for byte as sent.
     #[serde(default)]
-    payload: serde_json::Value,
+    #[schema(value_type = Object)]
+    payload: Option<Box<RawValue>>,
+    /// A key of the client's choosing (1 to 128 visible ASCII characters) that makes a retry
+    /// safe: a resubmission with the same key by the same token returns the first one's id
+    /// and creates nothing; the same key with a different task is refused (409). Remembered
+    /// for the server's `--idempotency-window` (24 hours by default).
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Submitted {
     id: u64,
+    /// True when an earlier submission with the same idempotency key is answered: nothing was
+    /// created now.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replayed: bool,
+}
+
+/// A submission's payload bytes: the JSON text as sent (`null` when absent).
+fn payload_bytes(body: &SubmitBody) -> &[u8] {
+    body.payload
+        .as_deref()
+        .map_or(b"null".as_slice(), |p| p.get().as_bytes())
 }
 
 /// Validates a submission and gives it an id: the spec for the dispatcher and the record for the
@@ -41,11 +63,10 @@ pub(crate) struct Submitted {
 fn prepare(
     app: &App,
     caller: &Caller,
-    body: SubmitBody,
+    body: &SubmitBody,
 ) -> Result<(TaskSpec, TaskRecord), ApiError> {
     caller.require_group(&body.group)?;
-    let payload =
-        serde_json::to_vec(&body.payload).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let payload = payload_bytes(body);
     if payload.len() > app.limits.max_payload {
         return Err(ApiError::bad_request(format!(
             "payload is {} bytes; the limit is {}",
@@ -53,6 +74,7 @@ fn prepare(
             app.limits.max_payload
         )));
     }
+    app.check_task(Some(&body.group), &body.tags)?;
     let id = app.next_task.fetch_add(1, Ordering::Relaxed);
     let spec = TaskSpec::new(id, body.group.clone())
         .tags(body.tags.iter().cloned())
@@ -60,10 +82,10 @@ fn prepare(
     app.dispatcher.validate(&spec)?;
     let record = TaskRecord {
         id,
-        group: body.group,
-        tags: body.tags,
+        group: body.group.clone(),
+        tags: body.tags.clone(),
         priority: body.priority,
-        payload,
+        payload: payload.to_vec(),
         state: TaskState::Queued,
         attempt: 0,
         worker: None,
@@ -73,42 +95,125 @@ fn prepare(
     Ok((spec, record))
 }
 
+/// What a keyed submission is checked against: a digest of the tasks' content.
+fn fingerprint<'a>(tasks: impl IntoIterator<Item = &'a SubmitBody>) -> String {
+    let mut text = Vec::new();
+    for t in tasks {
+        let fields = (&t.group, &t.tags, t.priority, payload_bytes(t));
+        // Serialising plain strings, numbers and bytes cannot fail.
+        serde_json::to_writer(&mut text, &fields).expect("serialisable");
+        text.push(b'\n');
+    }
+    auth::hash_bytes(&text)
+}
+
+/// Checks a client's idempotency key.
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_request(
+            "idempotency_key must be 1 to 128 visible ASCII characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Commits a submission's `changes` and hands `specs` to the dispatcher (durable first: only
+/// then may a worker fetch them). With a key, the key is committed in the same transaction,
+/// and an earlier submission under it is answered instead (`Some(ids)`, nothing created).
+async fn commit_submission(
+    app: &Arc<App>,
+    caller: &Caller,
+    key: Option<(String, String)>,
+    mut changes: Vec<Change>,
+    specs: Vec<TaskSpec>,
+) -> Result<Option<Vec<u64>>, ApiError> {
+    let scope = caller.token_id();
+    let key = match (key, scope) {
+        (Some((key, fingerprint)), Some(scope)) => {
+            if let Some(ids) = app.remembered(scope, &key, &fingerprint)? {
+                return Ok(Some(ids));
+            }
+            let ids = specs.iter().map(|s| s.id.0).collect();
+            changes.push(Change::Remember(KeyRecord {
+                scope,
+                key: key.clone(),
+                fingerprint: fingerprint.clone(),
+                ids,
+                created_ms: now_ms(),
+            }));
+            Some((scope, key, fingerprint))
+        }
+        _ => None,
+    };
+    let a = app.clone();
+    let committed = detach(async move {
+        a.writer.commit(changes).await?;
+        a.dispatcher.submit_many(specs)?;
+        Ok(())
+    })
+    .await;
+    match (committed, key) {
+        // Another request with the same key committed first: answer with its ids.
+        (Err(e), Some((scope, key, fingerprint))) if e.status() == StatusCode::CONFLICT => app
+            .remembered(scope, &key, &fingerprint)?
+            .map(Some)
+            .ok_or(e),
+        (committed, _) => committed.map(|()| None),
+    }
+}
+
 /// Submits one task. Acknowledged once durable.
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = SubmitBody,
     responses(
         (status = 201, body = Submitted),
-        (status = 400, description = "invalid group, tags or payload", body = ErrorBody),
+        (status = 200, description = "an earlier submission with this idempotency key", body = Submitted),
+        (status = 400, description = "invalid group, tags, payload or key", body = ErrorBody),
         (status = 403, description = "not one of the token's groups", body = ErrorBody),
+        (status = 409, description = "the idempotency key was used for a different task", body = ErrorBody),
         (status = 413, description = "body over the limit", body = ErrorBody)))]
 pub(crate) async fn submit(
     State(app): State<Arc<App>>,
     caller: Caller,
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> Reply<Submitted> {
-    let (spec, record) = prepare(&app, &caller, body)?;
+    if let Some(k) = &body.idempotency_key {
+        check_key(k)?;
+    }
+    let (spec, record) = prepare(&app, &caller, &body)?;
     let id = record.id;
-    let a = app.clone();
-    detach(async move {
-        // Durable first: only then may a worker fetch it.
-        a.writer.commit(vec![Change::Submit(record)]).await?;
-        a.dispatcher.submit(spec)?;
-        Ok(())
-    })
-    .await?;
-    created(Submitted { id })
+    let key = body
+        .idempotency_key
+        .clone()
+        .map(|k| (k, fingerprint([&body])));
+    match commit_submission(&app, &caller, key, vec![Change::Submit(record)], vec![spec]).await? {
+        Some(ids) => ok(Submitted {
+            id: ids.first().copied().unwrap_or_default(),
+            replayed: true,
+        }),
+        None => created(Submitted {
+            id,
+            replayed: false,
+        }),
+    }
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchBody {
-    /// 1 to the server's `--max-batch` tasks.
+    /// 1 to the server's `--max-batch` tasks (without keys of their own).
     tasks: Vec<SubmitBody>,
+    /// Makes a retry of the whole batch safe, as a task's key does (see `POST /v1/tasks`).
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub(crate) struct SubmittedBatch {
     /// The ids, in the order of the submitted tasks.
     ids: Vec<u64>,
+    /// True when an earlier batch with the same idempotency key is answered.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replayed: bool,
 }
 
 /// Submits a batch, all or nothing: every task is validated before any is written (the error
@@ -117,7 +222,9 @@ pub(crate) struct SubmittedBatch {
 #[utoipa::path(post, path = "/v1/tasks/batch", tag = "tasks", request_body = BatchBody,
     responses(
         (status = 201, body = SubmittedBatch),
+        (status = 200, description = "an earlier batch with this idempotency key", body = SubmittedBatch),
         (status = 400, description = "a task is invalid, or the batch is empty or too large", body = ErrorBody),
+        (status = 409, description = "the idempotency key was used for a different batch", body = ErrorBody),
         (status = 413, body = ErrorBody)))]
 pub(crate) async fn submit_batch(
     State(app): State<Arc<App>>,
@@ -130,22 +237,37 @@ pub(crate) async fn submit_batch(
             app.limits.max_batch
         )));
     }
+    if let Some(k) = &body.idempotency_key {
+        check_key(k)?;
+    }
     let mut specs = Vec::with_capacity(body.tasks.len());
-    let mut changes = Vec::with_capacity(body.tasks.len());
-    for (i, task) in body.tasks.into_iter().enumerate() {
+    let mut changes = Vec::with_capacity(body.tasks.len() + 1);
+    for (i, task) in body.tasks.iter().enumerate() {
+        if task.idempotency_key.is_some() {
+            return Err(ApiError::bad_request(
+                "a task in a batch takes no idempotency_key: key the batch",
+            )
+            .in_batch(i));
+        }
         let (spec, record) = prepare(&app, &caller, task).map_err(|e| e.in_batch(i))?;
         specs.push(spec);
         changes.push(Change::Submit(record));
     }
     let ids = specs.iter().map(|s| s.id.0).collect();
-    let a = app.clone();
-    detach(async move {
-        a.writer.commit(changes).await?;
-        a.dispatcher.submit_many(specs)?;
-        Ok(())
-    })
-    .await?;
-    created(SubmittedBatch { ids })
+    let key = body
+        .idempotency_key
+        .clone()
+        .map(|k| (k, fingerprint(&body.tasks)));
+    match commit_submission(&app, &caller, key, changes, specs).await? {
+        Some(ids) => ok(SubmittedBatch {
+            ids,
+            replayed: true,
+        }),
+        None => created(SubmittedBatch {
+            ids,
+            replayed: false,
+        }),
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -154,8 +276,9 @@ pub(crate) struct TaskBody {
     group: String,
     tags: Vec<String>,
     priority: i32,
-    /// The payload as submitted.
-    payload: serde_json::Value,
+    /// The payload, byte for byte as submitted.
+    #[schema(value_type = Object)]
+    payload: Box<RawValue>,
     state: TaskState,
     /// The latest attempt (0 before the first fetch).
     attempt: u32,
@@ -170,7 +293,7 @@ pub(crate) struct TaskBody {
 impl From<TaskRecord> for TaskBody {
     fn from(t: TaskRecord) -> Self {
         Self {
-            payload: serde_json::from_slice(&t.payload).unwrap_or(serde_json::Value::Null),
+            payload: raw_payload(t.payload),
             id: t.id,
             group: t.group,
             tags: t.tags,
@@ -189,6 +312,25 @@ fn visible(app: &App, caller: &Caller, task: u64) -> Result<TaskRecord, ApiError
     match app.store.task(task)? {
         Some(t) if caller.may_use(&t.group) => Ok(t),
         _ => Err(switchyard::Error::UnknownTask(TaskId(task)).into()),
+    }
+}
+
+/// The refusal of a change to a task the dispatcher does not hold: 409 with its state if it
+/// ended (it is still there to read), else `refusal` (404). The store is read once the
+/// decisions before the refusal are durable.
+async fn not_live(app: &App, caller: &Caller, task: u64, refusal: ApiError) -> ApiError {
+    let refusal = app.durable_refusal(refusal).await;
+    if refusal.status() != StatusCode::NOT_FOUND {
+        return refusal;
+    }
+    match app.store.task(task) {
+        Ok(Some(t)) if caller.may_use(&t.group) && t.state.is_final() => ApiError::ended(
+            "task_ended",
+            format!("task {task} has ended: it is {}", t.state.as_str()),
+            t.state,
+        ),
+        Ok(_) => refusal,
+        Err(e) => e.into(),
     }
 }
 
@@ -228,7 +370,8 @@ pub(crate) struct Cancelled {
     params(("task" = u64, Path, description = "the task")),
     responses(
         (status = 200, body = Cancelled),
-        (status = 404, description = "no such live task in the caller's groups", body = ErrorBody)))]
+        (status = 404, description = "no such task in the caller's groups", body = ErrorBody),
+        (status = 409, description = "the task has ended (`task_ended`, with its `state`)", body = ErrorBody)))]
 pub(crate) async fn cancel(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -241,7 +384,11 @@ pub(crate) async fn cancel(
         a.commit_decided(vec![Change::Cancel { task }]).await?;
         Ok(outcome)
     })
-    .await?;
+    .await;
+    let outcome = match outcome {
+        Err(e) if e.kind() == "unknown_task" => return Err(not_live(&app, &caller, task, e).await),
+        outcome => outcome?,
+    };
     let was_running_on = match outcome {
         switchyard::Cancelled::Running { worker, .. } => Some(worker.0),
         switchyard::Cancelled::Queued => None,
@@ -331,6 +478,13 @@ pub(crate) async fn list(
             "limit must be in 1..={MAX_PAGE}"
         )));
     }
+    if q.after > i64::MAX as u64 {
+        // No task id is that high: the page after it is empty.
+        return ok(Page {
+            tasks: Vec::new(),
+            next: None,
+        });
+    }
     let filter = ListFilter {
         state: q.state,
         group: q.group,
@@ -376,7 +530,7 @@ pub(crate) struct Updated {
         (status = 200, body = Updated),
         (status = 400, description = "nothing to change, or invalid tags", body = ErrorBody),
         (status = 404, body = ErrorBody),
-        (status = 409, description = "the task is not queued", body = ErrorBody)))]
+        (status = 409, description = "the task is running (`not_queued`) or has ended (`task_ended`), with its `state`", body = ErrorBody)))]
 pub(crate) async fn update(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -388,6 +542,9 @@ pub(crate) async fn update(
         return Err(ApiError::bad_request(
             "nothing to change: give priority and/or tags",
         ));
+    }
+    if let Some(tags) = &body.tags {
+        app.check_task(None, tags)?;
     }
     let a = app.clone();
     let placement = detach(async move {
@@ -402,7 +559,18 @@ pub(crate) async fn update(
         .await?;
         Ok(placement)
     })
-    .await?;
+    .await;
+    let placement = match placement {
+        Err(e) if e.kind() == "unknown_task" => return Err(not_live(&app, &caller, task, e).await),
+        Err(e) if e.kind() == "not_queued" => {
+            return Err(ApiError::ended(
+                "not_queued",
+                format!("task {task} is running: only a queued task can change"),
+                TaskState::Running,
+            ))
+        }
+        placement => placement?,
+    };
     ok(Updated {
         task,
         parked: placement == switchyard::Placement::Parked,

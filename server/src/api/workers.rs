@@ -4,17 +4,17 @@
 //! its lease. A worker the coordinator no longer knows (it left, or its lease expired) gets
 //! 410 and must register again.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
-use switchyard::{TaskId, WorkerId};
+use switchyard::WorkerId;
 use utoipa::ToSchema;
 
 use super::{created, ok, Reply};
 use crate::app::{detach, App};
 use crate::auth::{self, Caller};
+use crate::delivery::{self, Assigned, Delivered, Held, Holding, Outcome, Report, Taken};
 use crate::error::{ApiError, ErrorBody, JsonBody, PathParams};
 use crate::store::{Change, Role, WorkerRecord};
 use crate::sync::{Arc, Ordering};
@@ -59,7 +59,8 @@ pub(crate) async fn register(
         }
         Caller::Worker(_) => return Err(ApiError::forbidden("a worker may not register others")),
     }
-    // Validate against the dispatcher's limits before anything is written.
+    // Validate before anything is written.
+    app.check_worker(&body.groups, &body.tags)?;
     app.dispatcher.validate_worker(&body.groups, &body.tags)?;
     let id = app.next_worker.fetch_add(1, Ordering::Relaxed);
     let token = auth::generate();
@@ -92,15 +93,27 @@ fn lease_ms(app: &App) -> u64 {
     app.limits.lease_timeout.as_millis() as u64
 }
 
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HeartbeatBody {
+    /// What the worker holds: answered with what it must stop (see the fetch).
+    holding: Option<Holding>,
+}
+
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Beat {
     /// Milliseconds of silence after which the worker is declared dead.
     lease_ms: u64,
+    /// Assignments named in `holding` that are no longer this worker's (cancelled, or queued
+    /// again after its lease expired): stop them and do not report them.
+    revoked: Vec<Held>,
 }
 
-/// Renews the worker's lease (any worker request does; this one does nothing else).
+/// Renews the worker's lease (any worker request does). With `holding` (optional; the body
+/// may be empty), also reconciles what the worker holds, as a fetch does.
 #[utoipa::path(post, path = "/v1/workers/{worker}/heartbeat", tag = "workers",
     params(("worker" = u64, Path, description = "the worker")),
+    request_body(content = Option<HeartbeatBody>, description = "optional"),
     responses(
         (status = 200, body = Beat),
         (status = 410, description = "declared dead or left: register again", body = ErrorBody)))]
@@ -108,14 +121,25 @@ pub(crate) async fn heartbeat(
     State(app): State<Arc<App>>,
     caller: Caller,
     PathParams(worker): PathParams<u64>,
+    body: axum::body::Bytes,
 ) -> Reply<Beat> {
     caller.require_worker(worker)?;
+    let body: HeartbeatBody = if body.iter().all(u8::is_ascii_whitespace) {
+        HeartbeatBody { holding: None }
+    } else {
+        serde_json::from_slice(&body).map_err(ApiError::bad_body)?
+    };
     if !app.dispatcher.is_registered(WorkerId(worker)) {
         return Err(switchyard::Error::UnknownWorker(WorkerId(worker)).into());
     }
     app.leases.renew(worker);
+    let revoked = match &body.holding {
+        Some(holding) => delivery::reconcile(&app, worker, holding).await?,
+        None => Vec::new(),
+    };
     ok(Beat {
         lease_ms: lease_ms(&app),
+        revoked,
     })
 }
 
@@ -151,6 +175,10 @@ pub(crate) struct FetchBody {
     /// Milliseconds to wait for work when there is none (long-poll); 0 answers at once.
     #[serde(default)]
     wait_ms: u64,
+    /// What the worker holds. Assignments recorded on it that it does not hold (a fetch reply
+    /// it never received) are queued again as new attempts; see the README's delivery
+    /// guarantee. Omit it only if the worker never loses a reply.
+    holding: Option<Holding>,
 }
 
 fn one() -> usize {
@@ -161,16 +189,13 @@ fn one() -> usize {
 pub(crate) struct Fetched {
     /// The tasks now assigned to this worker, best first.
     tasks: Vec<Assigned>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub(crate) struct Assigned {
-    id: u64,
-    /// Name it in the report.
-    attempt: u32,
-    priority: i32,
-    /// The payload as submitted.
-    payload: serde_json::Value,
+    /// This reply's delivery id (absent when `tasks` is empty): confirm it as
+    /// `holding.delivery` in later requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivery: Option<u64>,
+    /// Assignments named in `holding` that are no longer this worker's (cancelled, or queued
+    /// again after its lease expired): stop them and do not report them.
+    revoked: Vec<Held>,
 }
 
 /// Takes up to `max` tasks from the worker's queue. With `wait_ms`, an empty queue waits that
@@ -203,6 +228,10 @@ pub(crate) async fn fetch(
             app.limits.max_wait.as_millis()
         )));
     }
+    let revoked = match &body.holding {
+        Some(holding) => delivery::reconcile(&app, worker, holding).await?,
+        None => Vec::new(),
+    };
     let deadline = tokio::time::Instant::now() + wait;
     // Subscribe before looking, so work placed in between wakes us.
     let subscription = (!wait.is_zero()).then(|| app.wakeups.subscribe(worker));
@@ -212,131 +241,22 @@ pub(crate) async fn fetch(
             w.as_mut().enable();
         }
         let started = Instant::now();
-        let tasks = take_delivered(app.clone(), worker, body.max).await?;
+        let delivered = delivery::deliver(app.clone(), worker, body.max).await?;
         app.metrics.fetched(started.elapsed());
+        let reply = |d: Delivered, revoked| Fetched {
+            tasks: d.tasks,
+            delivery: d.delivery,
+            revoked,
+        };
         match woken {
-            Some(woken) if tasks.is_empty() && !app.wakeups.is_closing() => {
+            Some(woken) if delivered.tasks.is_empty() && !app.wakeups.is_closing() => {
                 if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                    return ok(Fetched { tasks }); // waited the whole time: an empty answer
+                    return ok(reply(delivered, revoked)); // waited the whole time: empty
                 }
             }
-            _ => return ok(Fetched { tasks }),
+            _ => return ok(reply(delivered, revoked)),
         }
     }
-}
-
-/// One fetch. The dispatcher's claim is synchronous, so no cancellation can fall between it
-/// and the spawn that follows; an empty fetch (an idle worker polling) costs no task. The
-/// claimed tasks are recorded ([`record`]) on a task of their own, so an assignment is never
-/// left unrecorded, and given back if the request that asked for them is gone by then (the
-/// client hung up, or the request-time limit passed): tasks nobody will receive would otherwise
-/// stay running on a live worker. A reply lost after this point (the connection breaks while it
-/// is written) is the usual at-least-once window: the tasks come back when the worker gives
-/// them back, leaves, or its lease expires.
-async fn take_delivered(app: Arc<App>, worker: u64, max: usize) -> Result<Vec<Assigned>, ApiError> {
-    let got = app.dispatcher.fetch(WorkerId(worker), max)?;
-    app.leases.renew(worker);
-    if got.is_empty() {
-        return Ok(Vec::new());
-    }
-    let (deliver, delivered) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let recorded = record(&app, worker, got).await;
-        if let Err(Ok(tasks)) = deliver.send(recorded) {
-            let tasks: Vec<_> = tasks.iter().map(|t| (TaskId(t.id), t.attempt)).collect();
-            tracing::info!(
-                worker,
-                tasks = tasks.len(),
-                "fetch abandoned: giving its tasks back"
-            );
-            let _ = give_back(&app, worker, &tasks).await;
-        }
-    });
-    delivered.await.unwrap_or_else(|_| {
-        Err(ApiError::internal(
-            "the fetch failed inside the coordinator",
-        ))
-    })
-}
-
-/// Gives back recorded assignments: the dispatcher requeues them and the store records it.
-async fn give_back(app: &App, worker: u64, tasks: &[(TaskId, u32)]) -> Result<(), ApiError> {
-    let changes = tasks
-        .iter()
-        .filter(|(task, attempt)| {
-            app.dispatcher
-                .give_back(WorkerId(worker), *task, *attempt)
-                .is_ok()
-        })
-        .map(|(task, attempt)| Change::Requeue {
-            task: task.0,
-            attempt: *attempt,
-        })
-        .collect();
-    app.commit_decided(changes).await
-}
-
-/// Records claimed assignments and reads their payloads. If the commit fails, the dispatcher
-/// takes the tasks back (nothing was written); if the payload read fails after it, they are
-/// given back durably.
-async fn record(
-    app: &App,
-    worker: u64,
-    got: Vec<switchyard::Assignment>,
-) -> Result<Vec<Assigned>, ApiError> {
-    let changes = got
-        .iter()
-        .map(|a| Change::Assign {
-            task: a.task.0,
-            worker,
-            attempt: a.attempt,
-        })
-        .collect();
-    if let Err(e) = app.writer.commit(changes).await {
-        // Not durable: hand the tasks back rather than run them unrecorded.
-        for a in &got {
-            let _ = app
-                .dispatcher
-                .give_back(WorkerId(worker), a.task, a.attempt);
-        }
-        return Err(e.into());
-    }
-    // The payloads, in one read. If it fails, the recorded assignments are given back.
-    let ids: Vec<u64> = got.iter().map(|a| a.task.0).collect();
-    let records = match app.store.tasks(&ids) {
-        Ok(records) => records,
-        Err(e) => {
-            let taken: Vec<_> = got.iter().map(|a| (a.task, a.attempt)).collect();
-            give_back(app, worker, &taken).await?;
-            return Err(e.into());
-        }
-    };
-    let mut payloads: HashMap<u64, Vec<u8>> =
-        records.into_iter().map(|t| (t.id, t.payload)).collect();
-    let tasks = got
-        .into_iter()
-        .map(|a| Assigned {
-            id: a.task.0,
-            attempt: a.attempt,
-            priority: a.priority,
-            payload: payloads
-                .remove(&a.task.0)
-                .and_then(|p| serde_json::from_slice(&p).ok())
-                .unwrap_or(serde_json::Value::Null),
-        })
-        .collect();
-    Ok(tasks)
-}
-
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub(crate) enum Outcome {
-    /// Done; `result` is kept.
-    Finished,
-    /// Failed for good; `message` is kept.
-    Failed,
-    /// Not run: queue it again, as a new attempt, for any candidate.
-    GivenBack,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -354,17 +274,20 @@ pub(crate) struct ReportBody {
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Reported {
     task: u64,
+    /// True when this report repeats one already recorded for the attempt (a retry after a
+    /// lost reply): nothing changed now, and the first one stands.
+    already_recorded: bool,
 }
 
-/// Reports how an assignment ended. Durable before the reply.
+/// Reports how an assignment ended. Durable before the reply. Idempotent: repeating the report
+/// recorded for this attempt answers 200 with `already_recorded`.
 #[utoipa::path(post, path = "/v1/workers/{worker}/tasks/{task}/report", tag = "workers",
     params(("worker" = u64, Path, description = "the worker"),
            ("task" = u64, Path, description = "the task")),
     request_body = ReportBody,
     responses(
         (status = 200, body = Reported),
-        (status = 404, description = "no such task", body = ErrorBody),
-        (status = 409, description = "a superseded attempt: nothing changed", body = ErrorBody),
+        (status = 409, description = "not this worker's attempt (`not_assigned`, whether or not the task exists), or the attempt ended otherwise (`cancelled`, `superseded`, `conflict`, with the task's `state`): nothing changed", body = ErrorBody),
         (status = 410, description = "declared dead or left: register again", body = ErrorBody)))]
 pub(crate) async fn report(
     State(app): State<Arc<App>>,
@@ -373,26 +296,24 @@ pub(crate) async fn report(
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Reply<Reported> {
     caller.require_worker(worker)?;
-    check_text(&app, &body)?;
-    let a = app.clone();
-    let reported = detach(async move {
-        let change = decide(&a, worker, task, body)?;
-        a.commit_decided(vec![change]).await
+    let report = Report {
+        task,
+        attempt: body.attempt,
+        outcome: body.outcome,
+        result: body.result,
+        message: body.message,
+    };
+    check_text(&app, &report)?;
+    let taken = delivery::report(&app, worker, report).await?;
+    ok(Reported {
+        task,
+        already_recorded: taken == Taken::AlreadyRecorded,
     })
-    .await;
-    match reported {
-        Ok(()) => ok(Reported { task }),
-        Err(e) if e.status().is_client_error() => {
-            // The worker drops its result on a refusal: make sure the refusal is durable.
-            Err(app.durable_refusal(e).await)
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// A result or message is bounded like a payload.
-fn check_text(app: &App, body: &ReportBody) -> Result<(), ApiError> {
-    let longest = [&body.result, &body.message]
+fn check_text(app: &App, r: &Report) -> Result<(), ApiError> {
+    let longest = [&r.result, &r.message]
         .into_iter()
         .flatten()
         .map(String::len)
@@ -405,46 +326,6 @@ fn check_text(app: &App, body: &ReportBody) -> Result<(), ApiError> {
         )));
     }
     Ok(())
-}
-
-/// The dispatcher's decision on one report, as the change that records it. Renews the lease
-/// of a worker whose report is accepted.
-fn decide(app: &App, worker: u64, task: u64, body: ReportBody) -> Result<Change, ApiError> {
-    let (w, t, attempt) = (WorkerId(worker), TaskId(task), body.attempt);
-    let decided = match body.outcome {
-        Outcome::Finished => app
-            .dispatcher
-            .complete(w, t, attempt)
-            .map(|()| Change::Finish {
-                task,
-                attempt,
-                result: body.result,
-            }),
-        Outcome::Failed => app
-            .dispatcher
-            .complete(w, t, attempt)
-            .map(|()| Change::Fail {
-                task,
-                attempt,
-                message: body.message.unwrap_or_default(),
-            }),
-        Outcome::GivenBack => app
-            .dispatcher
-            .give_back(w, t, attempt)
-            .map(|_| Change::Requeue { task, attempt }),
-    };
-    match decided {
-        Ok(change) => {
-            app.leases.renew(worker);
-            Ok(change)
-        }
-        Err(e) => {
-            if matches!(e, switchyard::Error::StaleAttempt { .. }) {
-                app.metrics.stale_reports.increment(1);
-            }
-            Err(e.into())
-        }
-    }
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -466,18 +347,6 @@ pub(crate) struct TaskReport {
     message: Option<String>,
 }
 
-impl TaskReport {
-    fn split(self) -> (u64, ReportBody) {
-        let report = ReportBody {
-            attempt: self.attempt,
-            outcome: self.outcome,
-            result: self.result,
-            message: self.message,
-        };
-        (self.task, report)
-    }
-}
-
 #[derive(Serialize, ToSchema)]
 pub(crate) struct ReportsOutcome {
     /// One per report, in order.
@@ -492,11 +361,14 @@ pub(crate) struct ReportResult {
     /// The error kind, if refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'static str>,
+    /// As in the single report's answer.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    already_recorded: bool,
 }
 
-/// Reports several assignments in one request and one commit. Each is decided on its own (a
-/// stale one is refused without failing the others); all accepted ones are durable before the
-/// reply.
+/// Reports several assignments in one request and one commit. Each is decided (and, if
+/// refused, settled) on its own, as the single report is; all accepted ones are durable before
+/// the reply.
 #[utoipa::path(post, path = "/v1/workers/{worker}/reports", tag = "workers",
     params(("worker" = u64, Path, description = "the worker")),
     request_body = ReportsBody,
@@ -517,38 +389,39 @@ pub(crate) async fn reports(
             app.limits.max_batch
         )));
     }
-    let reports: Vec<(u64, ReportBody)> = body.reports.into_iter().map(TaskReport::split).collect();
-    for (i, (_, r)) in reports.iter().enumerate() {
+    let reports: Vec<Report> = body
+        .reports
+        .into_iter()
+        .map(|r| Report {
+            task: r.task,
+            attempt: r.attempt,
+            outcome: r.outcome,
+            result: r.result,
+            message: r.message,
+        })
+        .collect();
+    for (i, r) in reports.iter().enumerate() {
         check_text(&app, r).map_err(|e| e.in_batch(i))?;
     }
-    let a = app.clone();
-    let results = detach(async move {
-        let mut changes = Vec::with_capacity(reports.len());
-        let mut results = Vec::with_capacity(reports.len());
-        for (task, report) in reports {
-            let (status, error) = match decide(&a, worker, task, report) {
-                Ok(change) => {
-                    changes.push(change);
-                    (200, None)
-                }
-                Err(e) => (e.status().as_u16(), Some(e.kind())),
-            };
-            results.push(ReportResult {
+    let tasks: Vec<u64> = reports.iter().map(|r| r.task).collect();
+    let settled = delivery::reports(&app, worker, reports).await?;
+    let results = tasks
+        .into_iter()
+        .zip(settled)
+        .map(|(task, settled)| match settled {
+            Ok(taken) => ReportResult {
                 task,
-                status,
-                error,
-            });
-        }
-        // Also the barrier that makes any refusal above durable (see `App::durable_refusal`):
-        // it completes after every commit sent before it.
-        a.commit_decided(changes).await?;
-        if let Some(reason) = a.poisoned() {
-            return Err(ApiError::unavailable(format!(
-                "the coordinator is stopping: {reason}"
-            )));
-        }
-        Ok(results)
-    })
-    .await?;
+                status: 200,
+                error: None,
+                already_recorded: taken == Taken::AlreadyRecorded,
+            },
+            Err(e) => ReportResult {
+                task,
+                status: e.status().as_u16(),
+                error: Some(e.kind()),
+                already_recorded: false,
+            },
+        })
+        .collect();
     ok(ReportsOutcome { results })
 }

@@ -35,7 +35,8 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    fn as_str(self) -> &'static str {
+    /// Its name, as in the API.
+    pub fn as_str(self) -> &'static str {
         match self {
             TaskState::Queued => "queued",
             TaskState::Running => "running",
@@ -159,12 +160,14 @@ pub enum Change {
         /// The new attempt.
         attempt: u32,
     },
-    /// Running `attempt` goes back to queued (given back, or its worker left or died).
+    /// Running `attempt` goes back to queued: the next fetch is a new attempt.
     Requeue {
         /// The task.
         task: u64,
         /// The attempt that was running.
         attempt: u32,
+        /// Why the attempt ended.
+        why: Requeued,
     },
     /// Running `attempt` finished.
     Finish {
@@ -212,6 +215,104 @@ pub enum Change {
         /// The token's id.
         id: u64,
     },
+    /// A submission's idempotency key, committed with the submission it names (`Conflict` if
+    /// the key is taken, which rolls the submission back with it).
+    Remember(KeyRecord),
+    /// Idempotency keys created before `before_ms` are forgotten.
+    ForgetKeys {
+        /// Unix milliseconds.
+        before_ms: i64,
+    },
+    /// A coordinator started on this store: the number of this start (1, 2, …), which must
+    /// exceed every earlier one (`Conflict` otherwise).
+    Boot {
+        /// The start's number.
+        boot: u64,
+    },
+}
+
+/// Why a running attempt went back to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Requeued {
+    /// The worker gave it back unfinished.
+    GivenBack,
+    /// The worker left, was removed, or its lease expired.
+    WorkerGone,
+    /// The worker said it does not hold it (a fetch reply it never received).
+    NotHeld,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptEnd {
+    /// Reported finished.
+    Finished,
+    /// Reported failed.
+    Failed,
+    /// Queued again, for this reason.
+    Requeued(Requeued),
+    /// The task was cancelled while this attempt ran.
+    Cancelled,
+}
+
+impl AttemptEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            AttemptEnd::Finished => "finished",
+            AttemptEnd::Failed => "failed",
+            AttemptEnd::Requeued(Requeued::GivenBack) => "given_back",
+            AttemptEnd::Requeued(Requeued::WorkerGone) => "worker_gone",
+            AttemptEnd::Requeued(Requeued::NotHeld) => "not_held",
+            AttemptEnd::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "finished" => AttemptEnd::Finished,
+            "failed" => AttemptEnd::Failed,
+            "given_back" => AttemptEnd::Requeued(Requeued::GivenBack),
+            "worker_gone" => AttemptEnd::Requeued(Requeued::WorkerGone),
+            "not_held" => AttemptEnd::Requeued(Requeued::NotHeld),
+            "cancelled" => AttemptEnd::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// One assignment of a task, as stored: who ran it and how it ended. Lets a retried report be
+/// recognised (the same report of the same attempt answers success, not a refusal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// The task.
+    pub task: u64,
+    /// The attempt.
+    pub attempt: u32,
+    /// The worker it was assigned to.
+    pub worker: u64,
+    /// How it ended; `None` while it runs.
+    pub ended: Option<AttemptEnd>,
+    /// The reported result (finished) or message (failed).
+    pub outcome: Option<String>,
+}
+
+/// A submission's idempotency key: a resubmission with the same key (by the same token)
+/// returns `ids` and creates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The id of the token that submitted (keys of different tokens never meet).
+    pub scope: u64,
+    /// The client's key.
+    pub key: String,
+    /// A digest of the submission's content, to tell a retry from a key reused for another
+    /// submission.
+    pub fingerprint: String,
+    /// The ids the submission created, in order.
+    pub ids: Vec<u64>,
+    /// When it was submitted, in Unix milliseconds.
+    pub created_ms: i64,
 }
 
 /// What the coordinator reloads on start.
@@ -232,6 +333,8 @@ pub struct Recovery {
     pub tokens: Vec<TokenRecord>,
     /// The next free token id.
     pub next_token_id: u64,
+    /// The number of the latest start recorded (`Change::Boot`); 0 for a new store.
+    pub boot: u64,
 }
 
 /// Why the store refused or failed.
@@ -247,6 +350,9 @@ pub enum StoreError {
     /// The database failed (I/O, corruption, a full disk).
     #[error("storage failure: {0}")]
     Backend(String),
+    /// Another coordinator owns the store (its data directory is locked).
+    #[error("{0}")]
+    Locked(String),
 }
 
 /// Which tasks `Store::list` returns: those with an id above `after`, in id order, optionally
@@ -278,4 +384,8 @@ pub trait Store: Send + Sync + 'static {
     /// A page of tasks (see [`ListFilter`]), without their payloads and outcomes (empty and
     /// `None`), which can be large: read one task for those.
     fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError>;
+    /// One attempt of a task, if it was ever assigned.
+    fn attempt(&self, task: u64, attempt: u32) -> Result<Option<AttemptRecord>, StoreError>;
+    /// The submission remembered under `key` for the token `scope`.
+    fn key(&self, scope: u64, key: &str) -> Result<Option<KeyRecord>, StoreError>;
 }

@@ -23,6 +23,8 @@
 //! - `Update` (decided while the task was queued) applies to a queued or running task, and is a
 //!   no-op once it has ended: a fetch's `Assign` or a report may commit before it.
 
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,8 +33,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::sync::Mutex;
 
 use super::{
-    Change, ListFilter, Recovery, Role, Store, StoreError, TaskRecord, TaskState, TokenRecord,
-    WorkerRecord,
+    AttemptEnd, AttemptRecord, Change, KeyRecord, ListFilter, Recovery, Role, Store, StoreError,
+    TaskRecord, TaskState, TokenRecord, WorkerRecord,
 };
 
 const SCHEMA: &str = "
@@ -57,6 +59,29 @@ CREATE TABLE IF NOT EXISTS workers (
     token_hash TEXT    NOT NULL,
     removed    INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS attempts (
+    task       INTEGER NOT NULL,
+    attempt    INTEGER NOT NULL,
+    worker     INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended      TEXT,
+    outcome    TEXT,
+    ended_ms   INTEGER,
+    PRIMARY KEY (task, attempt)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS keys (
+    scope       INTEGER NOT NULL,
+    key         TEXT    NOT NULL,
+    fingerprint TEXT    NOT NULL,
+    ids         TEXT    NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keys_age ON keys (created_ms);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tokens (
     id         INTEGER PRIMARY KEY,
     hash       TEXT    NOT NULL UNIQUE,
@@ -71,6 +96,8 @@ CREATE TABLE IF NOT EXISTS tokens (
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// Dropped last: the connections close before another coordinator may open the store.
+    _lock: DirLock,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -84,11 +111,28 @@ fn now_ms() -> i64 {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the store in `dir`, as `dir/switchyard.db`.
+    /// Opens (creating if needed) the store in `dir`, as `dir/switchyard.db`, and takes the
+    /// directory's lock for as long as the store lives (see [`DirLock`]). The directory is
+    /// made private to its owner (0700), and the database files are 0600.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .map_err(|e| backend(format!("creating {}: {e}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| backend(format!("making {} private: {e}", dir.display())))?;
+        let lock = DirLock::acquire(dir)?;
         let path = dir.join("switchyard.db");
+        // Created private before SQLite opens it; SQLite gives its -wal and -shm files the
+        // database's permissions.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+            .map_err(|e| backend(format!("creating {}: {e}", path.display())))?;
         let writer = Connection::open(&path).map_err(backend)?;
         writer
             .execute_batch(
@@ -102,7 +146,61 @@ impl SqliteStore {
         Ok(Self {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            _lock: lock,
         })
+    }
+}
+
+/// The exclusive lock on a data directory: one coordinator owns a store. An OS file lock on
+/// `dir/lock` (`flock`), held while this value lives; the kernel drops it when the process
+/// ends however it ends, so a SIGKILL never blocks the restart. The file names the holder
+/// (its process id), so a second coordinator can say who is in the way.
+struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    fn acquire(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("lock");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| backend(format!("opening {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    "another process".to_string()
+                } else {
+                    holder.to_string()
+                };
+                return Err(StoreError::Locked(format!(
+                    "the data directory {} is in use by {holder}; stop it, or give this \
+                     coordinator another --data-dir",
+                    dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(backend(format!("locking {}: {e}", path.display())))
+            }
+        }
+        let started = now_ms();
+        let holder = format!(
+            "coordinator process {} (started at Unix ms {started})\n",
+            std::process::id()
+        );
+        file.set_len(0)
+            .and_then(|()| file.seek(std::io::SeekFrom::Start(0)))
+            .and_then(|_| file.write_all(holder.as_bytes()))
+            .map_err(|e| backend(format!("writing {}: {e}", path.display())))?;
+        Ok(Self { _file: file })
     }
 }
 
@@ -148,7 +246,34 @@ fn end_attempt(
         params![task as i64, attempt, state.as_str(), outcome, now],
     )
     .map_err(backend)?;
+    if n == 1 {
+        let end = match state {
+            TaskState::Finished => AttemptEnd::Finished,
+            _ => AttemptEnd::Failed,
+        };
+        end_attempt_row(tx, task, attempt, end, outcome, now)?;
+    }
     Ok((n, task, "end that attempt"))
+}
+
+/// Records how `attempt` of `task` ended, if it is still open (a later decision about an
+/// attempt never rewrites an earlier one).
+fn end_attempt_row(
+    tx: &Connection,
+    task: u64,
+    attempt: u32,
+    end: AttemptEnd,
+    outcome: Option<&str>,
+    now: i64,
+) -> Result<(), StoreError> {
+    exec(
+        tx,
+        "UPDATE attempts SET ended = ?3, outcome = ?4, ended_ms = ?5
+             WHERE task = ?1 AND attempt = ?2 AND ended IS NULL",
+        params![task as i64, attempt, end.as_str(), outcome, now],
+    )
+    .map_err(backend)?;
+    Ok(())
 }
 
 /// Runs `sql` through the connection's statement cache: a statement is compiled once, not on
@@ -231,9 +356,17 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             if n == 0 && state_of(tx, *task)?.is_some_and(|(state, _)| state == "cancelled") {
                 return Ok(()); // cancelled after the claim: nothing to record
             }
+            if n == 1 {
+                exec(
+                    tx,
+                    "INSERT INTO attempts (task, attempt, worker, started_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![*task as i64, attempt, *worker as i64, now],
+                )
+                .map_err(backend)?;
+            }
             (n, *task, "assign it")
         }
-        Change::Requeue { task, attempt } => {
+        Change::Requeue { task, attempt, why } => {
             let n = exec(
                 tx,
                 "UPDATE tasks SET state = 'queued', attempt = ?2, worker = NULL, updated_ms = ?3
@@ -245,6 +378,7 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             if n == 0 && state_of(tx, *task)?.is_some() {
                 return Ok(()); // superseded or ended: a later decision stands
             }
+            end_attempt_row(tx, *task, *attempt, AttemptEnd::Requeued(*why), None, now)?;
             (n, *task, "requeue that attempt")
         }
         Change::Finish {
@@ -265,6 +399,9 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             message,
         } => end_attempt(tx, *task, *attempt, TaskState::Failed, Some(message), now)?,
         Change::Cancel { task } => {
+            let running = state_of(tx, *task)?
+                .filter(|(state, _)| state == "running")
+                .map(|(_, attempt)| attempt);
             let n = exec(
                 tx,
                 "UPDATE tasks SET state = 'cancelled', updated_ms = ?2
@@ -272,6 +409,9 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 params![*task as i64, now],
             )
             .map_err(backend)?;
+            if let Some(attempt) = running {
+                end_attempt_row(tx, *task, attempt, AttemptEnd::Cancelled, None, now)?;
+            }
             (n, *task, "cancel it")
         }
         Change::Update {
@@ -324,6 +464,35 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 *id,
                 || format!("token {id}"),
             );
+        }
+        Change::Remember(k) => {
+            let ids = serde_json::to_string(&k.ids).map_err(backend)?;
+            return insert(
+                tx,
+                "INSERT INTO keys (scope, key, fingerprint, ids, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![k.scope as i64, k.key, k.fingerprint, ids, k.created_ms],
+                || format!("idempotency key {:?}", k.key),
+            );
+        }
+        Change::ForgetKeys { before_ms } => {
+            exec(tx, "DELETE FROM keys WHERE created_ms < ?1", [before_ms]).map_err(backend)?;
+            return Ok(());
+        }
+        Change::Boot { boot } => {
+            let n = exec(
+                tx,
+                "INSERT INTO meta (name, value) VALUES ('boot', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value WHERE value < excluded.value",
+                [*boot as i64],
+            )
+            .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "start {boot} is not after the last recorded start"
+                )));
+            }
+            return Ok(());
         }
     };
     match changed {
@@ -439,7 +608,15 @@ impl Store for SqliteStore {
             .map(|n| n as u64)
             .map_err(backend)
         };
+        let boot = conn
+            .query_row("SELECT value FROM meta WHERE name = 'boot'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map_err(backend)?
+            .unwrap_or(0) as u64;
         Ok(Recovery {
+            boot,
             tasks,
             next_task_id: next("tasks")?,
             next_worker_id: next("workers")?,
@@ -492,5 +669,51 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+    }
+
+    fn attempt(&self, task: u64, attempt: u32) -> Result<Option<AttemptRecord>, StoreError> {
+        let conn = self.reader.lock();
+        conn.prepare_cached(
+            "SELECT worker, ended, outcome FROM attempts WHERE task = ?1 AND attempt = ?2",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![task as i64, attempt], |r| {
+                let ended: Option<String> = r.get(1)?;
+                Ok(AttemptRecord {
+                    task,
+                    attempt,
+                    worker: r.get::<_, i64>(0)? as u64,
+                    ended: ended.as_deref().and_then(AttemptEnd::parse),
+                    outcome: r.get(2)?,
+                })
+            })
+            .optional()
+        })
+        .map_err(backend)
+    }
+
+    fn key(&self, scope: u64, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let conn = self.reader.lock();
+        let row = conn
+            .prepare_cached(
+                "SELECT fingerprint, ids, created_ms FROM keys WHERE scope = ?1 AND key = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![scope as i64, key], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+                })
+                .optional()
+            })
+            .map_err(backend)?;
+        row.map(|(fingerprint, ids, created_ms)| {
+            Ok(KeyRecord {
+                scope,
+                key: key.to_string(),
+                fingerprint,
+                ids: serde_json::from_str(&ids).map_err(backend)?,
+                created_ms,
+            })
+        })
+        .transpose()
     }
 }

@@ -18,13 +18,14 @@ use switchyard::Config;
 use switchyard_server::api::serve;
 use switchyard_server::app::{App, Opened, Settings};
 use switchyard_server::store::{
-    Change, ListFilter, Recovery, SqliteStore, Store, StoreError, TaskRecord,
+    AttemptRecord, Change, KeyRecord, ListFilter, Recovery, SqliteStore, Store, StoreError,
+    TaskRecord,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 /// The admin token the tests start servers with.
-pub const ADMIN: &str = "sy_test_admin";
+pub const ADMIN: &str = "sy_test_admin_token_for_the_test_suite";
 
 /// One HTTP/1.1 request over a fresh connection with `token` (if any); returns the status and
 /// the response text (head and body).
@@ -168,6 +169,7 @@ pub fn test_settings() -> Settings {
         max_wait: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
         admin_token: Some(ADMIN.to_string()),
+        ..Settings::default()
     }
 }
 
@@ -286,6 +288,12 @@ impl Store for Hooked {
     }
     fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
         self.inner.list(filter)
+    }
+    fn attempt(&self, task: u64, attempt: u32) -> Result<Option<AttemptRecord>, StoreError> {
+        self.inner.attempt(task, attempt)
+    }
+    fn key(&self, scope: u64, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.key(scope, key)
     }
 }
 
