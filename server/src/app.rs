@@ -266,6 +266,11 @@ impl App {
         input::check_worker(groups, tags, &self.input_limits)
     }
 
+    /// Idempotency keys created before this (Unix ms) have expired at `now`.
+    pub(crate) fn key_expiry(&self, now: i64) -> i64 {
+        now.saturating_sub(self.limits.key_window.as_millis() as i64)
+    }
+
     /// The ids of the submission remembered under `key` for token `scope`, if it is within the
     /// idempotency window; 409 if the key was used for different content.
     pub(crate) fn remembered(
@@ -274,7 +279,7 @@ impl App {
         key: &str,
         fingerprint: &str,
     ) -> Result<Option<Vec<u64>>, ApiError> {
-        let oldest = now_ms().saturating_sub(self.limits.key_window.as_millis() as i64);
+        let oldest = self.key_expiry(now_ms());
         match self.store.key(scope, key)? {
             Some(k) if k.created_ms < oldest => Ok(None),
             Some(k) if k.fingerprint == fingerprint => Ok(Some(k.ids)),
@@ -303,6 +308,11 @@ impl App {
     /// Whether a fetch of `worker` is waiting for work right now.
     pub fn is_waiting(&self, worker: u64) -> bool {
         self.wakeups.is_waiting(worker)
+    }
+
+    /// The store (for tests and tools: reads only; every write goes through the writer).
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
     }
 
     /// The dispatcher (for tests and statistics).
@@ -390,7 +400,7 @@ async fn forget_keys(app: Weak<App>) {
     loop {
         every.tick().await;
         let Some(app) = app.upgrade() else { return };
-        let before_ms = now_ms().saturating_sub(app.limits.key_window.as_millis() as i64);
+        let before_ms = app.key_expiry(now_ms());
         if let Err(e) = app
             .writer
             .commit(vec![Change::ForgetKeys { before_ms }])

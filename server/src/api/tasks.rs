@@ -134,13 +134,17 @@ async fn commit_submission(
                 return Ok(Some(ids));
             }
             let ids = specs.iter().map(|s| s.id.0).collect();
-            changes.push(Change::Remember(KeyRecord {
-                scope,
-                key: key.clone(),
-                fingerprint: fingerprint.clone(),
-                ids,
-                created_ms: now_ms(),
-            }));
+            let now = now_ms();
+            changes.push(Change::Remember {
+                key: KeyRecord {
+                    scope,
+                    key: key.clone(),
+                    fingerprint: fingerprint.clone(),
+                    ids,
+                    created_ms: now,
+                },
+                expired_before_ms: app.key_expiry(now),
+            });
             Some((scope, key, fingerprint))
         }
         _ => None,

@@ -215,9 +215,15 @@ pub enum Change {
         /// The token's id.
         id: u64,
     },
-    /// A submission's idempotency key, committed with the submission it names (`Conflict` if
-    /// the key is taken, which rolls the submission back with it).
-    Remember(KeyRecord),
+    /// A submission's idempotency key, committed with the submission it names. It replaces a
+    /// record of the same key created before `expired_before_ms` (Unix ms); a younger one is a
+    /// `Conflict`, which rolls the submission back with it.
+    Remember {
+        /// The key and what it names.
+        key: KeyRecord,
+        /// Records of the key older than this have expired.
+        expired_before_ms: i64,
+    },
     /// Idempotency keys created before `before_ms` are forgotten.
     ForgetKeys {
         /// Unix milliseconds.

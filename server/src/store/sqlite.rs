@@ -465,15 +465,36 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 || format!("token {id}"),
             );
         }
-        Change::Remember(k) => {
+        Change::Remember {
+            key: k,
+            expired_before_ms,
+        } => {
             let ids = serde_json::to_string(&k.ids).map_err(backend)?;
-            return insert(
+            let n = exec(
                 tx,
                 "INSERT INTO keys (scope, key, fingerprint, ids, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![k.scope as i64, k.key, k.fingerprint, ids, k.created_ms],
-                || format!("idempotency key {:?}", k.key),
-            );
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (scope, key) DO UPDATE
+                     SET fingerprint = excluded.fingerprint, ids = excluded.ids,
+                         created_ms = excluded.created_ms
+                     WHERE keys.created_ms < ?6",
+                params![
+                    k.scope as i64,
+                    k.key,
+                    k.fingerprint,
+                    ids,
+                    k.created_ms,
+                    expired_before_ms
+                ],
+            )
+            .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "idempotency key {:?} exists",
+                    k.key
+                )));
+            }
+            return Ok(());
         }
         Change::ForgetKeys { before_ms } => {
             exec(tx, "DELETE FROM keys WHERE created_ms < ?1", [before_ms]).map_err(backend)?;
