@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{spawn_binary, spawn_binary_at, ADMIN};
@@ -193,6 +194,140 @@ fn a_worker_rides_out_a_coordinator_restart() {
         (task["state"].as_str(), task["outcome"].as_str()),
         (Some("finished"), Some("7"))
     );
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// Whether process `pid` is running (a zombie waiting to be reaped counts as ended).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Polls `done` every 50 ms until it holds; panics with `what` after `secs` seconds.
+fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A `work` loop running one long command: its grandchild `sleep` writes its pid to
+/// `pidfile`. Returns the worker, the submitted task's id and the grandchild's pid.
+fn long_running_worker(
+    url: &str,
+    token: &str,
+    pidfile: &Path,
+) -> (std::process::Child, String, u32) {
+    let id = stdout(&cli(url, Some(token), &["submit", "--group", "g"]));
+    let command = format!("sleep 120 & echo $! > {}; wait", pidfile.display());
+    let worker = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "work",
+            "--group",
+            "g",
+            "--tasks",
+            "1",
+            "--wait",
+            "1",
+            "--command",
+            &command,
+        ])
+        .env("SWITCHYARD_SERVER", url)
+        .env("SWITCHYARD_TOKEN", token)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pid = 0;
+    wait_for(30, "the command never started", || {
+        pid = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        pid != 0
+    });
+    assert!(alive(pid));
+    (worker, id, pid)
+}
+
+#[test]
+fn a_cancelled_task_stops_its_command_and_everything_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = spawn_binary(dir.path(), &["--lease-timeout", "1.5"]);
+    let url = format!("http://{addr}");
+    let token = stdout(&cli(
+        &url,
+        Some(ADMIN),
+        &["token", "create", "--group", "g"],
+    ));
+    let pidfile = dir.path().join("pid");
+    let (mut worker, id, pid) = long_running_worker(&url, &token, &pidfile);
+    stdout(&cli(&url, Some(&token), &["cancel", &id]));
+    // The next heartbeat (a third of the lease) names it revoked: the loop stops the command's
+    // whole process group, and with `--tasks 1` it is done.
+    let mut status = None;
+    wait_for(20, "the worker kept running a cancelled task", || {
+        status = worker.try_wait().unwrap();
+        status.is_some()
+    });
+    let log = String::from_utf8_lossy(&worker.wait_with_output().unwrap().stderr).into_owned();
+    assert!(status.unwrap().success(), "{log}");
+    assert!(
+        log.contains("revoked") && log.contains("1 revoked"),
+        "{log}"
+    );
+    wait_for(
+        10,
+        "the command's grandchild outlived the cancellation",
+        || !alive(pid),
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn sigterm_stops_the_command_gives_the_task_back_and_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = spawn_binary(dir.path(), &[]);
+    let url = format!("http://{addr}");
+    let token = stdout(&cli(
+        &url,
+        Some(ADMIN),
+        &["token", "create", "--group", "g"],
+    ));
+    let pidfile = dir.path().join("pid");
+    let (mut worker, id, pid) = long_running_worker(&url, &token, &pidfile);
+    let term = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let mut status = None;
+    wait_for(20, "the worker did not stop on SIGTERM", || {
+        status = worker.try_wait().unwrap();
+        status.is_some()
+    });
+    let log = String::from_utf8_lossy(&worker.wait_with_output().unwrap().stderr).into_owned();
+    assert!(status.unwrap().success(), "{log}");
+    wait_for(10, "the command's grandchild outlived the worker", || {
+        !alive(pid)
+    });
+    // The task went back to the queue (its attempt ended as given back), and the worker left.
+    let task: Value =
+        serde_json::from_str(&stdout(&cli(&url, Some(&token), &["status", &id]))).unwrap();
+    assert_eq!(
+        (task["state"].as_str(), task["attempt"].as_u64()),
+        (Some("queued"), Some(1)),
+        "{task}"
+    );
+    let stats: Value = serde_json::from_str(&stdout(&cli(&url, Some(ADMIN), &["stats"]))).unwrap();
+    assert_eq!(stats["workers"].as_array().unwrap().len(), 0, "{stats}");
     server.kill().unwrap();
     server.wait().unwrap();
 }

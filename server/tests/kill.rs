@@ -1,7 +1,8 @@
 //! Restart recovery with a real process kill: the `switchyard` binary acknowledges tasks, is
 //! killed with SIGKILL (no shutdown, no drain), and restarted on the same data directory. Every
 //! acknowledged task must be there and be handed out exactly once; running tasks keep their
-//! worker and attempt.
+//! worker and attempt, unless the worker says it never received them. One coordinator owns a
+//! data directory, and bad flags stop the start with a message.
 
 mod common;
 
@@ -74,4 +75,105 @@ async fn acknowledged_tasks_survive_sigkill_and_are_handed_out_once() {
     assert_eq!(seen, expected);
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_fetch_recorded_before_a_crash_and_never_received_comes_back_as_a_new_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = start(dir.path());
+    let mut session = Session::new(addr);
+    let w = register(&session, json!({"groups": ["g"]})).await;
+    let (_, t) = post(&session, "/v1/tasks", json!({"group": "g"})).await;
+    let t = t["id"].as_u64().unwrap();
+    // The assignment is recorded and the reply sent, but the worker never sees it: the
+    // coordinator dies.
+    let (_, got) = post(&session, &format!("/v1/workers/{w}/fetch"), json!({})).await;
+    assert_eq!(got["tasks"][0]["id"], t);
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    let (mut server, addr) = start(dir.path());
+    session.addr = addr;
+    // The worker's first request after the restart says it holds nothing: the restored
+    // assignment was lost, and comes back as attempt 2.
+    let holding = json!({"delivery": 0, "tasks": []});
+    let (st, got) = post(
+        &session,
+        &format!("/v1/workers/{w}/fetch"),
+        json!({ "holding": holding }),
+    )
+    .await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(
+        (
+            got["tasks"][0]["id"].as_u64(),
+            got["tasks"][0]["attempt"].as_u64()
+        ),
+        (Some(t), Some(2))
+    );
+    // Delivery ids of this start are above the first start's.
+    assert!(got["delivery"].as_u64().unwrap() > 1 << 41, "{got}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// Starts `switchyard serve` on `dir` and waits for it to end; returns its status and log.
+fn serve_until_exit(dir: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_second_coordinator_on_a_data_directory_in_use_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, _) = start(dir.path());
+    let (status, log) = serve_until_exit(dir.path(), &["--admin-token", common::ADMIN]);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("in use by coordinator process") && log.contains(&first.id().to_string()),
+        "the refusal names the holder: {log}"
+    );
+    // The lock dies with its process, however it ends.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (mut again, _) = start(dir.path());
+    again.kill().unwrap();
+    again.wait().unwrap();
+    // The directory and the database are the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir.path()), 0o700);
+    assert_eq!(mode(&dir.path().join("switchyard.db")), 0o600);
+}
+
+#[test]
+fn bad_flags_are_refused_at_start_with_the_flag_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, says) in [
+        (&["--lease-timeout", "1e20"][..], "--lease-timeout"),
+        (&["--max-wait=-1"][..], "--max-wait"),
+        (&["--request-timeout", "NaN"][..], "--request-timeout"),
+        (&["--max-fetch", "0"][..], "--max-fetch"),
+        (&["--max-batch", "0"][..], "--max-batch"),
+        (&["--admin-token", "short"][..], "at least 32"),
+    ] {
+        let mut all = args.to_vec();
+        if !args.contains(&"--admin-token") {
+            all.extend(["--admin-token", common::ADMIN]);
+        }
+        let (status, log) = serve_until_exit(dir.path(), &all);
+        assert!(!status.success(), "{args:?} was accepted");
+        assert!(
+            log.contains(says) && !log.contains("panicked"),
+            "{args:?}: {log}"
+        );
+    }
 }
