@@ -55,6 +55,13 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// How long a submission's idempotency key is remembered.
     pub key_window: Duration,
+    /// A connection must send a request's complete head within this (after connecting or after
+    /// the previous response): bounds half-sent headers and idle keep-alive connections.
+    pub header_timeout: Duration,
+    /// Most connections served at once (lowered to fit the open-files limit).
+    pub max_connections: usize,
+    /// On shutdown, how long open connections may finish before they are dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl Settings {
@@ -72,6 +79,10 @@ impl Settings {
         // `null`, the smallest payload, is 4 bytes.
         at_least(self.max_payload, 4, "--max-payload")?;
         at_least(self.max_body, 64, "--max-body")?;
+        at_least(self.max_connections, 1, "--max-connections")?;
+        if self.header_timeout.is_zero() {
+            return Err("--header-timeout must be above 0".into());
+        }
         if self.request_timeout <= self.max_wait {
             return Err(
                 "--request-timeout must be longer than --max-wait (the longest fetch wait)".into(),
@@ -107,6 +118,9 @@ impl Default for Settings {
             request_timeout: Duration::from_secs(60),
             admin_token: None,
             key_window: Duration::from_secs(24 * 3600),
+            header_timeout: Duration::from_secs(20),
+            max_connections: 4096,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }

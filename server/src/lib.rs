@@ -14,6 +14,7 @@
 //! | [`store`] | the `Store` trait, its records and changes; SQLite (WAL) as the embedded default |
 //! | [`writer`] | the group-commit writer: one transaction per batch of waiting requests |
 //! | [`recovery`] | restart: workers into the dispatcher first, then tasks (queued and running) |
+//! | [`listener`] | accepting connections: the connection cap, the header timeout, shutdown with a deadline |
 //! | [`liveness`] | worker leases, renewed by every worker request; the reaper declares silent workers dead |
 //! | [`wakeups`] | long-poll: a waiting fetch is woken the moment work it can fetch is placed |
 //! | [`metrics`] | Prometheus metrics: events as they happen, dispatcher state copied in at scrape time |
@@ -34,6 +35,7 @@ pub mod client;
 pub mod delivery;
 pub mod error;
 pub mod input;
+pub mod listener;
 pub mod liveness;
 pub mod metrics;
 pub mod recovery;

@@ -213,6 +213,17 @@ struct ServeArgs {
         default_value_t = 86_400.0
     )]
     idempotency_window: f64,
+    /// Seconds a connection has to send a request's complete head, after connecting or after
+    /// the previous response (bounds half-sent headers and idle keep-alive connections).
+    #[arg(long, env = "SWITCHYARD_HEADER_TIMEOUT", default_value_t = 20.0)]
+    header_timeout: f64,
+    /// Most connections served at once; more are answered 503 and closed. Lowered to fit the
+    /// open-files limit, whose soft value is raised to the hard one at start.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// Seconds open connections get to finish on shutdown before they are dropped.
+    #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value_t = 5.0)]
+    shutdown_grace: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -399,6 +410,9 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         request_timeout: seconds(args.request_timeout, "--request-timeout", false)?,
         admin_token: args.admin_token,
         key_window: seconds(args.idempotency_window, "--idempotency-window", false)?,
+        header_timeout: seconds(args.header_timeout, "--header-timeout", false)?,
+        max_connections: args.max_connections,
+        shutdown_grace: seconds(args.shutdown_grace, "--shutdown-grace", true)?,
     };
     let Opened {
         app,
@@ -415,7 +429,13 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await
         .map_err(|e| format!("binding {}: {e}", args.bind))?;
-    serve(listener, app.clone(), stop_signal()).await?;
+    let stopped = serve(listener, app.clone(), stop_signal()).await?;
+    if stopped.dropped > 0 {
+        eprintln!(
+            "switchyard: {} connections were still open after --shutdown-grace: dropped",
+            stopped.dropped
+        );
+    }
     let poisoned = app.poisoned();
     // Drain the writer: drop the last handles, then wait for it to commit what is queued.
     drop(app);

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub lease_expiries: Counter,
     /// Assignments requeued because their worker said it did not hold them (lost replies).
     pub not_held: Counter,
+    /// Connections refused at the connection cap.
+    pub connections_refused: Counter,
     writer: WriterHistograms,
     scraped: Scraped,
 }
@@ -153,6 +155,10 @@ impl Metrics {
             lease_expiries: counter(
                 "switchyard_lease_expiries_total",
                 "Workers declared dead after their lease expired",
+            ),
+            connections_refused: counter(
+                "switchyard_connections_refused_total",
+                "Connections answered 503 at the connection cap (--max-connections)",
             ),
             not_held: counter(
                 "switchyard_not_held_requeued_total",

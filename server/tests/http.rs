@@ -436,7 +436,7 @@ async fn a_batch_is_submitted_all_or_nothing_within_its_limits() {
     // A body over the limit gets a JSON 413.
     let big = json!({"group": "g", "tags": ["x".repeat(5000)]}).to_string();
     let (st, body) = call(a, "POST", "/v1/tasks", Some(&big)).await;
-    assert_eq!((st, body["error"].as_str()), (413, Some("bad_json")));
+    assert_eq!((st, body["error"].as_str()), (413, Some("body_too_large")));
     let (_, w) = post(a, "/v1/workers", json!({"groups": ["g"]})).await;
     let (_, got) = post(
         a,

@@ -13,8 +13,6 @@ pub mod admin;
 pub mod tasks;
 pub mod workers;
 
-use std::net::SocketAddr;
-
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -66,35 +64,27 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Serves `router(app)` on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Arc<App>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, "serving");
-    let stopping = app.clone();
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            // Asked to stop, or the store failed (see `App::poison`).
-            tokio::select! {
-                () = shutdown => {}
-                () = stopping.halted() => {}
-            }
-            // Waiting fetches answer now instead of holding the shutdown for their wait.
-            stopping.wakeups.close();
-        })
-        .await
-}
+pub use crate::listener::serve;
 
-/// Refuses every request once the coordinator is poisoned (503), and enforces the request-time
-/// limit (408). Cancelling a handler here is safe: its decide-and-commit step runs detached
-/// (see [`crate::app`]).
+/// Refuses every request once the coordinator is poisoned (503), refuses a declared body over
+/// `--max-body` before reading it (413), and enforces the request-time limit (408). Cancelling a
+/// handler here is safe: its decide-and-commit step runs detached (see [`crate::app`]).
 async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     if let Some(reason) = app.poisoned() {
         return ApiError::unavailable(format!("the coordinator is stopping: {reason}"))
             .into_response();
+    }
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = declared.filter(|&n| n > app.limits.max_body as u64) {
+        return ApiError::too_large(format!(
+            "the body is {length} bytes; the limit (--max-body) is {}",
+            app.limits.max_body
+        ))
+        .into_response();
     }
     let limit = app.limits.request_timeout;
     // What the debug log needs, read only when it is on.

@@ -154,7 +154,7 @@ pub struct Server {
     /// The admin token this start generated, if it generated one.
     pub new_admin_token: Option<String>,
     stop: oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<std::io::Result<()>>,
+    served: tokio::task::JoinHandle<std::io::Result<switchyard_server::listener::Stopped>>,
     writer: tokio::task::JoinHandle<()>,
 }
 
@@ -224,17 +224,30 @@ pub fn spawn_binary(dir: &Path, args: &[&str]) -> (Child, SocketAddr) {
 
 /// [`spawn_binary`] listening on `bind`.
 pub fn spawn_binary_at(dir: &Path, bind: &str, args: &[&str]) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "serve",
-            "--bind",
-            bind,
-            "--admin-token",
-            ADMIN,
-            "--data-dir",
-        ])
-        .arg(dir)
-        .args(args)
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command.args(serve_args(dir, bind)).args(args);
+    spawn_serving(command)
+}
+
+/// The arguments of `serve` on `dir` at `bind` with the [`ADMIN`] token.
+pub fn serve_args(dir: &Path, bind: &str) -> Vec<String> {
+    let dir = dir.to_str().expect("a UTF-8 temporary path").to_string();
+    [
+        "serve",
+        "--bind",
+        bind,
+        "--admin-token",
+        ADMIN,
+        "--data-dir",
+        &dir,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Starts `command` (a `switchyard serve`); returns it and the address it logged.
+pub fn spawn_serving(mut command: Command) -> (Child, SocketAddr) {
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
