@@ -70,15 +70,16 @@ pub struct WorkerStats {
 pub struct Stats {
     /// Live workers, sorted by id.
     pub workers: Vec<WorkerStats>,
-    /// Live tasks (queued, parked or running).
+    /// Live tasks: `queued + parked + running` (the three are disjoint).
     pub tasks: usize,
-    /// Queued tasks, parked ones included (each counted once however many copies it has).
+    /// Queued tasks with a holder (each counted once however many copies it has); parked
+    /// tasks are not counted here.
     pub queued: usize,
     /// Running tasks.
     pub running: usize,
-    /// Parked tasks.
+    /// Parked tasks: queued with no live candidate.
     pub parked: usize,
-    /// Sum of the workers' queued counts: `queued - parked` in balanced mode; in fanout each
+    /// Sum of the workers' queued counts: `queued` in balanced mode; in fanout each
     /// task counts once per candidate that could fetch it.
     pub copies: usize,
     /// Dead entries still in heaps (worker and class heaps), waiting to be popped or compacted.
@@ -147,7 +148,7 @@ impl Dispatcher {
             |f: fn(&Load) -> &AtomicU64| -> u64 { live.iter().map(|w| get(f(&w.load))).sum() };
         Stats {
             tasks,
-            queued: tasks.saturating_sub(running),
+            queued: tasks.saturating_sub(running).saturating_sub(parked),
             running,
             parked,
             copies,

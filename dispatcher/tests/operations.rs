@@ -643,7 +643,7 @@ fn stats_report_loads_totals_and_counters() {
     let s = d.stats();
     assert_eq!(
         (s.tasks, s.queued, s.running, s.parked, s.copies),
-        (5, 4, 1, 1, 3)
+        (5, 3, 1, 1, 3)
     );
     assert_eq!(s.workers[0].groups, ["g"]);
     assert_eq!(s.workers[0].tags, ["a"]);

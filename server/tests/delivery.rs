@@ -463,3 +463,49 @@ async fn names_that_read_wrong_are_refused_and_stored_ones_load_under_smaller_li
     assert_eq!(st, 400);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn parked_is_a_state_of_its_own_listed_and_counted_once() {
+    for mode in [
+        switchyard::Mode::Fanout,
+        switchyard::Mode::Balanced(switchyard::Strategy::LeastLoaded),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            mode,
+            ..Config::default()
+        };
+        let s = start_with(dir.path(), config, test_settings()).await;
+        let a = &s.client;
+        register(a, json!({"groups": ["g"]})).await;
+        let queued = submit(a, json!({"group": "g"})).await;
+        let parked = submit(a, json!({"group": "nobody"})).await;
+        assert_eq!(task(a, parked).await["state"], "parked");
+        assert_eq!(task(a, queued).await["state"], "queued");
+        let listed = |state: &'static str| async move {
+            let (st, page) =
+                call(a, "GET", &format!("/v1/tasks?state={state}&limit=1"), None).await;
+            assert_eq!(st, 200, "{page}");
+            let ids: Vec<u64> = page["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_u64().unwrap())
+                .collect();
+            (ids, page["next"].clone())
+        };
+        assert_eq!(listed("parked").await.0, [parked]);
+        assert_eq!(listed("queued").await.0, [queued]);
+        let (_, stats) = call(a, "GET", "/v1/stats", None).await;
+        assert_eq!(
+            (&stats["tasks"], &stats["queued"], &stats["parked"]),
+            (&json!(2), &json!(1), &json!(1)),
+            "{stats}"
+        );
+        // A candidate arrives: it is queued now.
+        register(a, json!({"groups": ["nobody"]})).await;
+        assert_eq!(task(a, parked).await["state"], "queued");
+        assert!(listed("parked").await.0.is_empty());
+        s.stop().await;
+    }
+}

@@ -274,6 +274,51 @@ pub(crate) async fn submit_batch(
     }
 }
 
+/// Where a task is, as the API reports it. The states are disjoint: a task is in exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Status {
+    /// Waiting on at least one live candidate.
+    Queued,
+    /// Waiting for a candidate worker to register (queued with no live candidate).
+    Parked,
+    /// Assigned to `worker` as `attempt`.
+    Running,
+    /// Reported finished.
+    Finished,
+    /// Reported failed.
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+}
+
+impl Status {
+    /// The stored state that holds tasks in this one.
+    fn stored(self) -> TaskState {
+        match self {
+            Status::Queued | Status::Parked => TaskState::Queued,
+            Status::Running => TaskState::Running,
+            Status::Finished => TaskState::Finished,
+            Status::Failed => TaskState::Failed,
+            Status::Cancelled => TaskState::Cancelled,
+        }
+    }
+
+    /// The state of a stored task: a queued one is parked if the dispatcher has it parked.
+    fn of(app: &App, t: &TaskRecord) -> Self {
+        match t.state {
+            TaskState::Queued => match app.dispatcher.get(TaskId(t.id)).map(|i| i.status) {
+                Some(switchyard::TaskStatus::Parked) => Status::Parked,
+                _ => Status::Queued,
+            },
+            TaskState::Running => Status::Running,
+            TaskState::Finished => Status::Finished,
+            TaskState::Failed => Status::Failed,
+            TaskState::Cancelled => Status::Cancelled,
+        }
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 pub(crate) struct TaskBody {
     id: u64,
@@ -283,7 +328,7 @@ pub(crate) struct TaskBody {
     /// The payload, byte for byte as submitted.
     #[schema(value_type = Object)]
     payload: Box<RawValue>,
-    state: TaskState,
+    state: Status,
     /// The latest attempt (0 before the first fetch).
     attempt: u32,
     /// The worker running it, or that finished or failed it (none while queued).
@@ -294,15 +339,15 @@ pub(crate) struct TaskBody {
     submitted_ms: i64,
 }
 
-impl From<TaskRecord> for TaskBody {
-    fn from(t: TaskRecord) -> Self {
+impl TaskBody {
+    fn new(t: TaskRecord, state: Status) -> Self {
         Self {
+            state,
             payload: raw_payload(t.payload),
             id: t.id,
             group: t.group,
             tags: t.tags,
             priority: t.priority,
-            state: t.state,
             attempt: t.attempt,
             worker: t.worker,
             outcome: t.outcome,
@@ -359,7 +404,9 @@ pub(crate) async fn get(
     PathParams(task): PathParams<u64>,
 ) -> Reply<TaskBody> {
     caller.scope()?;
-    ok(visible(&app, &caller, task)?.into())
+    let t = visible(&app, &caller, task)?;
+    let state = Status::of(&app, &t);
+    ok(TaskBody::new(t, state))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -408,7 +455,7 @@ pub(crate) async fn cancel(
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
     /// Only tasks in this state.
-    state: Option<TaskState>,
+    state: Option<Status>,
     /// Only tasks of this group.
     group: Option<String>,
     /// The `next` of the previous page (0 or absent for the first).
@@ -426,6 +473,9 @@ fn hundred() -> usize {
 /// Most tasks one list page may return.
 const MAX_PAGE: usize = 1000;
 
+/// Most store reads one list page makes when rows are skipped (see `list`).
+const SCAN_PAGES: usize = 8;
+
 /// A task in a list: no payload or outcome (read the task for those).
 #[derive(Serialize, ToSchema)]
 pub(crate) struct TaskSummary {
@@ -433,20 +483,20 @@ pub(crate) struct TaskSummary {
     group: String,
     tags: Vec<String>,
     priority: i32,
-    state: TaskState,
+    state: Status,
     attempt: u32,
     worker: Option<u64>,
     submitted_ms: i64,
 }
 
-impl From<TaskRecord> for TaskSummary {
-    fn from(t: TaskRecord) -> Self {
+impl TaskSummary {
+    fn new(t: TaskRecord, state: Status) -> Self {
         Self {
+            state,
             id: t.id,
             group: t.group,
             tags: t.tags,
             priority: t.priority,
-            state: t.state,
             attempt: t.attempt,
             worker: t.worker,
             submitted_ms: t.submitted_ms,
@@ -458,7 +508,8 @@ impl From<TaskRecord> for TaskSummary {
 pub(crate) struct Page {
     /// The tasks, without payloads or outcomes (bounded pages whatever the payload sizes).
     tasks: Vec<TaskSummary>,
-    /// The `after` of the next page, when this one is full.
+    /// The `after` of the next page; absent at the end. A page may hold fewer than `limit`
+    /// tasks and still have a `next` (filtering by `queued` or `parked` skips rows).
     next: Option<u64>,
 }
 
@@ -489,25 +540,43 @@ pub(crate) async fn list(
             next: None,
         });
     }
-    let filter = ListFilter {
-        state: q.state,
+    let mut filter = ListFilter {
+        state: q.state.map(Status::stored),
         group: q.group,
         within: scope.map(<[String]>::to_vec),
         after: q.after,
         limit: q.limit,
     };
+    let (want, limit) = (q.state, q.limit);
     // A filtered page may scan many rows: off the async workers.
-    let store = app.store.clone();
-    let tasks = tokio::task::spawn_blocking(move || store.list(&filter))
-        .await
-        .map_err(|_| ApiError::internal("listing tasks failed inside the coordinator"))??;
-    let next = (tasks.len() == q.limit)
-        .then(|| tasks.last().map(|t| t.id))
-        .flatten();
-    ok(Page {
-        tasks: tasks.into_iter().map(TaskSummary::from).collect(),
-        next,
+    let a = app.clone();
+    let (tasks, next) = tokio::task::spawn_blocking(move || {
+        // Queued and parked share a stored state: rows of the other are skipped, so a page may
+        // take several reads. At most SCAN_PAGES of them: then the page ends early, with `next`
+        // to go on from.
+        let mut tasks = Vec::with_capacity(limit);
+        for _ in 0..SCAN_PAGES {
+            let rows = a.store.list(&filter)?;
+            let more = rows.len() == filter.limit;
+            for t in rows {
+                filter.after = t.id;
+                let state = Status::of(&a, &t);
+                if want.is_none_or(|w| w == state) {
+                    tasks.push(TaskSummary::new(t, state));
+                    if tasks.len() == limit {
+                        return Ok((tasks, Some(filter.after)));
+                    }
+                }
+            }
+            if !more {
+                return Ok((tasks, None));
+            }
+        }
+        Ok::<_, ApiError>((tasks, Some(filter.after)))
     })
+    .await
+    .map_err(|_| ApiError::internal("listing tasks failed inside the coordinator"))??;
+    ok(Page { tasks, next })
 }
 
 #[derive(Deserialize, ToSchema)]
