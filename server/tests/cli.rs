@@ -318,12 +318,13 @@ fn sigterm_stops_the_command_gives_the_task_back_and_leaves() {
     wait_for(10, "the command's grandchild outlived the worker", || {
         !alive(pid)
     });
-    // The task went back to the queue (its attempt ended as given back), and the worker left.
+    // The task went back (its attempt ended as given back); the worker left, so with no
+    // candidate left it waits parked.
     let task: Value =
         serde_json::from_str(&stdout(&cli(&url, Some(&token), &["status", &id]))).unwrap();
     assert_eq!(
         (task["state"].as_str(), task["attempt"].as_u64()),
-        (Some("queued"), Some(1)),
+        (Some("parked"), Some(1)),
         "{task}"
     );
     let stats: Value = serde_json::from_str(&stdout(&cli(&url, Some(ADMIN), &["stats"]))).unwrap();
