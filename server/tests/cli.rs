@@ -303,11 +303,7 @@ fn sigterm_stops_the_command_gives_the_task_back_and_leaves() {
     ));
     let pidfile = dir.path().join("pid");
     let (mut worker, id, pid) = long_running_worker(&url, &token, &pidfile);
-    let term = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    common::terminate(&worker);
     let mut status = None;
     wait_for(20, "the worker did not stop on SIGTERM", || {
         status = worker.try_wait().unwrap();

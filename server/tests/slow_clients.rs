@@ -221,11 +221,7 @@ async fn slow_clients_neither_starve_a_worker_nor_hold_the_shutdown() {
     );
     half.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let term = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    common::terminate(&server);
     let stopping = Instant::now();
     while alive(&mut server) && stopping.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -246,7 +246,14 @@ pub fn serve_args(dir: &Path, bind: &str) -> Vec<String> {
 }
 
 /// Starts `command` (a `switchyard serve`); returns it and the address it logged.
-pub fn spawn_serving(mut command: Command) -> (Child, SocketAddr) {
+pub fn spawn_serving(command: Command) -> (Child, SocketAddr) {
+    let (child, addr, _) = spawn_serving_logged(command);
+    (child, addr)
+}
+
+/// [`spawn_serving`], also returning what it logged before it served.
+pub fn spawn_serving_logged(mut command: Command) -> (Child, SocketAddr, Vec<String>) {
+    let mut before = Vec::new();
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -259,8 +266,9 @@ pub fn spawn_serving(mut command: Command) -> (Child, SocketAddr) {
             let addr = addr.split_whitespace().next().unwrap().parse().unwrap();
             // Keep draining the log so the server never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
-            return (child, addr);
+            return (child, addr, before);
         }
+        before.push(line);
     }
     let _ = child.kill();
     let status = child.wait();
@@ -335,4 +343,10 @@ pub fn faulty(dir: &Path) -> (Arc<Faults>, Arc<Hooked>) {
         }),
     );
     (faults, store)
+}
+
+/// Sends SIGTERM to `child` (what supervisors send).
+pub fn terminate(child: &Child) {
+    let pid = rustix::process::Pid::from_child(child);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM sent");
 }
