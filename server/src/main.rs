@@ -389,6 +389,12 @@ fn seconds(value: f64, flag: &str, allow_zero: bool) -> Result<Duration, Error> 
 }
 
 async fn serve_command(args: ServeArgs) -> Result<(), Error> {
+    if std::env::args().any(|a| a == "--admin-token" || a.starts_with("--admin-token=")) {
+        tracing::warn!(
+            "--admin-token is visible to every user in the process list: \
+             prefer the SWITCHYARD_ADMIN_TOKEN environment variable"
+        );
+    }
     let config = Config {
         mode: args.mode.into(),
         aging_rate: args.aging_rate,
