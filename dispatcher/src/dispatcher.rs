@@ -499,6 +499,14 @@ impl Dispatcher {
         Ok(out)
     }
 
+    /// Whether `task` runs on `worker` as `attempt` now.
+    pub fn is_running(&self, worker: WorkerId, task: TaskId, attempt: u32) -> bool {
+        let (Ok(w), Ok(l)) = (self.registry.get(worker), self.lock_task(task)) else {
+            return false;
+        };
+        l.is_running_on(&w, attempt)
+    }
+
     /// Whether a report by `w` for `attempt` names the task's current assignment.
     fn check_assignment(l: &Locked<'_>, w: &Worker, task: TaskId, attempt: u32) -> Result<()> {
         if !l.is_running_on(w, attempt) {

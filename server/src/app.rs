@@ -118,7 +118,7 @@ impl Default for Settings {
             request_timeout: Duration::from_secs(60),
             admin_token: None,
             key_window: Duration::from_secs(24 * 3600),
-            header_timeout: Duration::from_secs(20),
+            header_timeout: Duration::from_secs(10),
             max_connections: 4096,
             shutdown_grace: Duration::from_secs(5),
         }
@@ -386,8 +386,8 @@ impl App {
         let app = self.clone();
         detach(async move {
             app.leases.forget(worker);
-            app.deliveries.forget(worker);
             let departure = app.dispatcher.unregister(WorkerId(worker))?;
+            app.deliveries.forget(worker);
             let mut changes = vec![Change::RemoveWorker { worker }];
             for r in &departure.tasks {
                 if let switchyard::Was::Running(attempt) = r.was {

@@ -32,7 +32,8 @@
 //!   new attempt ([`Requeued::NotHeld`]). A younger, unconfirmed delivery may still be on its
 //!   way to the worker, so it waits;
 //! - the answer lists `revoked`: the pairs the worker holds that are no longer its
-//!   assignments (cancelled, or requeued because its lease expired). The worker stops them.
+//!   assignments (cancelled, or requeued as lost, or given back). The worker stops them. (A
+//!   worker whose lease expired is gone: its requests get 410, and it registers again.)
 //!
 //! A worker that never sends `holding` gets no reconciliation: its lost replies come back only
 //! when it leaves, gives them back, or its lease expires. The bundled `work` loop always sends it.
@@ -51,6 +52,9 @@
 //!   is settled correctly.
 //! - A worker that sends requests concurrently with a fetch must not confirm a delivery id it
 //!   has not received; a reply slower than the lease timeout counts as lost.
+//! - A claim and the opening of its delivery happen under the worker's stripe lock, and so
+//!   does a reconciliation's read of the worker's assignments (see [`Deliveries`]): a task
+//!   being recorded by a fetch is never taken for a lost one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -62,7 +66,7 @@ use utoipa::ToSchema;
 
 use crate::app::{detach, App};
 use crate::error::ApiError;
-use crate::store::{AttemptEnd, Change, Requeued, TaskState};
+use crate::store::{AttemptEnd, Change, Requeued, StoreError, TaskState};
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
 
 /// A (task, attempt) pair a worker holds, or must stop.
@@ -91,13 +95,28 @@ pub struct Holding {
 /// treated as confirmed (a reply that many fetches old is not on its way any more).
 const MAX_UNCONFIRMED: usize = 64;
 
+/// A (task, attempt) pair.
+type Pair = (u64, u32);
+
+/// Stripes of the unconfirmed-delivery map: fetches of different workers rarely share one.
+const STRIPES: usize = 64;
+
+/// The unconfirmed deliveries of the workers of one stripe.
+type Stripe = Mutex<HashMap<u64, VecDeque<Delivery>>>;
+
 /// Delivery ids and the deliveries each worker has not yet confirmed.
+///
+/// A worker's stripe lock is held across a fetch's claim and the opening of its delivery, and
+/// across a reconciliation's read of the worker's assignments and of its unconfirmed
+/// deliveries. So a reconciliation never sees a claim without its delivery: a claimed task is
+/// never mistaken for a lost one while its fetch is still recording it. (Lock order: stripe,
+/// then the dispatcher's locks.)
 pub struct Deliveries {
     /// The first id of this start: its number from the store, times 2^40.
     base: u64,
     /// Relaxed: a unique-number ticket; nothing is published through it.
     next: AtomicU64,
-    unconfirmed: Mutex<HashMap<u64, VecDeque<Delivery>>>,
+    stripes: Box<[Stripe]>,
 }
 
 struct Delivery {
@@ -112,14 +131,28 @@ impl Deliveries {
         Self {
             base: boot << 40,
             next: AtomicU64::new(1),
-            unconfirmed: Mutex::default(),
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
         }
     }
 
-    /// A new delivery of `tasks` to `worker`; returns its id.
-    fn open(&self, worker: u64, tasks: Vec<(u64, u32)>) -> u64 {
+    fn stripe(&self, worker: u64) -> &Stripe {
+        &self.stripes[(worker % STRIPES as u64) as usize]
+    }
+
+    /// Claims up to `max` of `worker`'s tasks and opens their delivery (none if nothing was
+    /// claimed), under the worker's stripe lock.
+    fn claim(
+        &self,
+        app: &App,
+        worker: u64,
+        max: usize,
+    ) -> Result<(Vec<switchyard::Assignment>, u64), ApiError> {
+        let mut map = self.stripe(worker).lock();
+        let got = app.dispatcher.fetch(WorkerId(worker), max)?;
+        if got.is_empty() {
+            return Ok((got, 0));
+        }
         let id = self.base | self.next.fetch_add(1, Ordering::Relaxed);
-        let mut map = self.unconfirmed.lock();
         let list = map.entry(worker).or_default();
         if list.len() == MAX_UNCONFIRMED {
             list.pop_front();
@@ -127,29 +160,37 @@ impl Deliveries {
         list.push_back(Delivery {
             id,
             at: Instant::now(),
-            tasks,
+            tasks: got.iter().map(|a| (a.task.0, a.attempt)).collect(),
         });
-        id
+        Ok((got, id))
     }
 
-    /// The assignments of `worker`'s deliveries that may still be on their way: not confirmed
-    /// (id above `through`) and younger than `window`. Forgets the others.
-    fn in_flight(&self, worker: u64, through: u64, window: Duration) -> HashSet<(u64, u32)> {
-        let mut map = self.unconfirmed.lock();
+    /// `worker`'s assignments, and those of them that may still be on their way: from a
+    /// delivery not confirmed (id above `through`) and younger than `window`. Forgets the
+    /// other deliveries.
+    fn running_and_in_flight(
+        &self,
+        app: &App,
+        worker: u64,
+        through: u64,
+        window: Duration,
+    ) -> Result<(Vec<switchyard::Assignment>, HashSet<Pair>), ApiError> {
+        let mut map = self.stripe(worker).lock();
+        let running = app.dispatcher.running(WorkerId(worker))?;
         let Some(list) = map.get_mut(&worker) else {
-            return HashSet::new();
+            return Ok((running, HashSet::new()));
         };
         list.retain(|d| d.id > through && d.at.elapsed() < window);
-        let tasks = list.iter().flat_map(|d| d.tasks.iter().copied()).collect();
+        let in_flight = list.iter().flat_map(|d| d.tasks.iter().copied()).collect();
         if list.is_empty() {
             map.remove(&worker);
         }
-        tasks
+        Ok((running, in_flight))
     }
 
-    /// The worker is gone.
+    /// The worker is gone (call after it is unregistered, so no fetch of its can open another).
     pub fn forget(&self, worker: u64) {
-        self.unconfirmed.lock().remove(&worker);
+        self.stripe(worker).lock().remove(&worker);
     }
 }
 
@@ -183,7 +224,12 @@ pub async fn reconcile(
     worker: u64,
     holding: &Holding,
 ) -> Result<Vec<Held>, ApiError> {
-    let running = app.dispatcher.running(WorkerId(worker))?;
+    let (running, in_flight) = app.deliveries.running_and_in_flight(
+        app,
+        worker,
+        holding.delivery,
+        app.limits.lease_timeout,
+    )?;
     if running.is_empty() && holding.tasks.is_empty() {
         return Ok(Vec::new());
     }
@@ -195,17 +241,10 @@ pub async fn reconcile(
         .copied()
         .collect();
     let held: HashSet<(u64, u32)> = holding.tasks.iter().map(|h| (h.id, h.attempt)).collect();
-    let missing: Vec<(u64, u32)> = current.difference(&held).copied().collect();
-    if missing.is_empty() {
-        return Ok(revoked);
-    }
-    let in_flight = app
-        .deliveries
-        .in_flight(worker, holding.delivery, app.limits.lease_timeout);
-    let lost: Vec<(TaskId, u32)> = missing
-        .into_iter()
+    let lost: Vec<(TaskId, u32)> = current
+        .difference(&held)
         .filter(|pair| !in_flight.contains(pair))
-        .map(|(task, attempt)| (TaskId(task), attempt))
+        .map(|&(task, attempt)| (TaskId(task), attempt))
         .collect();
     if !lost.is_empty() {
         tracing::warn!(
@@ -222,7 +261,7 @@ pub async fn reconcile(
 
 /// Claims up to `max` of `worker`'s tasks and records the assignments (see the module docs).
 pub async fn deliver(app: Arc<App>, worker: u64, max: usize) -> Result<Delivered, ApiError> {
-    let got = app.dispatcher.fetch(WorkerId(worker), max)?;
+    let (got, delivery) = app.deliveries.claim(&app, worker, max)?;
     app.leases.renew(worker);
     if got.is_empty() {
         return Ok(Delivered {
@@ -232,7 +271,7 @@ pub async fn deliver(app: Arc<App>, worker: u64, max: usize) -> Result<Delivered
     }
     let (send, delivered) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let recorded = record(&app, worker, got).await;
+        let recorded = record(&app, worker, got, delivery).await;
         if let Err(Ok(d)) = send.send(recorded) {
             let tasks: Vec<_> = d.tasks.iter().map(|t| (TaskId(t.id), t.attempt)).collect();
             tracing::info!(
@@ -273,13 +312,16 @@ async fn give_back(
     app.commit_decided(changes).await
 }
 
-/// Records claimed assignments and reads their payloads. If the commit fails, the dispatcher
-/// takes the tasks back (nothing was written); if the payload read fails after it, they are
-/// given back durably.
+/// Records claimed assignments (delivery `delivery`) and reads their payloads. If the commit
+/// fails, the dispatcher takes the tasks back (nothing was written): a conflict (the worker was
+/// removed, or a task cancelled, meanwhile) answers an empty fetch, any other failure an error.
+/// If the payload read fails after the commit, the tasks are given back durably. A task
+/// cancelled between the claim and the commit is left out of the reply.
 async fn record(
     app: &App,
     worker: u64,
     got: Vec<switchyard::Assignment>,
+    delivery: u64,
 ) -> Result<Delivered, ApiError> {
     let changes = got
         .iter()
@@ -296,11 +338,30 @@ async fn record(
                 .dispatcher
                 .give_back(WorkerId(worker), a.task, a.attempt);
         }
+        if let StoreError::Conflict(why) = &e {
+            tracing::info!(worker, %why, "a fetch's assignments were overtaken: none handed out");
+            return Ok(Delivered {
+                tasks: Vec::new(),
+                delivery: None,
+            });
+        }
         return Err(e.into());
     }
-    let pairs: Vec<(u64, u32)> = got.iter().map(|a| (a.task.0, a.attempt)).collect();
+    let got: Vec<_> = got
+        .into_iter()
+        .filter(|a| {
+            app.dispatcher
+                .is_running(WorkerId(worker), a.task, a.attempt)
+        })
+        .collect();
+    if got.is_empty() {
+        return Ok(Delivered {
+            tasks: Vec::new(),
+            delivery: None,
+        });
+    }
     // The payloads, in one read. If it fails, the recorded assignments are given back.
-    let ids: Vec<u64> = pairs.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<u64> = got.iter().map(|a| a.task.0).collect();
     let records = match app.store.tasks(&ids) {
         Ok(records) => records,
         Err(e) => {
@@ -320,7 +381,6 @@ async fn record(
             payload: raw_payload(payloads.remove(&a.task.0).unwrap_or_default()),
         })
         .collect();
-    let delivery = app.deliveries.open(worker, pairs);
     Ok(Delivered {
         tasks,
         delivery: Some(delivery),
@@ -421,7 +481,9 @@ pub fn decide(app: &App, worker: u64, r: &Report) -> Result<Change, ApiError> {
 /// module docs). The caller has made the refusal durable first ([`App::durable_refusal`], or a
 /// commit sent after the decision).
 pub fn settle(app: &App, worker: u64, r: &Report, refusal: ApiError) -> Result<Taken, ApiError> {
-    if refusal.kind() != "not_assigned" {
+    // A refused report of this worker's attempt (or of a worker removed since: its retry
+    // after a lost answer) is checked against the attempt's record.
+    if !matches!(refusal.kind(), "not_assigned" | "unknown_worker") {
         return Err(refusal);
     }
     let Some(rec) = app.store.attempt(r.task, r.attempt)? else {
@@ -435,52 +497,54 @@ pub fn settle(app: &App, worker: u64, r: &Report, refusal: ApiError) -> Result<T
         (Some(AttemptEnd::Finished), Outcome::Finished) => rec.outcome == r.result,
         (Some(AttemptEnd::Failed), Outcome::Failed) => text(&rec.outcome) == text(&r.message),
         (Some(AttemptEnd::Requeued(Requeued::GivenBack)), Outcome::GivenBack) => true,
-        (Some(AttemptEnd::Cancelled), _) => {
-            return Err(ApiError::ended(
-                "cancelled",
-                format!(
-                    "task {} was cancelled while attempt {} ran",
-                    r.task, r.attempt
-                ),
-                TaskState::Cancelled,
-            ))
-        }
-        (Some(end), _) => {
-            return Err(ApiError::ended(
-                "superseded",
-                format!(
-                    "attempt {} of task {} already ended: {}",
-                    r.attempt,
-                    r.task,
-                    serde_json::to_value(end)
-                        .map(|v| v.to_string())
-                        .unwrap_or_default()
-                ),
-                match end {
-                    AttemptEnd::Finished => TaskState::Finished,
-                    AttemptEnd::Failed => TaskState::Failed,
-                    _ => TaskState::Queued,
-                },
-            ))
-        }
         (None, _) => return Err(refusal),
+        (Some(_), _) => false,
     };
     if same {
-        Ok(Taken::AlreadyRecorded)
-    } else {
-        Err(ApiError::ended(
+        return Ok(Taken::AlreadyRecorded);
+    }
+    if refusal.kind() == "unknown_worker" {
+        return Err(refusal); // a new report from a removed worker: register again
+    }
+    // The task's state now, for the worker to see what became of it.
+    let state = app
+        .store
+        .task(r.task)?
+        .map_or(TaskState::Cancelled, |t| t.state);
+    let (kind, message) = match rec.ended {
+        Some(AttemptEnd::Cancelled) => (
+            "cancelled",
+            format!(
+                "task {} was cancelled while attempt {} ran",
+                r.task, r.attempt
+            ),
+        ),
+        Some(end @ (AttemptEnd::Finished | AttemptEnd::Failed)) if end_matches(end, r.outcome) => (
             "conflict",
             format!(
                 "a different report of attempt {} of task {} was recorded",
                 r.attempt, r.task
             ),
-            if rec.ended == Some(AttemptEnd::Failed) {
-                TaskState::Failed
-            } else {
-                TaskState::Finished
-            },
-        ))
-    }
+        ),
+        end => (
+            "superseded",
+            format!(
+                "attempt {} of task {} already ended: {}",
+                r.attempt,
+                r.task,
+                end.map_or("", AttemptEnd::as_str)
+            ),
+        ),
+    };
+    Err(ApiError::ended(kind, message, state))
+}
+
+/// Whether a report's outcome is the kind of end `end` records.
+fn end_matches(end: AttemptEnd, outcome: Outcome) -> bool {
+    matches!(
+        (end, outcome),
+        (AttemptEnd::Finished, Outcome::Finished) | (AttemptEnd::Failed, Outcome::Failed)
+    )
 }
 
 /// One report, decided, recorded and answered (idempotent: see the module docs).

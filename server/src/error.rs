@@ -129,7 +129,7 @@ impl ApiError {
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// What kind of error, stable for programs: `unauthorized`, `forbidden`, `unknown_task`,
-    /// `stale_attempt`, `bad_json`, ...
+    /// `not_assigned`, `cancelled`, `task_ended`, `bad_json`, ...
     pub error: &'static str,
     /// What happened, for people.
     pub message: String,

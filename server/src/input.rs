@@ -33,9 +33,12 @@ fn invisible(c: char) -> bool {
 
 /// Checks one group or tag name (`kind` names it in the error).
 pub fn check_name(kind: &str, name: &str, limits: &Limits) -> Result<(), ApiError> {
+    // The name as quoted in an error: at most 64 characters of it.
+    let shown: String = name.chars().take(64).collect();
+    let cut = if shown.len() < name.len() { "…" } else { "" };
     let bad = |why: &str| {
         Err(ApiError::invalid_input(format!(
-            "{kind} name {name:?} {why}"
+            "{kind} name {shown:?}{cut} {why}"
         )))
     };
     if name.trim().is_empty() {

@@ -9,8 +9,13 @@
 //! - **Header timeout** (`--header-timeout`). A connection must deliver each request's complete
 //!   head within this time of being ready for it: after connecting, or after the previous
 //!   response. It bounds half-sent headers and idle keep-alive connections alike (hyper's timer
-//!   starts when the connection waits for a head, so the two are one bound). A request's body
-//!   and handling are bounded by `--request-timeout` (see [`crate::api`]).
+//!   starts when the connection waits for a head, so the two are one bound). A response write
+//!   that makes no progress for as long (a client that stops reading) closes the connection
+//!   too ([`Stalls`]). A request's body and handling are bounded by `--request-timeout` (see
+//!   [`crate::api`]).
+//! - **Overload does not kill workers.** While connections are being refused at the cap, a
+//!   worker's requests may be among them: the reaper does not declare workers dead until the
+//!   cap has not been hit for a whole lease (see [`crate::liveness`]).
 //! - **Shutdown with a deadline** (`--shutdown-grace`). On a stop, the listener closes, every
 //!   connection finishes the request in hand and closes, and waiting fetches answer at once.
 //!   Connections still open after the grace period are dropped, so one half-sent request cannot
@@ -18,16 +23,19 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Sleep;
 
 use crate::api::router;
 use crate::app::App;
@@ -111,11 +119,13 @@ pub async fn serve(
         while connections.try_join_next().is_some() {}
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             app.metrics.connections_refused.increment(1);
+            app.leases.overloaded();
             connections.spawn(refuse(stream));
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = http.serve_connection(TokioIo::new(stream), service.clone());
+        let io = TokioIo::new(Stalls::new(stream, limits.header_timeout));
+        let conn = http.serve_connection(io, service.clone());
         let conn = graceful.watch(conn);
         connections.spawn(async move {
             if let Err(e) = conn.await {
@@ -148,7 +158,9 @@ pub async fn serve(
     Ok(Stopped { dropped })
 }
 
-/// Answers a connection over the cap with a 503 and closes it, without reading its request.
+/// Answers a connection over the cap with a 503 and closes it. What the client sent is read
+/// (briefly, and bounded) before the close, so the close does not reset the connection and
+/// discard the answer.
 async fn refuse(mut stream: TcpStream) {
     const BODY: &str = r#"{"error":"too_many_connections","message":"the coordinator is at its connection limit (--max-connections); retry shortly"}"#;
     let response = format!(
@@ -158,7 +170,100 @@ async fn refuse(mut stream: TcpStream) {
     );
     let answer = async {
         stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left -= n.min(left),
+            }
+        }
+        Ok::<_, std::io::Error>(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+
+/// A connection's stream whose writes fail once they have made no progress for `limit`: a
+/// client that stops reading its responses cannot hold a connection (and its slot) for ever.
+pub struct Stalls {
+    inner: TcpStream,
+    limit: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stalls {
+    fn new(inner: TcpStream, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Turns a pending write into a timeout once it has been pending for `limit`; any progress
+    /// restarts the clock.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading its response",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for Stalls {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stalls {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -4,7 +4,9 @@
 //! reaper wakes every quarter of the lease timeout and declares each worker whose lease has
 //! expired dead: it is unregistered exactly as if it had left, so its queued and running tasks
 //! are redistributed (running ones as a new attempt), and its later requests get 410 Gone.
-//! Workers restored at start-up begin with a fresh lease.
+//! Workers restored at start-up begin with a fresh lease. While the listener refuses
+//! connections at its cap, and for one lease after, no worker is declared dead: its requests
+//! may have been among those refused.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,6 +19,8 @@ use crate::sync::{Mutex, Weak};
 pub struct Leases {
     timeout: Duration,
     seen: Mutex<HashMap<u64, Instant>>,
+    /// When the listener last refused a connection at its cap.
+    overloaded: Mutex<Option<Instant>>,
 }
 
 impl Leases {
@@ -25,7 +29,21 @@ impl Leases {
         Self {
             timeout,
             seen: Mutex::new(HashMap::new()),
+            overloaded: Mutex::new(None),
         }
+    }
+
+    /// The listener refused a connection at its cap: a worker's request may have been refused.
+    pub fn overloaded(&self) {
+        *self.overloaded.lock() = Some(Instant::now());
+    }
+
+    /// Whether a connection was refused at the cap within the last lease timeout at `now`:
+    /// silence then may be the coordinator's fault, not the worker's.
+    pub fn overloaded_lately(&self, now: Instant) -> bool {
+        self.overloaded
+            .lock()
+            .is_some_and(|at| now.saturating_duration_since(at) <= self.timeout)
     }
 
     /// The worker was heard from now.
@@ -58,9 +76,17 @@ pub async fn reap(app: Weak<App>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let Some(app) = app.upgrade() else { return };
-        for worker in app.leases().expired(Instant::now()) {
+        let now = Instant::now();
+        let overloaded = app.leases().overloaded_lately(now);
+        for worker in app.leases().expired(now) {
             if app.is_waiting(worker) {
                 app.leases().renew(worker); // an open long-poll: it is alive
+                continue;
+            }
+            if overloaded {
+                // Its requests may have been refused at the connection cap.
+                tracing::warn!(worker, "lease expired during overload: kept for now");
+                app.leases().renew(worker);
                 continue;
             }
             match app.remove_worker(worker).await {
@@ -73,5 +99,22 @@ pub async fn reap(app: Weak<App>, every: Duration) {
                 Err(e) => tracing::error!(worker, error = ?e, "declaring a worker dead failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_suspends_expiry_for_one_lease() {
+        let leases = Leases::new(Duration::from_millis(100));
+        let start = Instant::now();
+        assert!(!leases.overloaded_lately(start));
+        leases.overloaded();
+        let now = Instant::now();
+        assert!(leases.overloaded_lately(now));
+        assert!(leases.overloaded_lately(now + Duration::from_millis(90)));
+        assert!(!leases.overloaded_lately(now + Duration::from_millis(150)));
     }
 }

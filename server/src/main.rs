@@ -214,8 +214,9 @@ struct ServeArgs {
     )]
     idempotency_window: f64,
     /// Seconds a connection has to send a request's complete head, after connecting or after
-    /// the previous response (bounds half-sent headers and idle keep-alive connections).
-    #[arg(long, env = "SWITCHYARD_HEADER_TIMEOUT", default_value_t = 20.0)]
+    /// the previous response (bounds half-sent headers and idle keep-alive connections); also
+    /// how long a response write may make no progress (a client that stopped reading).
+    #[arg(long, env = "SWITCHYARD_HEADER_TIMEOUT", default_value_t = 10.0)]
     header_timeout: f64,
     /// Most connections served at once; more are answered 503 and closed. Lowered to fit the
     /// open-files limit, whose soft value is raised to the hard one at start.

@@ -276,7 +276,8 @@ type Outcome = Result<String, String>;
 enum Ran {
     /// The command ended by itself: report this.
     Done(Outcome),
-    /// The coordinator revoked the task (cancelled or reassigned): its command was stopped.
+    /// The coordinator revoked the task (cancelled or reassigned), or no longer knows this
+    /// worker: its command was stopped.
     Revoked,
     /// Shutdown: the command was stopped; give the task back.
     Stopped,
@@ -349,6 +350,12 @@ async fn run<F: Future<Output = ()>>(
                             stop_group(group, output.as_mut()).await;
                             return Ran::Revoked;
                         }
+                    }
+                    // Declared dead (or removed): its tasks went to others. Stop; the next
+                    // fetch registers again.
+                    Err(e) if e.status() == Some(410) => {
+                        stop_group(group, output.as_mut()).await;
+                        return Ran::Revoked;
                     }
                     Err(e) => eprintln!("switchyard work: heartbeat failed: {e}"),
                 }

@@ -509,3 +509,72 @@ async fn parked_is_a_state_of_its_own_listed_and_counted_once() {
         s.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_task_being_recorded_by_a_fetch_is_not_taken_for_a_lost_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every commit that records an assignment takes 400 ms.
+    let store = common::Hooked::open(
+        dir.path(),
+        Box::new(|changes| {
+            use switchyard_server::store::Change;
+            if changes.iter().any(|c| matches!(c, Change::Assign { .. })) {
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            Ok(())
+        }),
+    );
+    let s = common::start_store(store.clone(), Config::default(), test_settings()).await;
+    let a = &s.client;
+    let w = register(a, json!({"groups": ["g"]})).await;
+    let t = submit(a, json!({"group": "g"})).await;
+    let fetching = {
+        let (addr, token) = (s.addr, a.worker_token(w));
+        tokio::spawn(async move {
+            common::call_as(
+                addr,
+                Some(&token),
+                "POST",
+                &format!("/v1/workers/{w}/fetch"),
+                Some("{}"),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // While the fetch's assignment is being recorded, the worker's heartbeat (from another
+    // thread of it, say) says it holds nothing: the task is on its way, not lost.
+    let nothing = json!({"holding": {"delivery": 0, "tasks": []}});
+    let (st, beat) = post(a, &format!("/v1/workers/{w}/heartbeat"), nothing).await;
+    assert_eq!(st, 200, "{beat}");
+    let (st, got) = fetching.await.unwrap();
+    assert_eq!((st, ids(&got)), (200, vec![(t, 1)]), "{got}");
+    assert_eq!(task(a, t).await["state"], "running");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_report_retried_after_the_worker_was_removed_is_still_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), Duration::from_secs(30)).await;
+    let a = &s.client;
+    let w = register(a, json!({"groups": ["g"]})).await;
+    let t = submit(a, json!({"group": "g"})).await;
+    fetch(a, w, json!({})).await;
+    let path = format!("/v1/workers/{w}/tasks/{t}/report");
+    let done = json!({"attempt": 1, "outcome": "finished", "result": "r"});
+    assert_eq!(post(a, &path, done.clone()).await.0, 200);
+    // Its answer was lost, and it was removed (its lease expired) before it retried.
+    let (st, _) = call(a, "DELETE", &format!("/v1/admin/workers/{w}"), None).await;
+    assert_eq!(st, 200);
+    let (st, again) = post(a, &path, done).await;
+    assert_eq!(
+        (st, &again["already_recorded"]),
+        (200, &json!(true)),
+        "{again}"
+    );
+    // Anything else from it: register again.
+    let other = json!({"attempt": 1, "outcome": "failed"});
+    assert_eq!(post(a, &path, other).await.0, 410);
+    s.stop().await;
+}

@@ -137,10 +137,23 @@ async fn slow_clients_neither_starve_a_worker_nor_hold_the_shutdown() {
     );
     let mut worker = TcpStream::connect(addr).await.unwrap();
 
-    // 300 idle connections and 100 that send half a request head, then stall.
+    // Up to 300 idle connections and 100 that send half a request head, then stall.
     let mut slow = Vec::new();
+    let beat = format!("/v1/workers/{id}/heartbeat");
     for i in 0..400 {
-        let Ok(mut s) = TcpStream::connect(addr).await else {
+        if i % 25 == 0 {
+            // The worker's and the admin's connections stay busy meanwhile, as they would
+            // (an idle one is closed after the header timeout like any other).
+            assert_eq!(request(&mut worker, "POST", &beat, &token, "").await.0, 200);
+            assert_eq!(
+                request(&mut admin, "GET", "/v1/stats", ADMIN, "").await.0,
+                200
+            );
+        }
+        // A full accept backlog makes a connect wait for SYN retries (seconds): skip those,
+        // so the busy connections above never idle past the header timeout.
+        let connect = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr));
+        let Ok(Ok(mut s)) = connect.await else {
             continue;
         };
         if i % 4 == 0 {
@@ -150,6 +163,7 @@ async fn slow_clients_neither_starve_a_worker_nor_hold_the_shutdown() {
         }
         slow.push(s);
     }
+    assert!(slow.len() >= 300, "only {} slow connections were made", slow.len());
     // The worker keeps submitting and fetching through all of it, and /health always answers
     // at once: 200, or a JSON 503 while the connection cap is full.
     let mut healths = Vec::new();
@@ -238,4 +252,54 @@ async fn slow_clients_neither_starve_a_worker_nor_hold_the_shutdown() {
         "{:?}",
         stopping.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_loses_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = common::spawn_binary(dir.path(), &["--header-timeout", "1"]);
+    let _server = Killed(server);
+    // Thousands of pipelined requests for the API document, and never a byte read: the
+    // answers fill the socket buffers and the server's writes stall.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n".repeat(5000);
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.write_all(request.as_bytes())).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The server gave up on the connection: reading now finds what was buffered, then the
+    // end, not the thousands of answers asked for.
+    let mut total = 0usize;
+    let mut chunk = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    let one = {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /openapi.json HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).await.unwrap();
+        all.len()
+    };
+    assert!(ended.is_ok(), "the stalled connection stayed open");
+    assert!(
+        total < 2000 * one,
+        "{total} bytes: the server kept answering ({one} per answer)"
+    );
+}
+
+/// Kills the process when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

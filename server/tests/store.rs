@@ -7,8 +7,8 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use common::Hooked;
 use switchyard_server::store::{
-    Change, ListFilter, Recovery, Requeued, Role, SqliteStore, Store, StoreError, TaskRecord,
-    TaskState, TokenRecord, WorkerRecord,
+    AttemptEnd, Change, ListFilter, Recovery, Requeued, Role, SqliteStore, Store, StoreError,
+    TaskRecord, TaskState, TokenRecord, WorkerRecord,
 };
 use switchyard_server::writer::Writer;
 
@@ -523,4 +523,38 @@ async fn waiting_requests_share_one_commit_and_a_conflict_fails_only_its_caller(
     // Dropping the last handle drains the writer and ends its task.
     drop(writer);
     writer_task.await.unwrap();
+}
+
+#[test]
+fn a_superseded_requeue_still_records_how_its_attempt_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(dir.path()).unwrap();
+    s.apply(&[Change::Submit(task(1))]).unwrap();
+    for (attempt, worker) in [(1, 7), (2, 8)] {
+        s.apply(&[Change::Assign {
+            task: 1,
+            worker,
+            attempt,
+        }])
+        .unwrap();
+    }
+    // Worker 7's give-back of attempt 1 commits after attempt 2 began: the task stays with
+    // worker 8, and attempt 1 is recorded as given back.
+    s.apply(&[Change::Requeue {
+        task: 1,
+        attempt: 1,
+        why: Requeued::GivenBack,
+    }])
+    .unwrap();
+    let t = s.task(1).unwrap().unwrap();
+    assert_eq!(
+        (t.state, t.attempt, t.worker),
+        (TaskState::Running, 2, Some(8))
+    );
+    let first = s.attempt(1, 1).unwrap().unwrap();
+    assert_eq!(
+        (first.worker, first.ended),
+        (7, Some(AttemptEnd::Requeued(Requeued::GivenBack)))
+    );
+    assert_eq!(s.attempt(1, 2).unwrap().unwrap().ended, None);
 }

@@ -117,9 +117,23 @@ fn check_key(key: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The ids of an earlier submission under the caller's `key` (checked before anything else, so
+/// a retry is answered even if the rules for new input changed since).
+fn replay(
+    app: &App,
+    caller: &Caller,
+    key: &Option<(String, String)>,
+) -> Result<Option<Vec<u64>>, ApiError> {
+    match (key, caller.token_id()) {
+        (Some((key, fingerprint)), Some(scope)) => app.remembered(scope, key, fingerprint),
+        _ => Ok(None),
+    }
+}
+
 /// Commits a submission's `changes` and hands `specs` to the dispatcher (durable first: only
-/// then may a worker fetch them). With a key, the key is committed in the same transaction,
-/// and an earlier submission under it is answered instead (`Some(ids)`, nothing created).
+/// then may a worker fetch them). With a key, the key is committed in the same transaction;
+/// if another request committed the same key first, its ids are answered instead
+/// (`Some(ids)`, nothing created).
 async fn commit_submission(
     app: &Arc<App>,
     caller: &Caller,
@@ -130,9 +144,6 @@ async fn commit_submission(
     let scope = caller.token_id();
     let key = match (key, scope) {
         (Some((key, fingerprint)), Some(scope)) => {
-            if let Some(ids) = app.remembered(scope, &key, &fingerprint)? {
-                return Ok(Some(ids));
-            }
             let ids = specs.iter().map(|s| s.id.0).collect();
             let now = now_ms();
             changes.push(Change::Remember {
@@ -183,12 +194,18 @@ pub(crate) async fn submit(
     if let Some(k) = &body.idempotency_key {
         check_key(k)?;
     }
-    let (spec, record) = prepare(&app, &caller, &body)?;
-    let id = record.id;
     let key = body
         .idempotency_key
         .clone()
         .map(|k| (k, fingerprint([&body])));
+    if let Some(ids) = replay(&app, &caller, &key)? {
+        return ok(Submitted {
+            id: ids.first().copied().unwrap_or_default(),
+            replayed: true,
+        });
+    }
+    let (spec, record) = prepare(&app, &caller, &body)?;
+    let id = record.id;
     match commit_submission(&app, &caller, key, vec![Change::Submit(record)], vec![spec]).await? {
         Some(ids) => ok(Submitted {
             id: ids.first().copied().unwrap_or_default(),
@@ -244,6 +261,16 @@ pub(crate) async fn submit_batch(
     if let Some(k) = &body.idempotency_key {
         check_key(k)?;
     }
+    let key = body
+        .idempotency_key
+        .clone()
+        .map(|k| (k, fingerprint(&body.tasks)));
+    if let Some(ids) = replay(&app, &caller, &key)? {
+        return ok(SubmittedBatch {
+            ids,
+            replayed: true,
+        });
+    }
     let mut specs = Vec::with_capacity(body.tasks.len());
     let mut changes = Vec::with_capacity(body.tasks.len() + 1);
     for (i, task) in body.tasks.iter().enumerate() {
@@ -258,10 +285,6 @@ pub(crate) async fn submit_batch(
         changes.push(Change::Submit(record));
     }
     let ids = specs.iter().map(|s| s.id.0).collect();
-    let key = body
-        .idempotency_key
-        .clone()
-        .map(|k| (k, fingerprint(&body.tasks)));
     match commit_submission(&app, &caller, key, changes, specs).await? {
         Some(ids) => ok(SubmittedBatch {
             ids,
@@ -412,7 +435,8 @@ pub(crate) async fn get(
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Cancelled {
     task: u64,
-    /// The worker it was running on, if it was running (its report will get 404).
+    /// The worker it was running on, if it was running: the worker is told on its next fetch
+    /// or heartbeat (`revoked`), and its report gets 409 `cancelled`.
     was_running_on: Option<u64>,
 }
 

@@ -105,7 +105,7 @@ pub(crate) struct Beat {
     /// Milliseconds of silence after which the worker is declared dead.
     lease_ms: u64,
     /// Assignments named in `holding` that are no longer this worker's (cancelled, or queued
-    /// again after its lease expired): stop them and do not report them.
+    /// again): stop them and do not report them.
     revoked: Vec<Held>,
 }
 
@@ -194,7 +194,7 @@ pub(crate) struct Fetched {
     #[serde(skip_serializing_if = "Option::is_none")]
     delivery: Option<u64>,
     /// Assignments named in `holding` that are no longer this worker's (cancelled, or queued
-    /// again after its lease expired): stop them and do not report them.
+    /// again): stop them and do not report them.
     revoked: Vec<Held>,
 }
 

@@ -264,7 +264,8 @@ pub enum AttemptEnd {
 }
 
 impl AttemptEnd {
-    fn as_str(self) -> &'static str {
+    /// Its name, as stored and reported.
+    pub fn as_str(self) -> &'static str {
         match self {
             AttemptEnd::Finished => "finished",
             AttemptEnd::Failed => "failed",

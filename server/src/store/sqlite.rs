@@ -375,10 +375,12 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 params![*task as i64, attempt, now],
             )
             .map_err(backend)?;
+            // The attempt ended this way even if a later decision about the task already
+            // stands (the row is closed only if still open).
+            end_attempt_row(tx, *task, *attempt, AttemptEnd::Requeued(*why), None, now)?;
             if n == 0 && state_of(tx, *task)?.is_some() {
                 return Ok(()); // superseded or ended: a later decision stands
             }
-            end_attempt_row(tx, *task, *attempt, AttemptEnd::Requeued(*why), None, now)?;
             (n, *task, "requeue that attempt")
         }
         Change::Finish {
