@@ -124,13 +124,7 @@ fn a_newcomer_submits_and_a_shell_worker_runs_the_tasks() {
 #[test]
 fn a_worker_rides_out_a_coordinator_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, addr) = spawn_binary(dir.path(), &[]);
-    let url = format!("http://{addr}");
-    let token = stdout(&cli(
-        &url,
-        Some(ADMIN),
-        &["token", "create", "--group", "g"],
-    ));
+    let (mut server, addr, url, token) = serve_with_token(dir.path(), &[]);
     let mut worker = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args([
             "work",
@@ -198,6 +192,22 @@ fn a_worker_rides_out_a_coordinator_restart() {
     server.wait().unwrap();
 }
 
+/// The binary serving on `dir` with `args`, its address and URL, and a submitter token for
+/// group `g`.
+fn serve_with_token(
+    dir: &Path,
+    args: &[&str],
+) -> (std::process::Child, std::net::SocketAddr, String, String) {
+    let (server, addr) = spawn_binary(dir, args);
+    let url = format!("http://{addr}");
+    let token = stdout(&cli(
+        &url,
+        Some(ADMIN),
+        &["token", "create", "--group", "g"],
+    ));
+    (server, addr, url, token)
+}
+
 /// Whether process `pid` is running (a zombie waiting to be reaped counts as ended).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -259,13 +269,7 @@ fn long_running_worker(
 #[test]
 fn a_cancelled_task_stops_its_command_and_everything_it_started() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, addr) = spawn_binary(dir.path(), &["--lease-timeout", "1.5"]);
-    let url = format!("http://{addr}");
-    let token = stdout(&cli(
-        &url,
-        Some(ADMIN),
-        &["token", "create", "--group", "g"],
-    ));
+    let (mut server, _, url, token) = serve_with_token(dir.path(), &["--lease-timeout", "1.5"]);
     let pidfile = dir.path().join("pid");
     let (mut worker, id, pid) = long_running_worker(&url, &token, &pidfile);
     stdout(&cli(&url, Some(&token), &["cancel", &id]));
@@ -294,13 +298,7 @@ fn a_cancelled_task_stops_its_command_and_everything_it_started() {
 #[test]
 fn sigterm_stops_the_command_gives_the_task_back_and_leaves() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, addr) = spawn_binary(dir.path(), &[]);
-    let url = format!("http://{addr}");
-    let token = stdout(&cli(
-        &url,
-        Some(ADMIN),
-        &["token", "create", "--group", "g"],
-    ));
+    let (mut server, _, url, token) = serve_with_token(dir.path(), &[]);
     let pidfile = dir.path().join("pid");
     let (mut worker, id, pid) = long_running_worker(&url, &token, &pidfile);
     common::terminate(&worker);

@@ -320,7 +320,17 @@ async fn an_idempotency_key_makes_a_resubmission_return_the_first_ids() {
     }
     // Concurrent retries of one key create one task.
     let concurrent = json!({"group": "g", "idempotency_key": "race"});
-    let answers = futures_join(a, &concurrent, 8).await;
+    let (addr, admin, text) = (a.addr, a.admin.clone(), concurrent.to_string());
+    let answers =
+        common::join_all(
+            (0..8).map(|_| {
+                let (admin, text) = (admin.clone(), text.clone());
+                async move {
+                    common::call_as(addr, Some(&admin), "POST", "/v1/tasks", Some(&text)).await
+                }
+            }),
+        )
+        .await;
     let created: Vec<_> = answers.iter().filter(|(st, _)| *st == 201).collect();
     assert_eq!(created.len(), 1, "{answers:?}");
     assert!(answers.iter().all(|(_, v)| v["id"] == created[0].1["id"]));
@@ -334,24 +344,6 @@ async fn an_idempotency_key_makes_a_resubmission_return_the_first_ids() {
     let (st, again) = post(&s.client, "/v1/tasks", body).await;
     assert_eq!((st, &again["id"]), (200, &first_id));
     s.stop().await;
-}
-
-/// `n` concurrent POSTs of `body` to `/v1/tasks`.
-async fn futures_join(a: &Session, body: &Value, n: usize) -> Vec<(u16, Value)> {
-    let addr = a.addr;
-    let admin = a.admin.clone();
-    let mut handles = Vec::new();
-    for _ in 0..n {
-        let (admin, body) = (admin.clone(), body.to_string());
-        handles.push(tokio::spawn(async move {
-            common::call_as(addr, Some(&admin), "POST", "/v1/tasks", Some(&body)).await
-        }));
-    }
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.unwrap());
-    }
-    out
 }
 
 #[tokio::test]

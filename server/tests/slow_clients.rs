@@ -86,21 +86,6 @@ async fn health(addr: SocketAddr, limit: Duration) -> Option<u16> {
     tokio::time::timeout(limit, probe).await.ok().flatten()
 }
 
-/// Awaits every future, concurrently.
-async fn futures_all<F: std::future::Future + Send + 'static>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.unwrap());
-    }
-    out
-}
-
 fn alive(child: &mut Child) -> bool {
     child.try_wait().unwrap().is_none()
 }
@@ -163,7 +148,11 @@ async fn slow_clients_neither_starve_a_worker_nor_hold_the_shutdown() {
         }
         slow.push(s);
     }
-    assert!(slow.len() >= 300, "only {} slow connections were made", slow.len());
+    assert!(
+        slow.len() >= 300,
+        "only {} slow connections were made",
+        slow.len()
+    );
     // The worker keeps submitting and fetching through all of it, and /health always answers
     // at once: 200, or a JSON 503 while the connection cap is full.
     let mut healths = Vec::new();
@@ -201,7 +190,7 @@ async fn slow_clients_neither_starve_a_worker_nor_hold_the_shutdown() {
         let read = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut rest)).await;
         read.is_ok()
     });
-    let closed = futures_all(closing).await;
+    let closed = common::join_all(closing).await;
     assert!(
         closed.iter().all(|c| *c),
         "{} slow connections still open",
