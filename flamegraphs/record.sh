@@ -34,14 +34,14 @@ for scenario in "${scenarios[@]}"; do
     if [ "$scenario" = http ]; then
         dir=$(mktemp -d)
         port=7979
-        target/release/switchyard serve --bind "127.0.0.1:$port" --admin-token sy_profile \
+        target/release/switchyard serve --bind "127.0.0.1:$port" --admin-token sy_profile_admin_token_for_flamegraphs \
             --mode least-loaded --data-dir "$dir" 2>"$dir/serve.log" &
         server=$!
         until grep -q 'serving' "$dir/serve.log"; do sleep 0.1; done
         perf record "${perf_args[@]}" -p "$server" -o "$data" &
         recorder=$!
         sleep 0.5
-        target/release/http_load --server "http://127.0.0.1:$port" --token sy_profile \
+        target/release/http_load --server "http://127.0.0.1:$port" --token sy_profile_admin_token_for_flamegraphs \
             --tasks 100000 --conns 32
         kill -INT "$recorder"
         wait "$recorder" || true

@@ -14,7 +14,9 @@
 //!
 //! Phases: `/health` (the floor); single submissions; batch submissions; workers draining half
 //! the tasks with a fetch and a report per task, and the other half with a fetch and one batched
-//! report. Prints a Markdown table on stdout, progress on stderr.
+//! report. The workers follow the delivery protocol (each fetch states what they hold); with
+//! `--bare-fetch` they do not, to measure its cost. Prints a Markdown table on stdout, progress
+//! on stderr.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,6 +55,10 @@ struct Args {
     /// Tasks per fetch in the drain phase.
     #[arg(long, default_value_t = 16)]
     fetch: usize,
+    /// Fetch without `holding` (no reconciliation): the protocol before crash-tight delivery,
+    /// to measure what stating the holdings costs.
+    #[arg(long)]
+    bare_fetch: bool,
     /// Placement of the in-process coordinator: fanout or least-loaded.
     #[arg(long, default_value = "least-loaded")]
     mode: String,
@@ -178,7 +184,11 @@ async fn run(args: Args) {
         }
         None => {
             let (addr, server) = in_process(&args.mode).await;
-            (addr, "sy_bench_admin".to_string(), Some(server))
+            (
+                addr,
+                "sy_bench_admin_token_for_the_load_generator".to_string(),
+                Some(server),
+            )
         }
     };
     let mut conns = Vec::new();
@@ -271,6 +281,7 @@ async fn run(args: Args) {
             done: done.clone(),
             until,
             fetch: args.fetch,
+            bare_fetch: args.bare_fetch,
             batched,
         };
         let (p, back) = phase(name, worker_conns, move |i, conn| {
@@ -297,6 +308,7 @@ struct Drain {
     until: u64,
     fetch: usize,
     batched: bool,
+    bare_fetch: bool,
 }
 
 impl Drain {
@@ -305,11 +317,21 @@ impl Drain {
         let mut l = histogram();
         let mut n = 0;
         let fetch_path = format!("/v1/workers/{id}/fetch");
-        let body = json!({ "max": self.fetch });
+        // Everything fetched is reported before the next fetch: the worker holds nothing then,
+        // and confirms the last delivery it received (the delivery protocol).
+        let mut delivery = 0u64;
         while self.done.load(Ordering::Relaxed) < self.until {
+            let body = if self.bare_fetch {
+                json!({ "max": self.fetch })
+            } else {
+                json!({ "max": self.fetch, "holding": {"delivery": delivery, "tasks": []} })
+            };
             let t = Instant::now();
             let (st, got) = conn.call(Method::POST, &fetch_path, Some(&body)).await;
             assert_eq!(st, 200, "{got}");
+            if let Some(d) = got["delivery"].as_u64() {
+                delivery = d;
+            }
             let tasks = got["tasks"].as_array().cloned().unwrap_or_default();
             if tasks.is_empty() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -380,7 +402,7 @@ async fn in_process(mode: &str) -> (String, InProcess) {
     };
     let dir = tempfile::tempdir().unwrap();
     let settings = switchyard_server::app::Settings {
-        admin_token: Some("sy_bench_admin".into()),
+        admin_token: Some("sy_bench_admin_token_for_the_load_generator".into()),
         max_batch: 10_000,
         ..Default::default()
     };
