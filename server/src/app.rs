@@ -394,6 +394,7 @@ impl App {
                     changes.push(Change::Requeue {
                         task: r.task.0,
                         attempt,
+                        worker,
                         why: Requeued::WorkerGone,
                     });
                 }

@@ -306,6 +306,7 @@ async fn give_back(
         .map(|(task, attempt)| Change::Requeue {
             task: task.0,
             attempt: *attempt,
+            worker,
             why,
         })
         .collect();
@@ -459,6 +460,7 @@ pub fn decide(app: &App, worker: u64, r: &Report) -> Result<Change, ApiError> {
             .map(|_| Change::Requeue {
                 task,
                 attempt,
+                worker,
                 why: Requeued::GivenBack,
             }),
     };

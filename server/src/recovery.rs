@@ -64,6 +64,7 @@ pub fn recover(
                 requeued.push(Change::Requeue {
                     task: t.id,
                     attempt: t.attempt,
+                    worker: t.worker.unwrap_or_default(),
                     why: Requeued::WorkerGone,
                 });
             }

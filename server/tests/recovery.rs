@@ -63,6 +63,7 @@ fn crashed_store(dir: &std::path::Path) -> SqliteStore {
         Change::Requeue {
             task: 3,
             attempt: 1,
+            worker: 2,
             why: Requeued::WorkerGone,
         },
         Change::Assign {
@@ -101,6 +102,7 @@ fn recovery_registers_workers_before_placing_tasks_in_every_mode() {
             vec![Change::Requeue {
                 task: 3,
                 attempt: 2,
+                worker: 2,
                 why: Requeued::WorkerGone,
             }]
         );

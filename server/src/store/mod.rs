@@ -166,6 +166,8 @@ pub enum Change {
         task: u64,
         /// The attempt that was running.
         attempt: u32,
+        /// The worker that ran it.
+        worker: u64,
         /// Why the attempt ended.
         why: Requeued,
     },
@@ -289,8 +291,9 @@ impl AttemptEnd {
     }
 }
 
-/// One assignment of a task, as stored: who ran it and how it ended. Lets a retried report be
-/// recognised (the same report of the same attempt answers success, not a refusal).
+/// One ended assignment of a task, as stored: who ran it and how it ended (the running
+/// attempt is the task's own `attempt` and `worker`). Lets a retried report be recognised (the
+/// same report of the same attempt answers success, not a refusal).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptRecord {
     /// The task.
@@ -299,7 +302,7 @@ pub struct AttemptRecord {
     pub attempt: u32,
     /// The worker it was assigned to.
     pub worker: u64,
-    /// How it ended; `None` while it runs.
+    /// How it ended (`None` only for a value a newer version wrote).
     pub ended: Option<AttemptEnd>,
     /// The reported result (finished) or message (failed).
     pub outcome: Option<String>,
@@ -391,7 +394,7 @@ pub trait Store: Send + Sync + 'static {
     /// A page of tasks (see [`ListFilter`]), without their payloads and outcomes (empty and
     /// `None`), which can be large: read one task for those.
     fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError>;
-    /// One attempt of a task, if it was ever assigned.
+    /// One ended attempt of a task (`None` while it runs, or if it never existed).
     fn attempt(&self, task: u64, attempt: u32) -> Result<Option<AttemptRecord>, StoreError>;
     /// The submission remembered under `key` for the token `scope`.
     fn key(&self, scope: u64, key: &str) -> Result<Option<KeyRecord>, StoreError>;

@@ -60,13 +60,12 @@ CREATE TABLE IF NOT EXISTS workers (
     removed    INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS attempts (
-    task       INTEGER NOT NULL,
-    attempt    INTEGER NOT NULL,
-    worker     INTEGER NOT NULL,
-    started_ms INTEGER NOT NULL,
-    ended      TEXT,
-    outcome    TEXT,
-    ended_ms   INTEGER,
+    task     INTEGER NOT NULL,
+    attempt  INTEGER NOT NULL,
+    worker   INTEGER NOT NULL,
+    ended    TEXT    NOT NULL,
+    outcome  TEXT,
+    ended_ms INTEGER NOT NULL,
     PRIMARY KEY (task, attempt)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS keys (
@@ -239,6 +238,19 @@ fn end_attempt(
     outcome: Option<&str>,
     now: i64,
 ) -> Result<(usize, u64, &'static str), StoreError> {
+    let end = match state {
+        TaskState::Finished => AttemptEnd::Finished,
+        _ => AttemptEnd::Failed,
+    };
+    // Recorded from the task's row before it changes, and only if it runs that attempt.
+    exec(
+        tx,
+        "INSERT OR IGNORE INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
+             SELECT id, attempt, worker, ?3, ?4, ?5 FROM tasks
+             WHERE id = ?1 AND state = 'running' AND attempt = ?2",
+        params![task as i64, attempt, end.as_str(), outcome, now],
+    )
+    .map_err(backend)?;
     let n = exec(
         tx,
         "UPDATE tasks SET state = ?3, outcome = ?4, updated_ms = ?5
@@ -246,34 +258,7 @@ fn end_attempt(
         params![task as i64, attempt, state.as_str(), outcome, now],
     )
     .map_err(backend)?;
-    if n == 1 {
-        let end = match state {
-            TaskState::Finished => AttemptEnd::Finished,
-            _ => AttemptEnd::Failed,
-        };
-        end_attempt_row(tx, task, attempt, end, outcome, now)?;
-    }
     Ok((n, task, "end that attempt"))
-}
-
-/// Records how `attempt` of `task` ended, if it is still open (a later decision about an
-/// attempt never rewrites an earlier one).
-fn end_attempt_row(
-    tx: &Connection,
-    task: u64,
-    attempt: u32,
-    end: AttemptEnd,
-    outcome: Option<&str>,
-    now: i64,
-) -> Result<(), StoreError> {
-    exec(
-        tx,
-        "UPDATE attempts SET ended = ?3, outcome = ?4, ended_ms = ?5
-             WHERE task = ?1 AND attempt = ?2 AND ended IS NULL",
-        params![task as i64, attempt, end.as_str(), outcome, now],
-    )
-    .map_err(backend)?;
-    Ok(())
 }
 
 /// Runs `sql` through the connection's statement cache: a statement is compiled once, not on
@@ -356,17 +341,29 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             if n == 0 && state_of(tx, *task)?.is_some_and(|(state, _)| state == "cancelled") {
                 return Ok(()); // cancelled after the claim: nothing to record
             }
-            if n == 1 {
-                exec(
-                    tx,
-                    "INSERT INTO attempts (task, attempt, worker, started_ms) VALUES (?1, ?2, ?3, ?4)",
-                    params![*task as i64, attempt, *worker as i64, now],
-                )
-                .map_err(backend)?;
-            }
             (n, *task, "assign it")
         }
-        Change::Requeue { task, attempt, why } => {
+        Change::Requeue {
+            task,
+            attempt,
+            worker,
+            why,
+        } => {
+            // How the attempt ended, even if a later decision about the task already stands
+            // (the first end recorded for an attempt is kept).
+            exec(
+                tx,
+                "INSERT OR IGNORE INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
+                     VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
+                params![
+                    *task as i64,
+                    attempt,
+                    *worker as i64,
+                    AttemptEnd::Requeued(*why).as_str(),
+                    now
+                ],
+            )
+            .map_err(backend)?;
             let n = exec(
                 tx,
                 "UPDATE tasks SET state = 'queued', attempt = ?2, worker = NULL, updated_ms = ?3
@@ -375,9 +372,6 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 params![*task as i64, attempt, now],
             )
             .map_err(backend)?;
-            // The attempt ended this way even if a later decision about the task already
-            // stands (the row is closed only if still open).
-            end_attempt_row(tx, *task, *attempt, AttemptEnd::Requeued(*why), None, now)?;
             if n == 0 && state_of(tx, *task)?.is_some() {
                 return Ok(()); // superseded or ended: a later decision stands
             }
@@ -401,9 +395,15 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             message,
         } => end_attempt(tx, *task, *attempt, TaskState::Failed, Some(message), now)?,
         Change::Cancel { task } => {
-            let running = state_of(tx, *task)?
-                .filter(|(state, _)| state == "running")
-                .map(|(_, attempt)| attempt);
+            // A running attempt ends with the task, recorded from its row before it changes.
+            exec(
+                tx,
+                "INSERT OR IGNORE INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
+                     SELECT id, attempt, worker, ?2, NULL, ?3 FROM tasks
+                     WHERE id = ?1 AND state = 'running'",
+                params![*task as i64, AttemptEnd::Cancelled.as_str(), now],
+            )
+            .map_err(backend)?;
             let n = exec(
                 tx,
                 "UPDATE tasks SET state = 'cancelled', updated_ms = ?2
@@ -411,9 +411,6 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 params![*task as i64, now],
             )
             .map_err(backend)?;
-            if let Some(attempt) = running {
-                end_attempt_row(tx, *task, attempt, AttemptEnd::Cancelled, None, now)?;
-            }
             (n, *task, "cancel it")
         }
         Change::Update {
@@ -701,12 +698,12 @@ impl Store for SqliteStore {
         )
         .and_then(|mut s| {
             s.query_row(params![task as i64, attempt], |r| {
-                let ended: Option<String> = r.get(1)?;
+                let ended: String = r.get(1)?;
                 Ok(AttemptRecord {
                     task,
                     attempt,
                     worker: r.get::<_, i64>(0)? as u64,
-                    ended: ended.as_deref().and_then(AttemptEnd::parse),
+                    ended: AttemptEnd::parse(&ended),
                     outcome: r.get(2)?,
                 })
             })
