@@ -9,8 +9,18 @@
 //! Changes that depend on an assignment are fenced by attempt in the store too, and the highest
 //! attempt wins, so commits that reach the store out of order end in the same state (see
 //! `sqlite.rs`). A report (`Finish`/`Fail`) or assignment of a superseded attempt is refused
-//! with [`StoreError::Conflict`] and nothing is written; a superseded `Requeue` is a no-op. The dispatcher already fences; the store's check keeps a bug or a
-//! race between them from corrupting durable state.
+//! with [`StoreError::Conflict`] and nothing is written; a superseded `Requeue` is a no-op. The
+//! dispatcher already fences; the store's check keeps a bug or a race between them from
+//! corrupting durable state.
+//!
+//! Besides tasks, workers and tokens, a store keeps what makes retries safe and restarts
+//! ordered:
+//! - **ended attempts** ([`AttemptRecord`]): who ran each attempt and how it ended (the first
+//!   end recorded for an attempt stands), so a retried report is recognised;
+//! - **idempotency keys** ([`KeyRecord`]), committed atomically with the submission they name;
+//! - **the start count** (`Change::Boot`), which makes delivery ids grow across restarts.
+//!
+//! One coordinator owns a store at a time: the SQLite store locks its data directory.
 
 mod sqlite;
 

@@ -8,6 +8,10 @@
 //! Workers are never deleted, only marked removed, so worker ids are never reused (a reused id
 //! could inherit a departed worker's token or assignments).
 //!
+//! The data directory is private (0700, the database files 0600) and locked (`flock` on
+//! `DIR/lock`) for the store's life: a second coordinator on it refuses to start, naming the
+//! holder's process.
+//!
 //! # Attempts order the changes of a task
 //! Commits from different requests can reach the store in either order (a fetch's `Assign` and
 //! a departure's `Requeue` of the same task, say). Each change names the attempt it establishes,
@@ -22,6 +26,11 @@
 //!   before the cancel, whose commit came first); `Assign` of a superseded attempt is refused.
 //! - `Update` (decided while the task was queued) applies to a queued or running task, and is a
 //!   no-op once it has ended: a fetch's `Assign` or a report may commit before it.
+//!
+//! An attempt's end is written once, in the same statement group as the change that ends it
+//! (`INSERT OR IGNORE` into `attempts`): a `Requeue` records it even when superseded, a
+//! `Finish`/`Fail`/`Cancel` from the task's row before the row changes. The running attempt is
+//! the task row's own.
 
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
