@@ -409,8 +409,9 @@ pub enum Outcome {
     GivenBack,
 }
 
-/// One report of an assignment.
-#[derive(Debug, Clone)]
+/// One report of an assignment (as an item of a batched report, too).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Report {
     /// The task.
     pub task: u64,
@@ -419,8 +420,10 @@ pub struct Report {
     /// How it ended.
     pub outcome: Outcome,
     /// The result (finished).
+    #[serde(default)]
     pub result: Option<String>,
     /// The message (failed).
+    #[serde(default)]
     pub message: Option<String>,
 }
 

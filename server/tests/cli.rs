@@ -125,23 +125,7 @@ fn a_newcomer_submits_and_a_shell_worker_runs_the_tasks() {
 fn a_worker_rides_out_a_coordinator_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, addr, url, token) = serve_with_token(dir.path(), &[]);
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "work",
-            "--group",
-            "g",
-            "--tasks",
-            "1",
-            "--wait",
-            "1",
-            "--command",
-            "cat",
-        ])
-        .env("SWITCHYARD_SERVER", &url)
-        .env("SWITCHYARD_TOKEN", &token)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut worker = work_once(&url, &token, "cat");
     // Wait until it has registered (it is long-polling then).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -208,6 +192,27 @@ fn serve_with_token(
     (server, addr, url, token)
 }
 
+/// `switchyard work` for group `g` that stops after one task, running `command`, its log piped.
+fn work_once(url: &str, token: &str, command: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "work",
+            "--group",
+            "g",
+            "--tasks",
+            "1",
+            "--wait",
+            "1",
+            "--command",
+            command,
+        ])
+        .env("SWITCHYARD_SERVER", url)
+        .env("SWITCHYARD_TOKEN", token)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Whether process `pid` is running (a zombie waiting to be reaped counts as ended).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -237,23 +242,7 @@ fn long_running_worker(
 ) -> (std::process::Child, String, u32) {
     let id = stdout(&cli(url, Some(token), &["submit", "--group", "g"]));
     let command = format!("sleep 120 & echo $! > {}; wait", pidfile.display());
-    let worker = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "work",
-            "--group",
-            "g",
-            "--tasks",
-            "1",
-            "--wait",
-            "1",
-            "--command",
-            &command,
-        ])
-        .env("SWITCHYARD_SERVER", url)
-        .env("SWITCHYARD_TOKEN", token)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let worker = work_once(url, token, &command);
     let mut pid = 0;
     wait_for(30, "the command never started", || {
         pid = std::fs::read_to_string(pidfile)

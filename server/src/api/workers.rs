@@ -332,19 +332,7 @@ fn check_text(app: &App, r: &Report) -> Result<(), ApiError> {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReportsBody {
     /// 1 to the server's `--max-batch` reports, each as in the single report plus its task.
-    reports: Vec<TaskReport>,
-}
-
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct TaskReport {
-    task: u64,
-    attempt: u32,
-    outcome: Outcome,
-    #[serde(default)]
-    result: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
+    reports: Vec<Report>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -389,17 +377,7 @@ pub(crate) async fn reports(
             app.limits.max_batch
         )));
     }
-    let reports: Vec<Report> = body
-        .reports
-        .into_iter()
-        .map(|r| Report {
-            task: r.task,
-            attempt: r.attempt,
-            outcome: r.outcome,
-            result: r.result,
-            message: r.message,
-        })
-        .collect();
+    let reports = body.reports;
     for (i, r) in reports.iter().enumerate() {
         check_text(&app, r).map_err(|e| e.in_batch(i))?;
     }
