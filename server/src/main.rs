@@ -173,6 +173,13 @@ struct ServeArgs {
     /// Priority units a waiting task gains per second (0: strict priority).
     #[arg(long, env = "SWITCHYARD_AGING_RATE", default_value_t = 0.0)]
     aging_rate: f64,
+    /// `rebalance` stops moving work off a worker once its load is at most this multiple of
+    /// the least-loaded candidate's (balanced modes; at least 1).
+    #[arg(long, env = "SWITCHYARD_REBALANCE_RATIO", default_value_t = 1.5)]
+    rebalance_ratio: f64,
+    /// Shards of the dispatcher's concurrent maps (1 to 65536; more spreads contention).
+    #[arg(long, env = "SWITCHYARD_SHARDS", default_value_t = 64)]
+    shards: usize,
     /// Weight of a running task in a worker's load (balanced modes).
     #[arg(long, env = "SWITCHYARD_RUNNING_WEIGHT", default_value_t = 1.0)]
     running_weight: f64,
@@ -399,6 +406,8 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
     let config = Config {
         mode: args.mode.into(),
         aging_rate: args.aging_rate,
+        rebalance_ratio: args.rebalance_ratio,
+        shards: args.shards,
         running_weight: args.running_weight,
         limits: Limits {
             max_tags: args.max_tags,

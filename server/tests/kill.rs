@@ -164,6 +164,8 @@ fn bad_flags_are_refused_at_start_with_the_flag_named() {
         (&["--max-fetch", "0"][..], "--max-fetch"),
         (&["--max-batch", "0"][..], "--max-batch"),
         (&["--admin-token", "short"][..], "at least 32"),
+        (&["--shards", "0"][..], "shards"),
+        (&["--rebalance-ratio", "0.5"][..], "rebalance_ratio"),
     ] {
         let mut all = args.to_vec();
         if !args.contains(&"--admin-token") {
