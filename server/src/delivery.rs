@@ -65,7 +65,7 @@ use switchyard::{TaskId, WorkerId};
 use utoipa::ToSchema;
 
 use crate::app::{detach, App};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::store::{AttemptEnd, Change, Requeued, StoreError, TaskState};
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
 
@@ -488,7 +488,10 @@ pub fn decide(app: &App, worker: u64, r: &Report) -> Result<Change, ApiError> {
 pub fn settle(app: &App, worker: u64, r: &Report, refusal: ApiError) -> Result<Taken, ApiError> {
     // A refused report of this worker's attempt (or of a worker removed since: its retry
     // after a lost answer) is checked against the attempt's record.
-    if !matches!(refusal.kind(), "not_assigned" | "unknown_worker") {
+    if !matches!(
+        refusal.kind(),
+        ErrorKind::NotAssigned | ErrorKind::UnknownWorker
+    ) {
         return Err(refusal);
     }
     let Some(rec) = app.store.attempt(r.task, r.attempt)? else {
@@ -508,7 +511,7 @@ pub fn settle(app: &App, worker: u64, r: &Report, refusal: ApiError) -> Result<T
     if same {
         return Ok(Taken::AlreadyRecorded);
     }
-    if refusal.kind() == "unknown_worker" {
+    if refusal.kind() == ErrorKind::UnknownWorker {
         return Err(refusal); // a new report from a removed worker: register again
     }
     // The task's state now, for the worker to see what became of it.
@@ -518,21 +521,21 @@ pub fn settle(app: &App, worker: u64, r: &Report, refusal: ApiError) -> Result<T
         .map_or(TaskState::Cancelled, |t| t.state);
     let (kind, message) = match rec.ended {
         Some(AttemptEnd::Cancelled) => (
-            "cancelled",
+            ErrorKind::Cancelled,
             format!(
                 "task {} was cancelled while attempt {} ran",
                 r.task, r.attempt
             ),
         ),
         Some(end @ (AttemptEnd::Finished | AttemptEnd::Failed)) if end_matches(end, r.outcome) => (
-            "conflict",
+            ErrorKind::Conflict,
             format!(
                 "a different report of attempt {} of task {} was recorded",
                 r.attempt, r.task
             ),
         ),
         end => (
-            "superseded",
+            ErrorKind::Superseded,
             format!(
                 "attempt {} of task {} already ended: {}",
                 r.attempt,

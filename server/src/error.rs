@@ -1,5 +1,6 @@
 //! One error type for the HTTP API, mapped to a status code in one place. Every error response
-//! is JSON: `{"error": "<kind>", "message": "<what happened>"}`.
+//! is JSON: `{"error": "<kind>", "message": "<what happened>"}`, the kinds listed once in
+//! [`ErrorKind`] (and so in the OpenAPI document).
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::FromRequest;
@@ -11,11 +12,71 @@ use serde::Serialize;
 
 use crate::store::{StoreError, TaskState};
 
+/// What kind of error an answer reports: the `error` field of every error body, stable for
+/// programs (the message is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Invalid input (a parameter out of range, a malformed key, …).
+    BadRequest,
+    /// A group or tag name, or a list of them, outside the rules or limits.
+    InvalidInput,
+    /// A body over `--max-body` (413).
+    BodyTooLarge,
+    /// No token, or an unknown one (401).
+    Unauthorized,
+    /// A token outside its scope (403).
+    Forbidden,
+    /// No such token or record (404).
+    NotFound,
+    /// A change that does not fit what is recorded, or an idempotency key reused for other
+    /// content, or a different report of an attempt already recorded (409).
+    Conflict,
+    /// The request took longer than `--request-timeout` (408).
+    RequestTimeout,
+    /// The coordinator is stopping (503).
+    Unavailable,
+    /// The store failed (503): the coordinator stops, and the next start recovers.
+    StorageUnavailable,
+    /// The connection cap is reached (503, answered before any route runs).
+    TooManyConnections,
+    /// A failure inside the coordinator (500; a bug, logged).
+    Internal,
+    /// A body that is not the JSON the route takes (400, 413, 415 or 422).
+    BadJson,
+    /// A malformed path parameter (400).
+    BadPath,
+    /// A malformed query parameter (400).
+    BadQuery,
+    /// A route that does not take this method (405).
+    MethodNotAllowed,
+    /// No such route (404).
+    NoRoute,
+    /// The worker left or was declared dead: register again (410).
+    UnknownWorker,
+    /// No such task in the caller's groups (404).
+    UnknownTask,
+    /// An id that exists already (409).
+    Duplicate,
+    /// A superseded attempt (409; the dispatcher's own refusal).
+    StaleAttempt,
+    /// The worker holds no such attempt, whether or not the task exists (409).
+    NotAssigned,
+    /// The task was cancelled while the attempt ran (409, with its `state`).
+    Cancelled,
+    /// The attempt already ended otherwise (409, with the task's `state`).
+    Superseded,
+    /// The task has ended (409, with its `state`).
+    TaskEnded,
+    /// Only a queued task can change; this one is running (409, with its `state`).
+    NotQueued,
+}
+
 /// An API error: a status and a message.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    kind: &'static str,
+    kind: ErrorKind,
     message: String,
     /// The task's state, when the refusal is about a task in the wrong state.
     state: Option<TaskState>,
@@ -24,37 +85,41 @@ pub struct ApiError {
 impl ApiError {
     /// A 400 with `message`.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(StatusCode::BAD_REQUEST, ErrorKind::BadRequest, message)
     }
 
     /// A 400 for a name or list outside the rules and limits (as the dispatcher's own).
     pub fn invalid_input(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_input", message)
+        Self::new(StatusCode::BAD_REQUEST, ErrorKind::InvalidInput, message)
     }
 
     /// A 413: a body over `--max-body`.
     pub fn too_large(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message)
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::BodyTooLarge,
+            message,
+        )
     }
 
     /// A 401: no token, or one the coordinator does not know.
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        Self::new(StatusCode::UNAUTHORIZED, ErrorKind::Unauthorized, message)
     }
 
     /// A 403: a known token, outside its scope.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+        Self::new(StatusCode::FORBIDDEN, ErrorKind::Forbidden, message)
     }
 
     /// A 404 with `message`.
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        Self::new(StatusCode::NOT_FOUND, ErrorKind::NotFound, message)
     }
 
     /// A 409 with `message`.
     pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "conflict", message)
+        Self::new(StatusCode::CONFLICT, ErrorKind::Conflict, message)
     }
 
     /// A 409 for a worker's report or request about an assignment that is not its own: the
@@ -62,13 +127,13 @@ impl ApiError {
     pub fn not_assigned(worker: u64, task: u64, attempt: u32) -> Self {
         Self::new(
             StatusCode::CONFLICT,
-            "not_assigned",
+            ErrorKind::NotAssigned,
             format!("worker {worker} holds no attempt {attempt} of task {task}"),
         )
     }
 
     /// A 409 about a task that is in `state` (it ended, or the attempt named did).
-    pub fn ended(kind: &'static str, message: impl Into<String>, state: TaskState) -> Self {
+    pub fn ended(kind: ErrorKind, message: impl Into<String>, state: TaskState) -> Self {
         let mut e = Self::new(StatusCode::CONFLICT, kind, message);
         e.state = Some(state);
         e
@@ -76,17 +141,29 @@ impl ApiError {
 
     /// A 408: the request took longer than the request-time limit.
     pub fn timeout(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::RequestTimeout,
+            message,
+        )
     }
 
     /// A 503: the coordinator cannot serve (it is stopping after a store failure).
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Unavailable,
+            message,
+        )
     }
 
     /// A 500: a failure inside the coordinator (a bug; logged).
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Internal,
+            message,
+        )
     }
 
     /// The status this error answers with.
@@ -95,7 +172,7 @@ impl ApiError {
     }
 
     /// The error's kind, the `error` field of its body.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         self.kind
     }
 
@@ -106,7 +183,7 @@ impl ApiError {
         } else {
             StatusCode::BAD_REQUEST
         };
-        Self::new(status, "bad_json", e.to_string())
+        Self::new(status, ErrorKind::BadJson, e.to_string())
     }
 
     /// The same error, saying which task of a batch caused it.
@@ -115,7 +192,7 @@ impl ApiError {
         self
     }
 
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             status,
             kind,
@@ -128,9 +205,8 @@ impl ApiError {
 /// The body of every error response.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    /// What kind of error, stable for programs: `unauthorized`, `forbidden`, `unknown_task`,
-    /// `not_assigned`, `cancelled`, `task_ended`, `bad_json`, ...
-    pub error: &'static str,
+    /// What kind of error, stable for programs.
+    pub error: ErrorKind,
     /// What happened, for people.
     pub message: String,
     /// The task's state, when the error is about a task in the wrong state (for example a
@@ -162,12 +238,12 @@ impl From<switchyard::Error> for ApiError {
         use switchyard::Error::*;
         let (status, kind) = match &e {
             // A worker the coordinator no longer knows must register again.
-            UnknownWorker(_) => (StatusCode::GONE, "unknown_worker"),
-            UnknownTask(_) => (StatusCode::NOT_FOUND, "unknown_task"),
-            DuplicateWorker(_) | DuplicateTask(_) => (StatusCode::CONFLICT, "duplicate"),
-            StaleAttempt { .. } => (StatusCode::CONFLICT, "stale_attempt"),
-            NotQueued(_) => (StatusCode::CONFLICT, "not_queued"),
-            InvalidInput(_) => (StatusCode::BAD_REQUEST, "invalid_input"),
+            UnknownWorker(_) => (StatusCode::GONE, ErrorKind::UnknownWorker),
+            UnknownTask(_) => (StatusCode::NOT_FOUND, ErrorKind::UnknownTask),
+            DuplicateWorker(_) | DuplicateTask(_) => (StatusCode::CONFLICT, ErrorKind::Duplicate),
+            StaleAttempt { .. } => (StatusCode::CONFLICT, ErrorKind::StaleAttempt),
+            NotQueued(_) => (StatusCode::CONFLICT, ErrorKind::NotQueued),
+            InvalidInput(_) => (StatusCode::BAD_REQUEST, ErrorKind::InvalidInput),
         };
         Self::new(status, kind, e.to_string())
     }
@@ -176,13 +252,16 @@ impl From<switchyard::Error> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let (status, kind) = match &e {
-            StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            StoreError::Backend(_) | StoreError::Locked(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
-            }
+            StoreError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorKind::NotFound),
+            StoreError::Conflict(_) => (StatusCode::CONFLICT, ErrorKind::Conflict),
+            StoreError::Backend(_) | StoreError::Locked(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorKind::StorageUnavailable,
+            ),
         };
-        tracing::warn!(error = %e, "store refused a change");
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(error = %e, "the store failed");
+        }
         Self::new(status, kind, e.to_string())
     }
 }
@@ -195,13 +274,13 @@ impl From<JsonRejection> for ApiError {
             s if s.is_client_error() => s,
             _ => StatusCode::BAD_REQUEST,
         };
-        Self::new(status, "bad_json", e.body_text())
+        Self::new(status, ErrorKind::BadJson, e.body_text())
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(e: PathRejection) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_path", e.body_text())
+        Self::new(StatusCode::BAD_REQUEST, ErrorKind::BadPath, e.body_text())
     }
 }
 
@@ -213,7 +292,7 @@ pub struct JsonBody<T>(pub T);
 
 impl From<QueryRejection> for ApiError {
     fn from(e: QueryRejection) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text())
+        Self::new(StatusCode::BAD_REQUEST, ErrorKind::BadQuery, e.body_text())
     }
 }
 
@@ -231,12 +310,12 @@ pub struct PathParams<T>(pub T);
 pub async fn no_method() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorKind::MethodNotAllowed,
         "this route does not take that method",
     )
 }
 
 /// The answer for routes that do not exist.
 pub async fn no_route() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route")
+    ApiError::new(StatusCode::NOT_FOUND, ErrorKind::NoRoute, "no such route")
 }

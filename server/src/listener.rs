@@ -39,6 +39,7 @@ use tokio::time::Sleep;
 
 use crate::api::router;
 use crate::app::App;
+use crate::error::{ErrorBody, ErrorKind};
 use crate::sync::Arc;
 
 /// File descriptors kept free for everything but client connections (the store's files, the
@@ -162,11 +163,17 @@ pub async fn serve(
 /// (briefly, and bounded) before the close, so the close does not reset the connection and
 /// discard the answer.
 async fn refuse(mut stream: TcpStream) {
-    const BODY: &str = r#"{"error":"too_many_connections","message":"the coordinator is at its connection limit (--max-connections); retry shortly"}"#;
+    let body = serde_json::to_string(&ErrorBody {
+        error: ErrorKind::TooManyConnections,
+        message: "the coordinator is at its connection limit (--max-connections); retry shortly"
+            .into(),
+        state: None,
+    })
+    .unwrap_or_default();
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
-        BODY.len()
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     let answer = async {
         stream.write_all(response.as_bytes()).await?;

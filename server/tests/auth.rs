@@ -86,6 +86,16 @@ async fn without_a_valid_token_only_health_and_the_openapi_document_answer() {
     ] {
         assert!(paths.contains_key(p), "{p} is not documented");
     }
+    // The error kinds are an enum in the document.
+    let kinds = doc["components"]["schemas"]["ErrorKind"]["enum"].to_string();
+    for k in [
+        "not_assigned",
+        "task_ended",
+        "too_many_connections",
+        "unknown_worker",
+    ] {
+        assert!(kinds.contains(k), "{k} missing from {kinds}");
+    }
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"

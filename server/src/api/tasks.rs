@@ -14,7 +14,7 @@ use super::{created, ok, Reply};
 use crate::app::{detach, now_ms, App};
 use crate::auth::{self, Caller};
 use crate::delivery::raw_payload;
-use crate::error::{ApiError, ErrorBody, JsonBody, PathParams, QueryParams};
+use crate::error::{ApiError, ErrorBody, ErrorKind, JsonBody, PathParams, QueryParams};
 use crate::store::{Change, KeyRecord, ListFilter, TaskRecord, TaskState};
 use crate::sync::{Arc, Ordering};
 
@@ -397,7 +397,7 @@ async fn not_live(app: &App, caller: &Caller, task: u64, refusal: ApiError) -> A
     }
     match app.store.task(task) {
         Ok(Some(t)) if caller.may_use(&t.group) && t.state.is_final() => ApiError::ended(
-            "task_ended",
+            ErrorKind::TaskEnded,
             format!("task {task} has ended: it is {}", t.state.as_str()),
             t.state,
         ),
@@ -461,7 +461,9 @@ pub(crate) async fn cancel(
     })
     .await;
     let outcome = match outcome {
-        Err(e) if e.kind() == "unknown_task" => return Err(not_live(&app, &caller, task, e).await),
+        Err(e) if e.kind() == ErrorKind::UnknownTask => {
+            return Err(not_live(&app, &caller, task, e).await)
+        }
         outcome => outcome?,
     };
     let was_running_on = match outcome {
@@ -658,10 +660,12 @@ pub(crate) async fn update(
     })
     .await;
     let placement = match placement {
-        Err(e) if e.kind() == "unknown_task" => return Err(not_live(&app, &caller, task, e).await),
-        Err(e) if e.kind() == "not_queued" => {
+        Err(e) if e.kind() == ErrorKind::UnknownTask => {
+            return Err(not_live(&app, &caller, task, e).await)
+        }
+        Err(e) if e.kind() == ErrorKind::NotQueued => {
             return Err(ApiError::ended(
-                "not_queued",
+                ErrorKind::NotQueued,
                 format!("task {task} is running: only a queued task can change"),
                 TaskState::Running,
             ))

@@ -15,7 +15,7 @@ use super::{created, ok, Reply};
 use crate::app::{detach, App};
 use crate::auth::{self, Caller};
 use crate::delivery::{self, Assigned, Delivered, Held, Holding, Outcome, Report, Taken};
-use crate::error::{ApiError, ErrorBody, JsonBody, PathParams};
+use crate::error::{ApiError, ErrorBody, ErrorKind, JsonBody, PathParams};
 use crate::store::{Change, Role, WorkerRecord};
 use crate::sync::{Arc, Ordering};
 
@@ -348,7 +348,7 @@ pub(crate) struct ReportResult {
     status: u16,
     /// The error kind, if refused.
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'static str>,
+    error: Option<ErrorKind>,
     /// As in the single report's answer.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     already_recorded: bool,
