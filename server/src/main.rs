@@ -414,7 +414,6 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
             max_groups: args.max_groups,
             max_name_len: args.max_name_len,
         },
-        ..Config::default()
     };
     let limits = Settings {
         max_fetch: args.max_fetch,
