@@ -16,6 +16,11 @@
 //! other groups' ids. A removed worker's token still identifies it, so its late requests get
 //! 410 (register again) rather than 401.
 //!
+//! Handlers authorise by what they take: [`Admin`] (the admin routes), [`User`] (task routes and
+//! registration; its scope checked per group), [`ThisWorker`] (the worker routes: the token must
+//! be that of the `{worker}` in the path). Each check runs in the extractor, before the handler,
+//! so a handler cannot forget it.
+//!
 //! Giving `--admin-token` on a start makes it the only admin token (earlier ones are revoked),
 //! which is also how a lost admin token is replaced.
 
@@ -73,53 +78,11 @@ impl Caller {
         ApiError::forbidden(format!("this token may not {what}"))
     }
 
-    /// Admin only.
-    pub fn require_admin(&self) -> Result<(), ApiError> {
-        match self {
-            Caller::User(t) if t.role == Role::Admin => Ok(()),
-            _ => Err(self.forbidden("use the admin routes")),
-        }
-    }
-
-    /// Only `worker` itself.
-    pub fn require_worker(&self, worker: u64) -> Result<(), ApiError> {
+    /// Only `worker` itself (see [`ThisWorker`]).
+    fn require_worker(&self, worker: u64) -> Result<(), ApiError> {
         match self {
             Caller::Worker(w) if *w == worker => Ok(()),
             _ => Err(self.forbidden(&format!("act as worker {worker}"))),
-        }
-    }
-
-    /// Whether the caller may see and change tasks of `group`.
-    pub fn may_use(&self, group: &str) -> bool {
-        match self {
-            Caller::User(t) => t.role == Role::Admin || t.groups.iter().any(|g| g == group),
-            Caller::Worker(_) => false,
-        }
-    }
-
-    /// The id of the user token presenting the request (`None` for a worker).
-    pub fn token_id(&self) -> Option<u64> {
-        match self {
-            Caller::User(t) => Some(t.id),
-            Caller::Worker(_) => None,
-        }
-    }
-
-    /// The caller may submit to `group`.
-    pub fn require_group(&self, group: &str) -> Result<(), ApiError> {
-        if self.may_use(group) {
-            Ok(())
-        } else {
-            Err(self.forbidden(&format!("use group {group:?}")))
-        }
-    }
-
-    /// The groups the caller is limited to: `None` for an admin (no limit).
-    pub fn scope(&self) -> Result<Option<&[String]>, ApiError> {
-        match self {
-            Caller::User(t) if t.role == Role::Admin => Ok(None),
-            Caller::User(t) => Ok(Some(&t.groups)),
-            Caller::Worker(_) => Err(self.forbidden("manage tasks")),
         }
     }
 }
@@ -193,18 +156,112 @@ impl FromRequestParts<Arc<App>> for Caller {
     }
 }
 
+/// An admin caller. Taking it as a handler argument is the admin check: without an admin
+/// token the request is refused (401 or 403) before the handler runs.
+#[derive(Debug, Clone)]
+pub struct Admin(pub Arc<TokenRecord>);
+
+impl FromRequestParts<Arc<App>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        match Caller::from_request_parts(parts, app).await? {
+            Caller::User(t) if t.role == Role::Admin => Ok(Admin(t)),
+            caller => Err(caller.forbidden("use the admin routes")),
+        }
+    }
+}
+
+/// A user (admin or submitter) caller: the routes that manage tasks. A worker's token is
+/// refused (403). Its scope is checked per group with [`User::require_group`] or
+/// [`User::scope`].
+#[derive(Debug, Clone)]
+pub struct User(pub Arc<TokenRecord>);
+
+impl User {
+    /// Whether it may see and change tasks of `group`.
+    pub fn may_use(&self, group: &str) -> bool {
+        self.0.role == Role::Admin || self.0.groups.iter().any(|g| g == group)
+    }
+
+    /// It may use `group` (403 otherwise).
+    pub fn require_group(&self, group: &str) -> Result<(), ApiError> {
+        if self.may_use(group) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this token may not use group {group:?}"
+            )))
+        }
+    }
+
+    /// The groups it is limited to: `None` for an admin (no limit).
+    pub fn scope(&self) -> Option<&[String]> {
+        match self.0.role {
+            Role::Admin => None,
+            Role::Submitter => Some(&self.0.groups),
+        }
+    }
+
+    /// Its token's id (idempotency keys are scoped to it).
+    pub fn token_id(&self) -> u64 {
+        self.0.id
+    }
+}
+
+impl FromRequestParts<Arc<App>> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        match Caller::from_request_parts(parts, app).await? {
+            Caller::User(t) => Ok(User(t)),
+            caller => Err(caller.forbidden("manage tasks or register workers")),
+        }
+    }
+}
+
+/// The worker named by the route's `{worker}` path parameter, presenting its own token.
+/// Taking it as a handler argument is the check that a worker acts only as itself (403).
+#[derive(Debug, Clone, Copy)]
+pub struct ThisWorker(pub u64);
+
+impl FromRequestParts<Arc<App>> for ThisWorker {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, app).await?;
+        let params = axum::extract::RawPathParams::from_request_parts(parts, app)
+            .await
+            .map_err(|e| ApiError::internal(format!("reading the path: {e}")))?;
+        let named = params
+            .iter()
+            .find(|(name, _)| *name == "worker")
+            .ok_or_else(|| ApiError::internal("a worker route without a {worker} parameter"))?
+            .1;
+        let worker: u64 = named
+            .parse()
+            .map_err(|_| ApiError::bad_path(format!("{named:?} is not a worker id (a number)")))?;
+        caller.require_worker(worker)?;
+        Ok(ThisWorker(worker))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn user(id: u64, role: Role, groups: &[&str]) -> Caller {
-        Caller::User(Arc::new(TokenRecord {
+        Caller::User(record(id, role, groups))
+    }
+
+    fn record(id: u64, role: Role, groups: &[&str]) -> Arc<TokenRecord> {
+        Arc::new(TokenRecord {
             id,
             hash: String::new(),
             role,
             groups: groups.iter().map(|g| g.to_string()).collect(),
             created_ms: 0,
-        }))
+        })
     }
 
     #[test]
@@ -238,18 +295,16 @@ mod tests {
 
     #[test]
     fn scopes() {
-        let admin = user(1, Role::Admin, &[]);
-        let sub = user(2, Role::Submitter, &["a", "b"]);
-        let worker = Caller::Worker(3);
-        assert!(admin.require_admin().is_ok());
-        assert!(sub.require_admin().is_err() && worker.require_admin().is_err());
+        let admin = User(record(1, Role::Admin, &[]));
+        let sub = User(record(2, Role::Submitter, &["a", "b"]));
         assert!(admin.may_use("z") && sub.may_use("a") && !sub.may_use("z"));
-        assert!(!worker.may_use("a"));
+        assert!(sub.require_group("a").is_ok() && sub.require_group("z").is_err());
+        assert_eq!(admin.scope(), None);
+        assert_eq!(sub.scope().unwrap(), ["a", "b"]);
+        assert_eq!((admin.token_id(), sub.token_id()), (1, 2));
+        let worker = Caller::Worker(3);
         assert!(worker.require_worker(3).is_ok() && worker.require_worker(4).is_err());
-        assert!(admin.require_worker(3).is_err());
-        assert_eq!(admin.scope().unwrap(), None);
-        assert_eq!(sub.scope().unwrap().unwrap(), ["a", "b"]);
-        assert!(worker.scope().is_err());
+        assert!(Caller::User(admin.0).require_worker(3).is_err());
     }
 
     #[test]

@@ -102,6 +102,11 @@ impl ApiError {
         )
     }
 
+    /// A 400 for a malformed path parameter.
+    pub fn bad_path(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorKind::BadPath, message)
+    }
+
     /// A 401: no token, or one the coordinator does not know.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, ErrorKind::Unauthorized, message)

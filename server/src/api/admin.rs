@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::{created, ok, Reply};
 use crate::app::{detach, now_ms, App};
-use crate::auth::{self, Caller};
+use crate::auth::{self, Admin, Caller};
 use crate::error::{ApiError, ErrorBody, JsonBody, PathParams};
 use crate::store::{Change, Role, TokenRecord};
 use crate::sync::{Arc, Ordering};
@@ -59,8 +59,7 @@ impl From<switchyard::WorkerStats> for WorkerInfo {
 /// Totals, counters and every worker's load.
 #[utoipa::path(get, path = "/v1/stats", tag = "admin",
     responses((status = 200, body = StatsBody)))]
-pub(crate) async fn stats(State(app): State<Arc<App>>, caller: Caller) -> Reply<StatsBody> {
-    caller.require_admin()?;
+pub(crate) async fn stats(State(app): State<Arc<App>>, _admin: Admin) -> Reply<StatsBody> {
     let mut s = app.dispatcher.stats();
     let w = app.writer.stats();
     ok(StatsBody {
@@ -84,9 +83,8 @@ pub(crate) async fn stats(State(app): State<Arc<App>>, caller: Caller) -> Reply<
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(crate) async fn metrics(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    _admin: Admin,
 ) -> Result<impl IntoResponse, ApiError> {
-    caller.require_admin()?;
     let text = app.metrics.render(&app.dispatcher, &app.writer);
     Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
@@ -101,8 +99,7 @@ pub(crate) struct Rebalanced {
 /// nothing).
 #[utoipa::path(post, path = "/v1/admin/rebalance", tag = "admin",
     responses((status = 200, body = Rebalanced)))]
-pub(crate) async fn rebalance(State(app): State<Arc<App>>, caller: Caller) -> Reply<Rebalanced> {
-    caller.require_admin()?;
+pub(crate) async fn rebalance(State(app): State<Arc<App>>, _admin: Admin) -> Reply<Rebalanced> {
     // Moves change no durable state: the store records which worker runs a task, not which
     // queue holds it.
     ok(Rebalanced {
@@ -118,8 +115,7 @@ pub(crate) struct Workers {
 /// Every registered worker and its load.
 #[utoipa::path(get, path = "/v1/admin/workers", tag = "admin",
     responses((status = 200, body = Workers)))]
-pub(crate) async fn workers(State(app): State<Arc<App>>, caller: Caller) -> Reply<Workers> {
-    caller.require_admin()?;
+pub(crate) async fn workers(State(app): State<Arc<App>>, _admin: Admin) -> Reply<Workers> {
     let workers = app
         .dispatcher
         .stats()
@@ -144,10 +140,9 @@ pub(crate) struct Removed {
               (status = 410, description = "no such worker (or already gone)", body = ErrorBody)))]
 pub(crate) async fn remove_worker(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    _admin: Admin,
     PathParams(worker): PathParams<u64>,
 ) -> Reply<Removed> {
-    caller.require_admin()?;
     let requeued = app.remove_worker(worker).await?;
     ok(Removed { requeued })
 }
@@ -173,10 +168,9 @@ pub(crate) struct CreatedToken {
               (status = 400, description = "no groups, or an invalid group name", body = ErrorBody)))]
 pub(crate) async fn create_token(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    _admin: Admin,
     JsonBody(body): JsonBody<NewToken>,
 ) -> Reply<CreatedToken> {
-    caller.require_admin()?;
     // The same rules as a worker's groups: at least one, valid names, within the limits.
     app.dispatcher
         .validate_worker(&body.groups, &[] as &[String])?;
@@ -218,8 +212,7 @@ pub(crate) struct Tokens {
 /// The user tokens in force (never the tokens themselves).
 #[utoipa::path(get, path = "/v1/admin/tokens", tag = "admin",
     responses((status = 200, body = Tokens)))]
-pub(crate) async fn tokens(State(app): State<Arc<App>>, caller: Caller) -> Reply<Tokens> {
-    caller.require_admin()?;
+pub(crate) async fn tokens(State(app): State<Arc<App>>, _admin: Admin) -> Reply<Tokens> {
     let tokens = app
         .keyring
         .users()
@@ -247,10 +240,9 @@ pub(crate) struct Revoked {
               (status = 409, description = "an admin token", body = ErrorBody)))]
 pub(crate) async fn revoke_token(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    _admin: Admin,
     PathParams(id): PathParams<u64>,
 ) -> Reply<Revoked> {
-    caller.require_admin()?;
     match app.keyring.users().iter().find(|t| t.id == id) {
         None => return Err(ApiError::not_found(format!("no token {id} in force"))),
         Some(t) if t.role == Role::Admin => {

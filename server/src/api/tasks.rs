@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{created, ok, Reply};
 use crate::app::{detach, now_ms, App};
-use crate::auth::{self, Caller};
+use crate::auth::{self, User};
 use crate::delivery::raw_payload;
 use crate::error::{ApiError, ErrorBody, ErrorKind, JsonBody, PathParams, QueryParams};
 use crate::store::{Change, KeyRecord, ListFilter, TaskRecord, TaskState};
@@ -60,12 +60,8 @@ fn payload_bytes(body: &SubmitBody) -> &[u8] {
 
 /// Validates a submission and gives it an id: the spec for the dispatcher and the record for the
 /// store. Nothing is written.
-fn prepare(
-    app: &App,
-    caller: &Caller,
-    body: &SubmitBody,
-) -> Result<(TaskSpec, TaskRecord), ApiError> {
-    caller.require_group(&body.group)?;
+fn prepare(app: &App, user: &User, body: &SubmitBody) -> Result<(TaskSpec, TaskRecord), ApiError> {
+    user.require_group(&body.group)?;
     let payload = payload_bytes(body);
     if payload.len() > app.limits.max_payload {
         return Err(ApiError::bad_request(format!(
@@ -121,12 +117,12 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 /// a retry is answered even if the rules for new input changed since).
 fn replay(
     app: &App,
-    caller: &Caller,
+    user: &User,
     key: &Option<(String, String)>,
 ) -> Result<Option<Vec<u64>>, ApiError> {
-    match (key, caller.token_id()) {
-        (Some((key, fingerprint)), Some(scope)) => app.remembered(scope, key, fingerprint),
-        _ => Ok(None),
+    match key {
+        Some((key, fingerprint)) => app.remembered(user.token_id(), key, fingerprint),
+        None => Ok(None),
     }
 }
 
@@ -136,14 +132,14 @@ fn replay(
 /// (`Some(ids)`, nothing created).
 async fn commit_submission(
     app: &Arc<App>,
-    caller: &Caller,
+    user: &User,
     key: Option<(String, String)>,
     mut changes: Vec<Change>,
     specs: Vec<TaskSpec>,
 ) -> Result<Option<Vec<u64>>, ApiError> {
-    let scope = caller.token_id();
-    let key = match (key, scope) {
-        (Some((key, fingerprint)), Some(scope)) => {
+    let scope = user.token_id();
+    let key = match key {
+        Some((key, fingerprint)) => {
             let ids = specs.iter().map(|s| s.id.0).collect();
             let now = now_ms();
             changes.push(Change::Remember {
@@ -156,9 +152,9 @@ async fn commit_submission(
                 },
                 expired_before_ms: app.key_expiry(now),
             });
-            Some((scope, key, fingerprint))
+            Some((key, fingerprint))
         }
-        _ => None,
+        None => None,
     };
     let a = app.clone();
     let committed = detach(async move {
@@ -169,7 +165,7 @@ async fn commit_submission(
     .await;
     match (committed, key) {
         // Another request with the same key committed first: answer with its ids.
-        (Err(e), Some((scope, key, fingerprint))) if e.status() == StatusCode::CONFLICT => app
+        (Err(e), Some((key, fingerprint))) if e.status() == StatusCode::CONFLICT => app
             .remembered(scope, &key, &fingerprint)?
             .map(Some)
             .ok_or(e),
@@ -188,7 +184,7 @@ async fn commit_submission(
         (status = 413, description = "body over the limit", body = ErrorBody)))]
 pub(crate) async fn submit(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    user: User,
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> Reply<Submitted> {
     if let Some(k) = &body.idempotency_key {
@@ -198,15 +194,15 @@ pub(crate) async fn submit(
         .idempotency_key
         .clone()
         .map(|k| (k, fingerprint([&body])));
-    if let Some(ids) = replay(&app, &caller, &key)? {
+    if let Some(ids) = replay(&app, &user, &key)? {
         return ok(Submitted {
             id: ids.first().copied().unwrap_or_default(),
             replayed: true,
         });
     }
-    let (spec, record) = prepare(&app, &caller, &body)?;
+    let (spec, record) = prepare(&app, &user, &body)?;
     let id = record.id;
-    match commit_submission(&app, &caller, key, vec![Change::Submit(record)], vec![spec]).await? {
+    match commit_submission(&app, &user, key, vec![Change::Submit(record)], vec![spec]).await? {
         Some(ids) => ok(Submitted {
             id: ids.first().copied().unwrap_or_default(),
             replayed: true,
@@ -249,7 +245,7 @@ pub(crate) struct SubmittedBatch {
         (status = 413, body = ErrorBody)))]
 pub(crate) async fn submit_batch(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    user: User,
     JsonBody(body): JsonBody<BatchBody>,
 ) -> Reply<SubmittedBatch> {
     if body.tasks.is_empty() || body.tasks.len() > app.limits.max_batch {
@@ -265,7 +261,7 @@ pub(crate) async fn submit_batch(
         .idempotency_key
         .clone()
         .map(|k| (k, fingerprint(&body.tasks)));
-    if let Some(ids) = replay(&app, &caller, &key)? {
+    if let Some(ids) = replay(&app, &user, &key)? {
         return ok(SubmittedBatch {
             ids,
             replayed: true,
@@ -280,12 +276,12 @@ pub(crate) async fn submit_batch(
             )
             .in_batch(i));
         }
-        let (spec, record) = prepare(&app, &caller, task).map_err(|e| e.in_batch(i))?;
+        let (spec, record) = prepare(&app, &user, task).map_err(|e| e.in_batch(i))?;
         specs.push(spec);
         changes.push(Change::Submit(record));
     }
     let ids = specs.iter().map(|s| s.id.0).collect();
-    match commit_submission(&app, &caller, key, changes, specs).await? {
+    match commit_submission(&app, &user, key, changes, specs).await? {
         Some(ids) => ok(SubmittedBatch {
             ids,
             replayed: true,
@@ -380,9 +376,9 @@ impl TaskBody {
 }
 
 /// The task, if the caller may see it; otherwise "unknown task" (404), as if it did not exist.
-fn visible(app: &App, caller: &Caller, task: u64) -> Result<TaskRecord, ApiError> {
+fn visible(app: &App, user: &User, task: u64) -> Result<TaskRecord, ApiError> {
     match app.store.task(task)? {
-        Some(t) if caller.may_use(&t.group) => Ok(t),
+        Some(t) if user.may_use(&t.group) => Ok(t),
         _ => Err(switchyard::Error::UnknownTask(TaskId(task)).into()),
     }
 }
@@ -390,13 +386,13 @@ fn visible(app: &App, caller: &Caller, task: u64) -> Result<TaskRecord, ApiError
 /// The refusal of a change to a task the dispatcher does not hold: 409 with its state if it
 /// ended (it is still there to read), else `refusal` (404). The store is read once the
 /// decisions before the refusal are durable.
-async fn not_live(app: &App, caller: &Caller, task: u64, refusal: ApiError) -> ApiError {
+async fn not_live(app: &App, user: &User, task: u64, refusal: ApiError) -> ApiError {
     let refusal = app.durable_refusal(refusal).await;
     if refusal.status() != StatusCode::NOT_FOUND {
         return refusal;
     }
     match app.store.task(task) {
-        Ok(Some(t)) if caller.may_use(&t.group) && t.state.is_final() => ApiError::ended(
+        Ok(Some(t)) if user.may_use(&t.group) && t.state.is_final() => ApiError::ended(
             ErrorKind::TaskEnded,
             format!("task {task} has ended: it is {}", t.state.as_str()),
             t.state,
@@ -408,10 +404,10 @@ async fn not_live(app: &App, caller: &Caller, task: u64, refusal: ApiError) -> A
 
 /// Checks that the caller may change `task`. An admin may change any (the dispatcher decides
 /// whether it exists), so only a submitter pays for the read.
-fn may_change(app: &App, caller: &Caller, task: u64) -> Result<(), ApiError> {
-    match caller.scope()? {
+fn may_change(app: &App, user: &User, task: u64) -> Result<(), ApiError> {
+    match user.scope() {
         None => Ok(()),
-        Some(_) => visible(app, caller, task).map(drop),
+        Some(_) => visible(app, user, task).map(drop),
     }
 }
 
@@ -423,11 +419,11 @@ fn may_change(app: &App, caller: &Caller, task: u64) -> Result<(), ApiError> {
         (status = 404, description = "no such task in the caller's groups", body = ErrorBody)))]
 pub(crate) async fn get(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    user: User,
     PathParams(task): PathParams<u64>,
 ) -> Reply<TaskBody> {
-    caller.scope()?;
-    let t = visible(&app, &caller, task)?;
+    user.scope();
+    let t = visible(&app, &user, task)?;
     let state = Status::of(&app, &t);
     ok(TaskBody::new(t, state))
 }
@@ -449,10 +445,10 @@ pub(crate) struct Cancelled {
         (status = 409, description = "the task has ended (`task_ended`, with its `state`)", body = ErrorBody)))]
 pub(crate) async fn cancel(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    user: User,
     PathParams(task): PathParams<u64>,
 ) -> Reply<Cancelled> {
-    may_change(&app, &caller, task)?;
+    may_change(&app, &user, task)?;
     let a = app.clone();
     let outcome = detach(async move {
         let outcome = a.dispatcher.cancel(TaskId(task))?;
@@ -462,7 +458,7 @@ pub(crate) async fn cancel(
     .await;
     let outcome = match outcome {
         Err(e) if e.kind() == ErrorKind::UnknownTask => {
-            return Err(not_live(&app, &caller, task, e).await)
+            return Err(not_live(&app, &user, task, e).await)
         }
         outcome => outcome?,
     };
@@ -547,12 +543,12 @@ pub(crate) struct Page {
         (status = 403, description = "a group outside the token's scope", body = ErrorBody)))]
 pub(crate) async fn list(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    user: User,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> Reply<Page> {
-    let scope = caller.scope()?;
+    let scope = user.scope();
     if let Some(g) = &q.group {
-        caller.require_group(g)?;
+        user.require_group(g)?;
     }
     if q.limit == 0 || q.limit > MAX_PAGE {
         return Err(ApiError::bad_request(format!(
@@ -632,11 +628,11 @@ pub(crate) struct Updated {
         (status = 409, description = "the task is running (`not_queued`) or has ended (`task_ended`), with its `state`", body = ErrorBody)))]
 pub(crate) async fn update(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    user: User,
     PathParams(task): PathParams<u64>,
     JsonBody(body): JsonBody<UpdateBody>,
 ) -> Reply<Updated> {
-    may_change(&app, &caller, task)?;
+    may_change(&app, &user, task)?;
     if body.priority.is_none() && body.tags.is_none() {
         return Err(ApiError::bad_request(
             "nothing to change: give priority and/or tags",
@@ -661,7 +657,7 @@ pub(crate) async fn update(
     .await;
     let placement = match placement {
         Err(e) if e.kind() == ErrorKind::UnknownTask => {
-            return Err(not_live(&app, &caller, task, e).await)
+            return Err(not_live(&app, &user, task, e).await)
         }
         Err(e) if e.kind() == ErrorKind::NotQueued => {
             return Err(ApiError::ended(

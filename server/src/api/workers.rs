@@ -13,10 +13,10 @@ use utoipa::ToSchema;
 
 use super::{created, ok, Reply};
 use crate::app::{detach, App};
-use crate::auth::{self, Caller};
+use crate::auth::{self, Caller, ThisWorker, User};
 use crate::delivery::{self, Assigned, Delivered, Held, Holding, Outcome, Report, Taken};
 use crate::error::{ApiError, ErrorBody, ErrorKind, JsonBody, PathParams};
-use crate::store::{Change, Role, WorkerRecord};
+use crate::store::{Change, WorkerRecord};
 use crate::sync::{Arc, Ordering};
 
 #[derive(Deserialize, ToSchema)]
@@ -47,17 +47,11 @@ pub(crate) struct Registered {
         (status = 400, description = "invalid groups or tags", body = ErrorBody)))]
 pub(crate) async fn register(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    user: User,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> Reply<Registered> {
-    match &caller {
-        Caller::User(t) if t.role == Role::Admin => {}
-        Caller::User(_) => {
-            for g in &body.groups {
-                caller.require_group(g)?;
-            }
-        }
-        Caller::Worker(_) => return Err(ApiError::forbidden("a worker may not register others")),
+    for g in &body.groups {
+        user.require_group(g)?;
     }
     // Validate before anything is written.
     app.check_worker(&body.groups, &body.tags)?;
@@ -119,11 +113,9 @@ pub(crate) struct Beat {
         (status = 410, description = "declared dead or left: register again", body = ErrorBody)))]
 pub(crate) async fn heartbeat(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    PathParams(worker): PathParams<u64>,
+    ThisWorker(worker): ThisWorker,
     body: axum::body::Bytes,
 ) -> Reply<Beat> {
-    caller.require_worker(worker)?;
     let body: HeartbeatBody = if body.iter().all(u8::is_ascii_whitespace) {
         HeartbeatBody { holding: None }
     } else {
@@ -158,10 +150,8 @@ pub(crate) struct Left {
         (status = 410, body = ErrorBody)))]
 pub(crate) async fn leave(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    PathParams(worker): PathParams<u64>,
+    ThisWorker(worker): ThisWorker,
 ) -> Reply<Left> {
-    caller.require_worker(worker)?;
     let requeued = app.remove_worker(worker).await?;
     ok(Left { requeued })
 }
@@ -210,11 +200,9 @@ pub(crate) struct Fetched {
         (status = 410, description = "declared dead or left: register again", body = ErrorBody)))]
 pub(crate) async fn fetch(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    PathParams(worker): PathParams<u64>,
+    ThisWorker(worker): ThisWorker,
     JsonBody(body): JsonBody<FetchBody>,
 ) -> Reply<Fetched> {
-    caller.require_worker(worker)?;
     if body.max == 0 || body.max > app.limits.max_fetch {
         return Err(ApiError::bad_request(format!(
             "max must be in 1..={}",
@@ -291,11 +279,10 @@ pub(crate) struct Reported {
         (status = 410, description = "declared dead or left: register again", body = ErrorBody)))]
 pub(crate) async fn report(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    PathParams((worker, task)): PathParams<(u64, u64)>,
+    ThisWorker(worker): ThisWorker,
+    PathParams((_, task)): PathParams<(u64, u64)>,
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Reply<Reported> {
-    caller.require_worker(worker)?;
     let report = Report {
         task,
         attempt: body.attempt,
@@ -366,11 +353,9 @@ pub(crate) struct ReportResult {
         (status = 503, description = "the store failed: nothing is known to be recorded", body = ErrorBody)))]
 pub(crate) async fn reports(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    PathParams(worker): PathParams<u64>,
+    ThisWorker(worker): ThisWorker,
     JsonBody(body): JsonBody<ReportsBody>,
 ) -> Reply<ReportsOutcome> {
-    caller.require_worker(worker)?;
     if body.reports.is_empty() || body.reports.len() > app.limits.max_batch {
         return Err(ApiError::bad_request(format!(
             "a batch holds 1..={} reports",
