@@ -1,15 +1,17 @@
 //! The coordinator's state: dispatcher, store, writer, leases, wakeups and keyring, and how it
-//! opens (recovery, admin token) and removes workers.
+//! opens (recovery, admin token). Its operations are in [`crate::operations`] and
+//! [`crate::delivery`].
 //!
 //! One rule joins the dispatcher and the store: the dispatcher decides, the writer makes the
 //! decision durable, and only then is the caller answered. A submission is the one exception
 //! in order: it is validated, committed, and only then handed to the dispatcher, so no fetch
-//! can ever assign a task the store does not have.
+//! can ever assign a task the store does not have. (`App::decided` and `App::recorded_first`
+//! are those two shapes, written once.)
 //!
 //! A decision and its commit must not be separated by a cancelled request (a client that hangs
 //! up, or the request-time limit): hyper drops a handler's future when its connection closes.
-//! So every handler runs its decide-and-commit step through [`detach`], on a task of its own
-//! that finishes whatever happens to the request.
+//! So every decide-and-commit step runs through [`detach`], on a task of its own that finishes
+//! whatever happens to the request.
 //!
 //! A decision the store then fails to record (an I/O error, a full disk) leaves the dispatcher
 //! ahead of the store. The coordinator does not guess how to undo it: on any storage failure
@@ -20,7 +22,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use switchyard::{Config, Dispatcher, Limits, WorkerId};
+use switchyard::{Config, Dispatcher, Limits};
 
 use crate::auth::{self, Caller, Keyring};
 use crate::delivery::Deliveries;
@@ -29,7 +31,7 @@ use crate::input;
 use crate::liveness::{reap, Leases};
 use crate::metrics::Metrics;
 use crate::recovery::recover;
-use crate::store::{Change, Requeued, Role, SqliteStore, Store, StoreError, TokenRecord};
+use crate::store::{Change, Role, SqliteStore, Store, StoreError, TokenRecord};
 use crate::sync::{Arc, AtomicU64, Weak};
 use crate::wakeups::Wakeups;
 use crate::writer::Writer;
@@ -377,33 +379,6 @@ impl App {
     /// Resolves once the coordinator is poisoned.
     pub async fn halted(&self) {
         self.writer.failed().await
-    }
-
-    /// Removes `worker` (it left, or its lease expired): unregisters it, which redistributes
-    /// its tasks, and records that durably. Returns how many running tasks were requeued.
-    /// Runs detached (see the module docs).
-    pub async fn remove_worker(self: &Arc<Self>, worker: u64) -> Result<usize, ApiError> {
-        let app = self.clone();
-        detach(async move {
-            app.leases.forget(worker);
-            let departure = app.dispatcher.unregister(WorkerId(worker))?;
-            app.deliveries.forget(worker);
-            let mut changes = vec![Change::RemoveWorker { worker }];
-            for r in &departure.tasks {
-                if let switchyard::Was::Running(attempt) = r.was {
-                    changes.push(Change::Requeue {
-                        task: r.task.0,
-                        attempt,
-                        worker,
-                        why: Requeued::WorkerGone,
-                    });
-                }
-            }
-            let requeued = changes.len() - 1;
-            app.commit_decided(changes).await?;
-            Ok(requeued)
-        })
-        .await
     }
 }
 

@@ -557,14 +557,10 @@ fn end_matches(end: AttemptEnd, outcome: Outcome) -> bool {
 
 /// One report, decided, recorded and answered (idempotent: see the module docs).
 pub async fn report(app: &Arc<App>, worker: u64, r: Report) -> Result<Taken, ApiError> {
-    let a = app.clone();
     let decided = {
         let r = r.clone();
-        detach(async move {
-            let change = decide(&a, worker, &r)?;
-            a.commit_decided(vec![change]).await
-        })
-        .await
+        app.decided(move |app| Ok(((), vec![decide(app, worker, &r)?])))
+            .await
     };
     match decided {
         Ok(()) => Ok(Taken::Recorded),

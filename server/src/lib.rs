@@ -5,7 +5,7 @@
 //!
 //! | module | what it does |
 //! |---|---|
-//! | [`app`] | the coordinator's state; opening (recovery, admin token), removing workers, and [`app::detach`] |
+//! | [`app`] | the coordinator's state; opening (recovery, admin token), and [`app::detach`] |
 //! | [`api`] | the HTTP routes, split by caller ([`api::workers`], [`api::tasks`], [`api::admin`]), the request-time limit and the OpenAPI document |
 //! | [`auth`] | bearer tokens (stored hashed) and each caller's scope |
 //! | [`delivery`] | the delivery protocol: assignments durable before the reply, reconciliation of what a worker holds, idempotent reports; the guarantee and its failure windows |
@@ -17,6 +17,7 @@
 //! | [`listener`] | accepting connections: the connection cap, the header timeout, shutdown with a deadline |
 //! | [`liveness`] | worker leases, renewed by every worker request; the reaper declares silent workers dead |
 //! | [`wakeups`] | long-poll: a waiting fetch is woken the moment work it can fetch is placed |
+//! | [`operations`] | every change a request asks for, in one of two shapes written once: decided then recorded, or recorded then published |
 //! | [`metrics`] | Prometheus metrics: events as they happen, dispatcher state copied in at scrape time |
 //! | [`sync`] | the locks and atomics the coordinator's shared state uses, named in one place |
 //! | [`client`], [`work`] | the CLI's HTTP client, and the `work` loop that runs a shell command per task |
@@ -38,6 +39,7 @@ pub mod input;
 pub mod listener;
 pub mod liveness;
 pub mod metrics;
+pub mod operations;
 pub mod recovery;
 pub mod store;
 pub mod sync;

@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{created, ok, Reply};
-use crate::app::{detach, now_ms, App};
-use crate::auth::{self, Admin, Caller};
+use crate::app::App;
+use crate::auth::Admin;
 use crate::error::{ApiError, ErrorBody, JsonBody, PathParams};
-use crate::store::{Change, Role, TokenRecord};
+use crate::store::Role;
 use crate::sync::{Arc, Ordering};
 
 #[derive(Serialize, ToSchema)]
@@ -174,25 +174,8 @@ pub(crate) async fn create_token(
     // The same rules as a worker's groups: at least one, valid names, within the limits.
     app.dispatcher
         .validate_worker(&body.groups, &[] as &[String])?;
-    let token = auth::generate();
-    let record = TokenRecord {
-        id: app.next_token.fetch_add(1, Ordering::Relaxed),
-        hash: auth::hash(&token),
-        role: Role::Submitter,
-        groups: body.groups,
-        created_ms: now_ms(),
-    };
+    let (record, token) = app.add_token(body.groups).await?;
     let (id, groups) = (record.id, record.groups.clone());
-    let a = app.clone();
-    detach(async move {
-        a.writer
-            .commit(vec![Change::AddToken(record.clone())])
-            .await?;
-        a.keyring
-            .insert(record.hash.clone(), Caller::User(Arc::new(record)));
-        Ok(())
-    })
-    .await?;
     created(CreatedToken { id, token, groups })
 }
 
@@ -243,21 +226,6 @@ pub(crate) async fn revoke_token(
     _admin: Admin,
     PathParams(id): PathParams<u64>,
 ) -> Reply<Revoked> {
-    match app.keyring.users().iter().find(|t| t.id == id) {
-        None => return Err(ApiError::not_found(format!("no token {id} in force"))),
-        Some(t) if t.role == Role::Admin => {
-            return Err(ApiError::conflict(
-                "the admin token is replaced by starting the server with --admin-token",
-            ))
-        }
-        Some(_) => {}
-    }
-    let a = app.clone();
-    detach(async move {
-        a.writer.commit(vec![Change::RevokeToken { id }]).await?;
-        a.keyring.revoke(id);
-        Ok(())
-    })
-    .await?;
+    app.revoke_token(id).await?;
     ok(Revoked { id })
 }

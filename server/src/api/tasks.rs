@@ -11,11 +11,12 @@ use switchyard::{TaskId, TaskSpec};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{created, ok, Reply};
-use crate::app::{detach, now_ms, App};
+use crate::app::{now_ms, App};
 use crate::auth::{self, User};
 use crate::delivery::raw_payload;
 use crate::error::{ApiError, ErrorBody, ErrorKind, JsonBody, PathParams, QueryParams};
-use crate::store::{Change, KeyRecord, ListFilter, TaskRecord, TaskState};
+use crate::operations::Keyed;
+use crate::store::{ListFilter, TaskRecord, TaskState};
 use crate::sync::{Arc, Ordering};
 
 #[derive(Deserialize, ToSchema)]
@@ -115,61 +116,10 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 
 /// The ids of an earlier submission under the caller's `key` (checked before anything else, so
 /// a retry is answered even if the rules for new input changed since).
-fn replay(
-    app: &App,
-    user: &User,
-    key: &Option<(String, String)>,
-) -> Result<Option<Vec<u64>>, ApiError> {
-    match key {
-        Some((key, fingerprint)) => app.remembered(user.token_id(), key, fingerprint),
+fn replay(app: &App, user: &User, keyed: &Option<Keyed>) -> Result<Option<Vec<u64>>, ApiError> {
+    match keyed {
+        Some(k) => app.remembered(user.token_id(), &k.key, &k.fingerprint),
         None => Ok(None),
-    }
-}
-
-/// Commits a submission's `changes` and hands `specs` to the dispatcher (durable first: only
-/// then may a worker fetch them). With a key, the key is committed in the same transaction;
-/// if another request committed the same key first, its ids are answered instead
-/// (`Some(ids)`, nothing created).
-async fn commit_submission(
-    app: &Arc<App>,
-    user: &User,
-    key: Option<(String, String)>,
-    mut changes: Vec<Change>,
-    specs: Vec<TaskSpec>,
-) -> Result<Option<Vec<u64>>, ApiError> {
-    let scope = user.token_id();
-    let key = match key {
-        Some((key, fingerprint)) => {
-            let ids = specs.iter().map(|s| s.id.0).collect();
-            let now = now_ms();
-            changes.push(Change::Remember {
-                key: KeyRecord {
-                    scope,
-                    key: key.clone(),
-                    fingerprint: fingerprint.clone(),
-                    ids,
-                    created_ms: now,
-                },
-                expired_before_ms: app.key_expiry(now),
-            });
-            Some((key, fingerprint))
-        }
-        None => None,
-    };
-    let a = app.clone();
-    let committed = detach(async move {
-        a.writer.commit(changes).await?;
-        a.dispatcher.submit_many(specs)?;
-        Ok(())
-    })
-    .await;
-    match (committed, key) {
-        // Another request with the same key committed first: answer with its ids.
-        (Err(e), Some((key, fingerprint))) if e.status() == StatusCode::CONFLICT => app
-            .remembered(scope, &key, &fingerprint)?
-            .map(Some)
-            .ok_or(e),
-        (committed, _) => committed.map(|()| None),
     }
 }
 
@@ -190,10 +140,10 @@ pub(crate) async fn submit(
     if let Some(k) = &body.idempotency_key {
         check_key(k)?;
     }
-    let key = body
-        .idempotency_key
-        .clone()
-        .map(|k| (k, fingerprint([&body])));
+    let key = body.idempotency_key.clone().map(|key| Keyed {
+        key,
+        fingerprint: fingerprint([&body]),
+    });
     if let Some(ids) = replay(&app, &user, &key)? {
         return ok(Submitted {
             id: ids.first().copied().unwrap_or_default(),
@@ -202,7 +152,10 @@ pub(crate) async fn submit(
     }
     let (spec, record) = prepare(&app, &user, &body)?;
     let id = record.id;
-    match commit_submission(&app, &user, key, vec![Change::Submit(record)], vec![spec]).await? {
+    match app
+        .submit(user.token_id(), key, vec![(spec, record)])
+        .await?
+    {
         Some(ids) => ok(Submitted {
             id: ids.first().copied().unwrap_or_default(),
             replayed: true,
@@ -257,18 +210,17 @@ pub(crate) async fn submit_batch(
     if let Some(k) = &body.idempotency_key {
         check_key(k)?;
     }
-    let key = body
-        .idempotency_key
-        .clone()
-        .map(|k| (k, fingerprint(&body.tasks)));
+    let key = body.idempotency_key.clone().map(|key| Keyed {
+        key,
+        fingerprint: fingerprint(&body.tasks),
+    });
     if let Some(ids) = replay(&app, &user, &key)? {
         return ok(SubmittedBatch {
             ids,
             replayed: true,
         });
     }
-    let mut specs = Vec::with_capacity(body.tasks.len());
-    let mut changes = Vec::with_capacity(body.tasks.len() + 1);
+    let mut tasks = Vec::with_capacity(body.tasks.len());
     for (i, task) in body.tasks.iter().enumerate() {
         if task.idempotency_key.is_some() {
             return Err(ApiError::bad_request(
@@ -276,12 +228,10 @@ pub(crate) async fn submit_batch(
             )
             .in_batch(i));
         }
-        let (spec, record) = prepare(&app, &user, task).map_err(|e| e.in_batch(i))?;
-        specs.push(spec);
-        changes.push(Change::Submit(record));
+        tasks.push(prepare(&app, &user, task).map_err(|e| e.in_batch(i))?);
     }
-    let ids = specs.iter().map(|s| s.id.0).collect();
-    match commit_submission(&app, &user, key, changes, specs).await? {
+    let ids = tasks.iter().map(|(spec, _)| spec.id.0).collect();
+    match app.submit(user.token_id(), key, tasks).await? {
         Some(ids) => ok(SubmittedBatch {
             ids,
             replayed: true,
@@ -449,14 +399,7 @@ pub(crate) async fn cancel(
     PathParams(task): PathParams<u64>,
 ) -> Reply<Cancelled> {
     may_change(&app, &user, task)?;
-    let a = app.clone();
-    let outcome = detach(async move {
-        let outcome = a.dispatcher.cancel(TaskId(task))?;
-        a.commit_decided(vec![Change::Cancel { task }]).await?;
-        Ok(outcome)
-    })
-    .await;
-    let outcome = match outcome {
+    let outcome = match app.cancel(task).await {
         Err(e) if e.kind() == ErrorKind::UnknownTask => {
             return Err(not_live(&app, &user, task, e).await)
         }
@@ -641,21 +584,7 @@ pub(crate) async fn update(
     if let Some(tags) = &body.tags {
         app.check_task(None, tags)?;
     }
-    let a = app.clone();
-    let placement = detach(async move {
-        let placement = a
-            .dispatcher
-            .update(TaskId(task), body.priority, body.tags.as_deref())?;
-        a.commit_decided(vec![Change::Update {
-            task,
-            priority: body.priority,
-            tags: body.tags,
-        }])
-        .await?;
-        Ok(placement)
-    })
-    .await;
-    let placement = match placement {
+    let placement = match app.update(task, body.priority, body.tags).await {
         Err(e) if e.kind() == ErrorKind::UnknownTask => {
             return Err(not_live(&app, &user, task, e).await)
         }

@@ -12,12 +12,11 @@ use switchyard::WorkerId;
 use utoipa::ToSchema;
 
 use super::{created, ok, Reply};
-use crate::app::{detach, App};
-use crate::auth::{self, Caller, ThisWorker, User};
+use crate::app::App;
+use crate::auth::{ThisWorker, User};
 use crate::delivery::{self, Assigned, Delivered, Held, Holding, Outcome, Report, Taken};
 use crate::error::{ApiError, ErrorBody, ErrorKind, JsonBody, PathParams};
-use crate::store::{Change, WorkerRecord};
-use crate::sync::{Arc, Ordering};
+use crate::sync::Arc;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -56,25 +55,7 @@ pub(crate) async fn register(
     // Validate before anything is written.
     app.check_worker(&body.groups, &body.tags)?;
     app.dispatcher.validate_worker(&body.groups, &body.tags)?;
-    let id = app.next_worker.fetch_add(1, Ordering::Relaxed);
-    let token = auth::generate();
-    let token_hash = auth::hash(&token);
-    let a = app.clone();
-    detach(async move {
-        let record = WorkerRecord {
-            id,
-            groups: body.groups.clone(),
-            tags: body.tags.clone(),
-            token_hash: token_hash.clone(),
-        };
-        a.writer.commit(vec![Change::AddWorker(record)]).await?;
-        a.keyring.insert(token_hash, Caller::Worker(id));
-        a.dispatcher
-            .register(WorkerId(id), &body.groups, &body.tags)?;
-        a.leases.renew(id);
-        Ok(())
-    })
-    .await?;
+    let (id, token) = app.register_worker(body.groups, body.tags).await?;
     created(Registered {
         id,
         token,

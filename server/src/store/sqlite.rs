@@ -120,7 +120,7 @@ fn now_ms() -> i64 {
 
 impl SqliteStore {
     /// Opens (creating if needed) the store in `dir`, as `dir/switchyard.db`, and takes the
-    /// directory's lock for as long as the store lives (see [`DirLock`]). The directory is
+    /// directory's lock for as long as the store lives (see `DirLock`). The directory is
     /// made private to its owner (0700), and the database files are 0600.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::DirBuilder::new()
