@@ -1,5 +1,7 @@
-//! The SQLite store and the group-commit writer: round trips, durability across reopening,
-//! fencing, all-or-nothing batches, conflict isolation and group commit.
+//! The store contract as a conformance suite: every test of the `Store` trait is generic over a
+//! [`Backend`] and runs, unchanged, against each backend listed at the bottom (SQLite today).
+//! Round trips, durability across reopening, fencing by attempt, all-or-nothing batches,
+//! attempts, tokens and lists. The group-commit writer's test runs on SQLite.
 
 mod common;
 
@@ -7,8 +9,8 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use common::Hooked;
 use switchyard_server::store::{
-    AttemptEnd, Change, ListFilter, Recovery, Requeued, Role, SqliteStore, Store, StoreError,
-    TaskRecord, TaskState, TokenRecord, WorkerRecord,
+    AttemptEnd, Change, KeyRecord, ListFilter, Recovery, Requeued, Role, SqliteStore, Store,
+    StoreError, TaskRecord, TaskState, TokenRecord, WorkerRecord,
 };
 use switchyard_server::writer::Writer;
 
@@ -36,20 +38,40 @@ fn worker(id: u64) -> WorkerRecord {
     }
 }
 
-fn store() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(dir.path()).unwrap();
-    (dir, s)
+/// A store backend under test: a place for a store (a directory, a database), and how to open
+/// the store there (again after dropping it: the same state).
+trait Backend {
+    type Place;
+    fn place() -> Self::Place;
+    fn open(place: &Self::Place) -> Arc<dyn Store>;
 }
 
-fn state(s: &SqliteStore, id: u64) -> (TaskState, u32, Option<u64>, Option<String>) {
+/// The embedded SQLite store.
+struct Sqlite;
+
+impl Backend for Sqlite {
+    type Place = tempfile::TempDir;
+    fn place() -> Self::Place {
+        tempfile::tempdir().unwrap()
+    }
+    fn open(place: &Self::Place) -> Arc<dyn Store> {
+        Arc::new(SqliteStore::open(place.path()).unwrap())
+    }
+}
+
+fn store<B: Backend>() -> (B::Place, Arc<dyn Store>) {
+    let place = B::place();
+    let s = B::open(&place);
+    (place, s)
+}
+
+fn state(s: &dyn Store, id: u64) -> (TaskState, u32, Option<u64>, Option<String>) {
     let t = s.task(id).unwrap().unwrap();
     (t.state, t.attempt, t.worker, t.outcome)
 }
 
-#[test]
-fn a_task_goes_through_its_life_and_recovery_sees_only_live_tasks() {
-    let (_dir, s) = store();
+fn a_task_goes_through_its_life_and_recovery_sees_only_live_tasks<B: Backend>() {
+    let (_dir, s) = store::<B>();
     s.apply(&[
         Change::AddWorker(worker(1)),
         Change::Submit(task(1)),
@@ -63,7 +85,7 @@ fn a_task_goes_through_its_life_and_recovery_sees_only_live_tasks() {
         attempt: 1,
     }])
     .unwrap();
-    assert_eq!(state(&s, 1), (TaskState::Running, 1, Some(1), None));
+    assert_eq!(state(&*s, 1), (TaskState::Running, 1, Some(1), None));
     s.apply(&[Change::Requeue {
         task: 1,
         attempt: 1,
@@ -84,7 +106,7 @@ fn a_task_goes_through_its_life_and_recovery_sees_only_live_tasks() {
     }])
     .unwrap();
     assert_eq!(
-        state(&s, 1),
+        state(&*s, 1),
         (TaskState::Finished, 2, Some(1), Some("ok".into()))
     );
     s.apply(&[Change::Assign {
@@ -108,11 +130,10 @@ fn a_task_goes_through_its_life_and_recovery_sees_only_live_tasks() {
     assert_eq!((r.next_task_id, r.next_worker_id), (4, 2));
 }
 
-#[test]
-fn committed_changes_survive_reopening() {
-    let dir = tempfile::tempdir().unwrap();
+fn committed_changes_survive_reopening<B: Backend>() {
+    let dir = B::place();
     {
-        let s = SqliteStore::open(dir.path()).unwrap();
+        let s = B::open(&dir);
         s.apply(&[Change::AddWorker(worker(7)), Change::Submit(task(1))])
             .unwrap();
         s.apply(&[Change::Assign {
@@ -122,7 +143,7 @@ fn committed_changes_survive_reopening() {
         }])
         .unwrap();
     }
-    let s = SqliteStore::open(dir.path()).unwrap();
+    let s = B::open(&dir);
     let r = s.recover().unwrap();
     assert_eq!(r.workers.len(), 1);
     assert_eq!(
@@ -131,9 +152,8 @@ fn committed_changes_survive_reopening() {
     );
 }
 
-#[test]
-fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
-    let (_dir, s) = store();
+fn fenced_changes_refuse_a_stale_attempt_and_change_nothing<B: Backend>() {
+    let (_dir, s) = store::<B>();
     s.apply(&[
         Change::Submit(task(1)),
         Change::Assign {
@@ -168,7 +188,7 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
             "{stale:?}"
         );
     }
-    assert_eq!(state(&s, 1), (TaskState::Running, 1, Some(3), None));
+    assert_eq!(state(&*s, 1), (TaskState::Running, 1, Some(3), None));
     // An update decided while the task was queued applies even if the assignment committed
     // first; once the task has ended it changes nothing.
     s.apply(&[Change::Update {
@@ -189,7 +209,7 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
         Change::Submit(task(2)),
     ])
     .unwrap();
-    assert_eq!(state(&s, 1), (TaskState::Running, 1, Some(3), None));
+    assert_eq!(state(&*s, 1), (TaskState::Running, 1, Some(3), None));
     assert!(matches!(
         s.apply(&[Change::Requeue {
             task: 9,
@@ -217,12 +237,11 @@ fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
     ));
 }
 
-#[test]
-fn a_departure_and_a_late_assign_end_the_same_in_either_order() {
+fn a_departure_and_a_late_assign_end_the_same_in_either_order<B: Backend>() {
     // A fetch assigned attempt 1 while its worker was being declared dead: the departure's
     // requeue may reach the store before or after the fetch's assign.
     for requeue_first in [true, false] {
-        let (_dir, s) = store();
+        let (_dir, s) = store::<B>();
         s.apply(&[Change::Submit(task(1))]).unwrap();
         let assign = Change::Assign {
             task: 1,
@@ -247,7 +266,7 @@ fn a_departure_and_a_late_assign_end_the_same_in_either_order() {
             requeue_first,
             "a late assign is refused; a requeue applies"
         );
-        assert_eq!(state(&s, 1), (TaskState::Queued, 1, None, None));
+        assert_eq!(state(&*s, 1), (TaskState::Queued, 1, None, None));
         // The next assignment (attempt 2, another worker) applies either way.
         s.apply(&[Change::Assign {
             task: 1,
@@ -255,15 +274,14 @@ fn a_departure_and_a_late_assign_end_the_same_in_either_order() {
             attempt: 2,
         }])
         .unwrap();
-        assert_eq!(state(&s, 1), (TaskState::Running, 2, Some(8), None));
+        assert_eq!(state(&*s, 1), (TaskState::Running, 2, Some(8), None));
     }
 }
 
-#[test]
-fn a_departure_batch_commits_even_if_another_worker_took_a_task_first() {
+fn a_departure_batch_commits_even_if_another_worker_took_a_task_first<B: Backend>() {
     // Worker 1 ran task 1 (attempt 1) and is declared dead; the dispatcher re-placed the task and
     // worker 2 fetched it as attempt 2, and that assign committed before the departure's batch.
-    let (_dir, s) = store();
+    let (_dir, s) = store::<B>();
     s.apply(&[
         Change::AddWorker(worker(1)),
         Change::AddWorker(worker(2)),
@@ -303,14 +321,13 @@ fn a_departure_batch_commits_even_if_another_worker_took_a_task_first() {
         },
     ])
     .unwrap();
-    assert_eq!(state(&s, 1), (TaskState::Running, 2, Some(2), None));
-    assert_eq!(state(&s, 2), (TaskState::Queued, 1, None, None));
+    assert_eq!(state(&*s, 1), (TaskState::Running, 2, Some(2), None));
+    assert_eq!(state(&*s, 2), (TaskState::Queued, 1, None, None));
     assert_eq!(s.recover().unwrap().workers, vec![worker(2)]);
 }
 
-#[test]
-fn a_fetch_batch_commits_even_if_one_task_was_cancelled_first() {
-    let (_dir, s) = store();
+fn a_fetch_batch_commits_even_if_one_task_was_cancelled_first<B: Backend>() {
+    let (_dir, s) = store::<B>();
     s.apply(&[Change::Submit(task(1)), Change::Submit(task(2))])
         .unwrap();
     s.apply(&[Change::Cancel { task: 1 }]).unwrap();
@@ -320,13 +337,12 @@ fn a_fetch_batch_commits_even_if_one_task_was_cancelled_first() {
         attempt: 1,
     };
     s.apply(&[assign(1), assign(2)]).unwrap();
-    assert_eq!(state(&s, 1).0, TaskState::Cancelled);
-    assert_eq!(state(&s, 2), (TaskState::Running, 1, Some(5), None));
+    assert_eq!(state(&*s, 1).0, TaskState::Cancelled);
+    assert_eq!(state(&*s, 2), (TaskState::Running, 1, Some(5), None));
 }
 
-#[test]
-fn a_batch_is_all_or_nothing() {
-    let (_dir, s) = store();
+fn a_batch_is_all_or_nothing<B: Backend>() {
+    let (_dir, s) = store::<B>();
     s.apply(&[Change::Submit(task(1))]).unwrap();
     let batch = [
         Change::Submit(task(2)),
@@ -339,12 +355,11 @@ fn a_batch_is_all_or_nothing() {
         None,
         "the batch's first change was rolled back"
     );
-    assert_eq!(state(&s, 1).0, TaskState::Queued, "and so was the cancel");
+    assert_eq!(state(&*s, 1).0, TaskState::Queued, "and so was the cancel");
 }
 
-#[test]
-fn removed_workers_leave_recovery_and_their_ids_are_not_reused() {
-    let (_dir, s) = store();
+fn removed_workers_leave_recovery_and_their_ids_are_not_reused<B: Backend>() {
+    let (_dir, s) = store::<B>();
     s.apply(&[Change::AddWorker(worker(1)), Change::AddWorker(worker(2))])
         .unwrap();
     s.apply(&[Change::RemoveWorker { worker: 2 }]).unwrap();
@@ -373,9 +388,8 @@ fn token(id: u64, role: Role) -> TokenRecord {
     }
 }
 
-#[test]
-fn tokens_are_added_revoked_once_and_recovered_while_in_force() {
-    let (dir, s) = store();
+fn tokens_are_added_revoked_once_and_recovered_while_in_force<B: Backend>() {
+    let (dir, s) = store::<B>();
     s.apply(&[
         Change::AddToken(token(1, Role::Admin)),
         Change::AddToken(token(2, Role::Submitter)),
@@ -401,7 +415,7 @@ fn tokens_are_added_revoked_once_and_recovered_while_in_force() {
         Err(StoreError::Conflict(_))
     ));
     drop(s);
-    let s = SqliteStore::open(dir.path()).unwrap();
+    let s = B::open(&dir);
     let r = s.recover().unwrap();
     assert_eq!(
         r.tokens,
@@ -411,9 +425,8 @@ fn tokens_are_added_revoked_once_and_recovered_while_in_force() {
     assert_eq!(r.next_token_id, 4);
 }
 
-#[test]
-fn tasks_reads_the_existing_ones_among_ids() {
-    let (_dir, s) = store();
+fn tasks_reads_the_existing_ones_among_ids<B: Backend>() {
+    let (_dir, s) = store::<B>();
     s.apply(&[
         Change::Submit(task(1)),
         Change::Submit(task(2)),
@@ -426,9 +439,8 @@ fn tasks_reads_the_existing_ones_among_ids() {
     assert!(s.tasks(&[]).unwrap().is_empty());
 }
 
-#[test]
-fn a_list_can_be_limited_to_a_set_of_groups() {
-    let (_dir, s) = store();
+fn a_list_can_be_limited_to_a_set_of_groups<B: Backend>() {
+    let (_dir, s) = store::<B>();
     let in_group = |id: u64, g: &str| {
         Change::Submit(TaskRecord {
             group: g.into(),
@@ -531,10 +543,9 @@ async fn waiting_requests_share_one_commit_and_a_conflict_fails_only_its_caller(
     writer_task.await.unwrap();
 }
 
-#[test]
-fn a_superseded_requeue_still_records_how_its_attempt_ended() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(dir.path()).unwrap();
+fn a_superseded_requeue_still_records_how_its_attempt_ended<B: Backend>() {
+    let dir = B::place();
+    let s = B::open(&dir);
     s.apply(&[Change::Submit(task(1))]).unwrap();
     for (attempt, worker) in [(1, 7), (2, 8)] {
         s.apply(&[Change::Assign {
@@ -566,3 +577,151 @@ fn a_superseded_requeue_still_records_how_its_attempt_ended() {
     // The running attempt has no record of an end yet.
     assert_eq!(s.attempt(1, 2).unwrap(), None);
 }
+
+fn keys_starts_and_attempt_ends_follow_the_contract<B: Backend>() {
+    let (dir, s) = store::<B>();
+    let key = |fingerprint: &str, created_ms| KeyRecord {
+        scope: 1,
+        key: "k".into(),
+        fingerprint: fingerprint.into(),
+        ids: vec![1],
+        created_ms,
+    };
+    let remember = |k, expired_before_ms| Change::Remember {
+        key: k,
+        expired_before_ms,
+    };
+    s.apply(&[Change::Submit(task(1)), remember(key("a", 1_000), 0)])
+        .unwrap();
+    // A live key is taken: the submission it came with is rolled back with it.
+    assert!(matches!(
+        s.apply(&[Change::Submit(task(2)), remember(key("b", 2_000), 500)]),
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(s.task(2).unwrap().is_none());
+    // An expired one is replaced.
+    s.apply(&[remember(key("b", 3_000), 2_000)]).unwrap();
+    assert_eq!(s.key(1, "k").unwrap().unwrap().fingerprint, "b");
+    assert_eq!(s.key(2, "k").unwrap(), None, "keys are per scope");
+    s.apply(&[Change::ForgetKeys { before_ms: 3_001 }]).unwrap();
+    assert_eq!(s.key(1, "k").unwrap(), None);
+    // Starts only count up.
+    s.apply(&[Change::Boot { boot: 1 }]).unwrap();
+    s.apply(&[Change::Boot { boot: 2 }]).unwrap();
+    assert!(matches!(
+        s.apply(&[Change::Boot { boot: 2 }]),
+        Err(StoreError::Conflict(_))
+    ));
+    // Attempts: none while running; the end of each, with its worker and outcome.
+    s.apply(&[Change::AddWorker(worker(7)), Change::Submit(task(3))])
+        .unwrap();
+    let assign = |task, attempt| Change::Assign {
+        task,
+        worker: 7,
+        attempt,
+    };
+    s.apply(&[assign(1, 1), assign(3, 1)]).unwrap();
+    assert_eq!(s.attempt(1, 1).unwrap(), None);
+    s.apply(&[
+        Change::Fail {
+            task: 1,
+            attempt: 1,
+            message: "boom".into(),
+        },
+        Change::Cancel { task: 3 },
+    ])
+    .unwrap();
+    let ended = |t, a| {
+        let r = s.attempt(t, a).unwrap().unwrap();
+        (r.worker, r.ended, r.outcome)
+    };
+    assert_eq!(
+        ended(1, 1),
+        (7, Some(AttemptEnd::Failed), Some("boom".into()))
+    );
+    assert_eq!(ended(3, 1), (7, Some(AttemptEnd::Cancelled), None));
+    drop(s);
+    // All of it durable.
+    let s = B::open(&dir);
+    assert_eq!(s.recover().unwrap().boot, 2);
+    assert_eq!(
+        s.attempt(1, 1).unwrap().unwrap().outcome.as_deref(),
+        Some("boom")
+    );
+}
+
+/// Runs every conformance test against a backend.
+macro_rules! conformance {
+    ($backend:ident: $ty:ty) => {
+        mod $backend {
+            use super::*;
+
+            #[test]
+            fn a_task_goes_through_its_life_and_recovery_sees_only_live_tasks() {
+                super::a_task_goes_through_its_life_and_recovery_sees_only_live_tasks::<$ty>()
+            }
+
+            #[test]
+            fn committed_changes_survive_reopening() {
+                super::committed_changes_survive_reopening::<$ty>()
+            }
+
+            #[test]
+            fn fenced_changes_refuse_a_stale_attempt_and_change_nothing() {
+                super::fenced_changes_refuse_a_stale_attempt_and_change_nothing::<$ty>()
+            }
+
+            #[test]
+            fn a_departure_and_a_late_assign_end_the_same_in_either_order() {
+                super::a_departure_and_a_late_assign_end_the_same_in_either_order::<$ty>()
+            }
+
+            #[test]
+            fn a_departure_batch_commits_even_if_another_worker_took_a_task_first() {
+                super::a_departure_batch_commits_even_if_another_worker_took_a_task_first::<$ty>()
+            }
+
+            #[test]
+            fn a_fetch_batch_commits_even_if_one_task_was_cancelled_first() {
+                super::a_fetch_batch_commits_even_if_one_task_was_cancelled_first::<$ty>()
+            }
+
+            #[test]
+            fn a_batch_is_all_or_nothing() {
+                super::a_batch_is_all_or_nothing::<$ty>()
+            }
+
+            #[test]
+            fn removed_workers_leave_recovery_and_their_ids_are_not_reused() {
+                super::removed_workers_leave_recovery_and_their_ids_are_not_reused::<$ty>()
+            }
+
+            #[test]
+            fn tokens_are_added_revoked_once_and_recovered_while_in_force() {
+                super::tokens_are_added_revoked_once_and_recovered_while_in_force::<$ty>()
+            }
+
+            #[test]
+            fn tasks_reads_the_existing_ones_among_ids() {
+                super::tasks_reads_the_existing_ones_among_ids::<$ty>()
+            }
+
+            #[test]
+            fn a_list_can_be_limited_to_a_set_of_groups() {
+                super::a_list_can_be_limited_to_a_set_of_groups::<$ty>()
+            }
+
+            #[test]
+            fn a_superseded_requeue_still_records_how_its_attempt_ended() {
+                super::a_superseded_requeue_still_records_how_its_attempt_ended::<$ty>()
+            }
+
+            #[test]
+            fn keys_starts_and_attempt_ends_follow_the_contract() {
+                super::keys_starts_and_attempt_ends_follow_the_contract::<$ty>()
+            }
+        }
+    };
+}
+
+conformance!(sqlite: Sqlite);

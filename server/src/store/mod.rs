@@ -7,8 +7,8 @@
 //! an assignment leaves in a fetch reply, a report is confirmed — each after its commit.
 //!
 //! Changes that depend on an assignment are fenced by attempt in the store too, and the highest
-//! attempt wins, so commits that reach the store out of order end in the same state (see
-//! `sqlite.rs`). A report (`Finish`/`Fail`) or assignment of a superseded attempt is refused
+//! attempt wins, so commits that reach the store out of order end in the same state (the
+//! contract is on [`Store`]). A report (`Finish`/`Fail`) or assignment of a superseded attempt is refused
 //! with [`StoreError::Conflict`] and nothing is written; a superseded `Requeue` is a no-op. The
 //! dispatcher already fences; the store's check keeps a bug or a race between them from
 //! corrupting durable state.
@@ -391,7 +391,45 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
-/// A durable store. `apply` is called by one writer at a time; reads may run concurrently.
+/// A durable store: the contract every backend honours. The conformance suite
+/// (`server/tests/store.rs`) checks it against each backend, unchanged.
+///
+/// # Batches
+/// `apply` is called by one writer at a time. It applies a batch of changes in order,
+/// atomically (all or none) and durably before it returns; a change that fails
+/// (`NotFound`, `Conflict`) rolls back the whole batch. Reads may run concurrently with it.
+///
+/// # Attempts order the changes of a task
+/// Commits from different requests can reach the store in either order (a fetch's `Assign` and
+/// a departure's `Requeue` of the same task, say). Each change names the attempt it establishes,
+/// and the highest attempt wins: `Assign(a)` applies over any lower attempt, `Requeue(a)` over a
+/// lower attempt or over running `a`, and `Finish`/`Fail(a)` only over running `a`. So the final
+/// state is the same whatever the order:
+/// - `Finish`/`Fail` of a superseded attempt is a `Conflict` (a stale report);
+/// - `Requeue` of a superseded attempt, or of an ended task, changes the task not at all and
+///   succeeds: a later decision already stands. A departure's batch (the worker's removal and
+///   its requeues) must not fail because another worker's assignment committed first;
+/// - `Assign` of a cancelled task changes nothing and succeeds (the dispatcher claimed it before
+///   the cancel, whose commit came first); `Assign` of a superseded attempt is a `Conflict`;
+/// - `Update` (decided while the task was queued) applies to a queued or running task, and is a
+///   no-op once it has ended: a fetch's `Assign` or a report may commit before it.
+///
+/// # Attempt ends
+/// The first end recorded for an attempt stands, and is recorded by the change that ends it:
+/// `Finish`/`Fail` (with the outcome), `Cancel` of a running task, and `Requeue` (with its
+/// worker and reason) even when the requeue is superseded. [`Store::attempt`] reads it; a
+/// running attempt has none.
+///
+/// # Keys, starts, tokens, workers
+/// - `Remember` inserts an idempotency key, replacing only a record of it created before
+///   `expired_before_ms`; a live one is a `Conflict`. `ForgetKeys` deletes old ones.
+/// - `Boot` records a start number that must exceed every earlier one (`Conflict` otherwise).
+/// - Ids are unique: a `Submit`, `AddWorker` or `AddToken` of an existing id is a `Conflict`.
+///   Removed workers and revoked tokens are kept (marked), so their ids are never reused.
+///
+/// # Recovery
+/// [`Store::recover`] returns the registered workers, the live (queued and running) tasks in id
+/// order, the removed workers, the tokens in force, the next free ids, and the last start.
 pub trait Store: Send + Sync + 'static {
     /// Applies `changes` in order, atomically (all or none) and durably.
     fn apply(&self, changes: &[Change]) -> Result<(), StoreError>;

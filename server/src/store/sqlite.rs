@@ -12,25 +12,9 @@
 //! `DIR/lock`) for the store's life: a second coordinator on it refuses to start, naming the
 //! holder's process.
 //!
-//! # Attempts order the changes of a task
-//! Commits from different requests can reach the store in either order (a fetch's `Assign` and
-//! a departure's `Requeue` of the same task, say). Each change names the attempt it establishes,
-//! and the highest attempt wins: `Assign(a)` applies over any lower attempt, `Requeue(a)` over a
-//! lower attempt or over running `a`, and `Finish`/`Fail(a)` only over running `a`. So the final
-//! state is the same whatever the order:
-//! - `Finish`/`Fail` of a superseded attempt is refused as a conflict (a stale report);
-//! - `Requeue` of a superseded attempt, or of an ended task, changes nothing and succeeds: a
-//!   later decision already stands. A departure's batch (the worker's removal and its requeues)
-//!   must not fail because another worker's assignment of one of its tasks committed first;
-//! - `Assign` of a cancelled task changes nothing and succeeds (the dispatcher claimed it
-//!   before the cancel, whose commit came first); `Assign` of a superseded attempt is refused.
-//! - `Update` (decided while the task was queued) applies to a queued or running task, and is a
-//!   no-op once it has ended: a fetch's `Assign` or a report may commit before it.
-//!
-//! An attempt's end is written once, in the same statement group as the change that ends it
-//! (`INSERT OR IGNORE` into `attempts`): a `Requeue` records it even when superseded, a
-//! `Finish`/`Fail`/`Cancel` from the task's row before the row changes. The running attempt is
-//! the task row's own.
+//! The contract every backend honours (ordering and fencing by attempt, no-ops and conflicts,
+//! atomic batches, what recovery returns) is on the [`Store`] trait; the SQL here implements it
+//! with guarded `UPDATE`s (`… WHERE attempt < ?`) and `INSERT OR IGNORE` for attempt ends.
 
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
