@@ -31,7 +31,7 @@ use crate::input;
 use crate::liveness::{reap, Leases};
 use crate::metrics::Metrics;
 use crate::recovery::recover;
-use crate::store::{Change, Role, SqliteStore, Store, StoreError, TokenRecord};
+use crate::store::{Change, Role, SqliteStore, Store, StoreError, StoreHandle, TokenRecord};
 use crate::sync::{Arc, AtomicU64, Weak};
 use crate::wakeups::Wakeups;
 use crate::writer::Writer;
@@ -130,7 +130,7 @@ impl Default for Settings {
 /// The coordinator: dispatcher, store and writer, and the request-side state around them.
 pub struct App {
     pub(crate) dispatcher: Dispatcher,
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) store: StoreHandle,
     pub(crate) writer: Writer,
     pub(crate) next_task: AtomicU64,
     pub(crate) next_worker: AtomicU64,
@@ -185,8 +185,11 @@ impl App {
         config: Config,
         limits: Settings,
     ) -> Result<Opened, StartError> {
-        let store = Arc::new(SqliteStore::open(data_dir)?);
-        Self::open_store(store, config, limits).await
+        let dir = data_dir.to_path_buf();
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+            .await
+            .map_err(|e| format!("opening the store panicked: {e}"))??;
+        Self::open_store(Arc::new(store), config, limits).await
     }
 
     /// Recovers `store`'s state into a dispatcher with `config`, settles the admin token and
@@ -197,7 +200,8 @@ impl App {
         limits: Settings,
     ) -> Result<Opened, StartError> {
         limits.validate()?;
-        let state = store.recover()?;
+        let handle = StoreHandle::new(store.clone());
+        let state = handle.recover().await?;
         // Limits bound new input; what is stored loads whatever they are now.
         let input_limits = config.limits.clone();
         config.limits = input::widened(&input_limits, &state);
@@ -241,7 +245,7 @@ impl App {
         dispatcher.set_waker(wakeups.clone());
         let app = Arc::new(Self {
             dispatcher,
-            store,
+            store: handle,
             writer,
             next_task: AtomicU64::new(recovered.next_task_id),
             next_worker: AtomicU64::new(recovered.next_worker_id),
@@ -289,14 +293,14 @@ impl App {
 
     /// The ids of the submission remembered under `key` for token `scope`, if it is within the
     /// idempotency window; 409 if the key was used for different content.
-    pub(crate) fn remembered(
+    pub(crate) async fn remembered(
         &self,
         scope: u64,
         key: &str,
         fingerprint: &str,
     ) -> Result<Option<Vec<u64>>, ApiError> {
         let oldest = self.key_expiry(now_ms());
-        match self.store.key(scope, key)? {
+        match self.store.key(scope, key.to_string()).await? {
             Some(k) if k.created_ms < oldest => Ok(None),
             Some(k) if k.fingerprint == fingerprint => Ok(Some(k.ids)),
             Some(_) => Err(ApiError::conflict(format!(
@@ -328,7 +332,7 @@ impl App {
 
     /// The store (for tests and tools: reads only; every write goes through the writer).
     pub fn store(&self) -> &dyn Store {
-        &*self.store
+        &**self.store.backend()
     }
 
     /// The dispatcher (for tests and statistics).

@@ -363,7 +363,7 @@ async fn record(
     }
     // The payloads, in one read. If it fails, the recorded assignments are given back.
     let ids: Vec<u64> = got.iter().map(|a| a.task.0).collect();
-    let records = match app.store.tasks(&ids) {
+    let records = match app.store.tasks(ids).await {
         Ok(records) => records,
         Err(e) => {
             let taken: Vec<_> = got.iter().map(|a| (a.task, a.attempt)).collect();
@@ -485,7 +485,12 @@ pub fn decide(app: &App, worker: u64, r: &Report) -> Result<Change, ApiError> {
 /// Settles a report the dispatcher refused against the store's record of the attempt (see the
 /// module docs). The caller has made the refusal durable first ([`App::durable_refusal`], or a
 /// commit sent after the decision).
-pub fn settle(app: &App, worker: u64, r: &Report, refusal: ApiError) -> Result<Taken, ApiError> {
+pub async fn settle(
+    app: &App,
+    worker: u64,
+    r: &Report,
+    refusal: ApiError,
+) -> Result<Taken, ApiError> {
     // A refused report of this worker's attempt (or of a worker removed since: its retry
     // after a lost answer) is checked against the attempt's record.
     if !matches!(
@@ -494,7 +499,7 @@ pub fn settle(app: &App, worker: u64, r: &Report, refusal: ApiError) -> Result<T
     ) {
         return Err(refusal);
     }
-    let Some(rec) = app.store.attempt(r.task, r.attempt)? else {
+    let Some(rec) = app.store.attempt(r.task, r.attempt).await? else {
         return Err(refusal);
     };
     if rec.worker != worker {
@@ -517,7 +522,8 @@ pub fn settle(app: &App, worker: u64, r: &Report, refusal: ApiError) -> Result<T
     // The task's state now, for the worker to see what became of it.
     let state = app
         .store
-        .task(r.task)?
+        .task(r.task)
+        .await?
         .map_or(TaskState::Cancelled, |t| t.state);
     let (kind, message) = match rec.ended {
         Some(AttemptEnd::Cancelled) => (
@@ -567,7 +573,7 @@ pub async fn report(app: &Arc<App>, worker: u64, r: Report) -> Result<Taken, Api
         Err(e) if e.status().is_client_error() => {
             // The worker drops its result on a refusal: make sure the refusal is durable.
             let refusal = app.durable_refusal(e).await;
-            settle(app, worker, &r, refusal)
+            settle(app, worker, &r, refusal).await
         }
         Err(e) => Err(e),
     }
@@ -600,13 +606,14 @@ pub async fn reports(
                 "the coordinator is stopping: {reason}"
             )));
         }
-        Ok(decided
-            .into_iter()
-            .map(|(r, refusal)| match refusal {
+        let mut settled = Vec::with_capacity(decided.len());
+        for (r, refusal) in decided {
+            settled.push(match refusal {
                 None => Ok(Taken::Recorded),
-                Some(e) => settle(&a, worker, &r, e),
-            })
-            .collect())
+                Some(e) => settle(&a, worker, &r, e).await,
+            });
+        }
+        Ok(settled)
     })
     .await
 }

@@ -95,7 +95,8 @@ impl App {
         match (committed, keyed) {
             // Another request with the same key committed first: answer with its ids.
             (Err(e), Some(k)) if e.status() == axum::http::StatusCode::CONFLICT => self
-                .remembered(scope, &k.key, &k.fingerprint)?
+                .remembered(scope, &k.key, &k.fingerprint)
+                .await?
                 .map(Some)
                 .ok_or(e),
             (committed, _) => committed.map(|()| None),

@@ -116,9 +116,16 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 
 /// The ids of an earlier submission under the caller's `key` (checked before anything else, so
 /// a retry is answered even if the rules for new input changed since).
-fn replay(app: &App, user: &User, keyed: &Option<Keyed>) -> Result<Option<Vec<u64>>, ApiError> {
+async fn replay(
+    app: &App,
+    user: &User,
+    keyed: &Option<Keyed>,
+) -> Result<Option<Vec<u64>>, ApiError> {
     match keyed {
-        Some(k) => app.remembered(user.token_id(), &k.key, &k.fingerprint),
+        Some(k) => {
+            app.remembered(user.token_id(), &k.key, &k.fingerprint)
+                .await
+        }
         None => Ok(None),
     }
 }
@@ -144,7 +151,7 @@ pub(crate) async fn submit(
         key,
         fingerprint: fingerprint([&body]),
     });
-    if let Some(ids) = replay(&app, &user, &key)? {
+    if let Some(ids) = replay(&app, &user, &key).await? {
         return ok(Submitted {
             id: ids.first().copied().unwrap_or_default(),
             replayed: true,
@@ -214,7 +221,7 @@ pub(crate) async fn submit_batch(
         key,
         fingerprint: fingerprint(&body.tasks),
     });
-    if let Some(ids) = replay(&app, &user, &key)? {
+    if let Some(ids) = replay(&app, &user, &key).await? {
         return ok(SubmittedBatch {
             ids,
             replayed: true,
@@ -326,8 +333,8 @@ impl TaskBody {
 }
 
 /// The task, if the caller may see it; otherwise "unknown task" (404), as if it did not exist.
-fn visible(app: &App, user: &User, task: u64) -> Result<TaskRecord, ApiError> {
-    match app.store.task(task)? {
+async fn visible(app: &App, user: &User, task: u64) -> Result<TaskRecord, ApiError> {
+    match app.store.task(task).await? {
         Some(t) if user.may_use(&t.group) => Ok(t),
         _ => Err(switchyard::Error::UnknownTask(TaskId(task)).into()),
     }
@@ -341,7 +348,7 @@ async fn not_live(app: &App, user: &User, task: u64, refusal: ApiError) -> ApiEr
     if refusal.status() != StatusCode::NOT_FOUND {
         return refusal;
     }
-    match app.store.task(task) {
+    match app.store.task(task).await {
         Ok(Some(t)) if user.may_use(&t.group) && t.state.is_final() => ApiError::ended(
             ErrorKind::TaskEnded,
             format!("task {task} has ended: it is {}", t.state.as_str()),
@@ -354,10 +361,10 @@ async fn not_live(app: &App, user: &User, task: u64, refusal: ApiError) -> ApiEr
 
 /// Checks that the caller may change `task`. An admin may change any (the dispatcher decides
 /// whether it exists), so only a submitter pays for the read.
-fn may_change(app: &App, user: &User, task: u64) -> Result<(), ApiError> {
+async fn may_change(app: &App, user: &User, task: u64) -> Result<(), ApiError> {
     match user.scope() {
         None => Ok(()),
-        Some(_) => visible(app, user, task).map(drop),
+        Some(_) => visible(app, user, task).await.map(drop),
     }
 }
 
@@ -373,7 +380,7 @@ pub(crate) async fn get(
     PathParams(task): PathParams<u64>,
 ) -> Reply<TaskBody> {
     user.scope();
-    let t = visible(&app, &user, task)?;
+    let t = visible(&app, &user, task).await?;
     let state = Status::of(&app, &t);
     ok(TaskBody::new(t, state))
 }
@@ -398,7 +405,7 @@ pub(crate) async fn cancel(
     user: User,
     PathParams(task): PathParams<u64>,
 ) -> Reply<Cancelled> {
-    may_change(&app, &user, task)?;
+    may_change(&app, &user, task).await?;
     let outcome = match app.cancel(task).await {
         Err(e) if e.kind() == ErrorKind::UnknownTask => {
             return Err(not_live(&app, &user, task, e).await)
@@ -513,34 +520,30 @@ pub(crate) async fn list(
         limit: q.limit,
     };
     let (want, limit) = (q.state, q.limit);
-    // A filtered page may scan many rows: off the async workers.
-    let a = app.clone();
-    let (tasks, next) = tokio::task::spawn_blocking(move || {
-        // Queued and parked share a stored state: rows of the other are skipped, so a page may
-        // take several reads. At most SCAN_PAGES of them: then the page ends early, with `next`
-        // to go on from.
-        let mut tasks = Vec::with_capacity(limit);
-        for _ in 0..SCAN_PAGES {
-            let rows = a.store.list(&filter)?;
-            let more = rows.len() == filter.limit;
-            for t in rows {
-                filter.after = t.id;
-                let state = Status::of(&a, &t);
-                if want.is_none_or(|w| w == state) {
-                    tasks.push(TaskSummary::new(t, state));
-                    if tasks.len() == limit {
-                        return Ok((tasks, Some(filter.after)));
-                    }
+    // Queued and parked share a stored state: rows of the other are skipped, so a page may take
+    // several reads. At most SCAN_PAGES of them: then the page ends early, with `next` to go on
+    // from.
+    let mut tasks = Vec::with_capacity(limit);
+    let mut next = Some(filter.after);
+    'pages: for _ in 0..SCAN_PAGES {
+        let rows = app.store.list(filter.clone()).await?;
+        let more = rows.len() == filter.limit;
+        for t in rows {
+            filter.after = t.id;
+            next = Some(t.id);
+            let state = Status::of(&app, &t);
+            if want.is_none_or(|w| w == state) {
+                tasks.push(TaskSummary::new(t, state));
+                if tasks.len() == limit {
+                    break 'pages;
                 }
             }
-            if !more {
-                return Ok((tasks, None));
-            }
         }
-        Ok::<_, ApiError>((tasks, Some(filter.after)))
-    })
-    .await
-    .map_err(|_| ApiError::internal("listing tasks failed inside the coordinator"))??;
+        if !more {
+            next = None;
+            break;
+        }
+    }
     ok(Page { tasks, next })
 }
 
@@ -575,7 +578,7 @@ pub(crate) async fn update(
     PathParams(task): PathParams<u64>,
     JsonBody(body): JsonBody<UpdateBody>,
 ) -> Reply<Updated> {
-    may_change(&app, &user, task)?;
+    may_change(&app, &user, task).await?;
     if body.priority.is_none() && body.tags.is_none() {
         return Err(ApiError::bad_request(
             "nothing to change: give priority and/or tags",

@@ -22,8 +22,10 @@
 //!
 //! One coordinator owns a store at a time: the SQLite store locks its data directory.
 
+mod handle;
 mod sqlite;
 
+pub use handle::StoreHandle;
 pub use sqlite::SqliteStore;
 
 use serde::{Deserialize, Serialize};
