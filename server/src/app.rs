@@ -27,12 +27,13 @@ use switchyard::{Config, Dispatcher, Limits};
 use crate::auth::{self, Caller, Keyring};
 use crate::delivery::Deliveries;
 use crate::error::ApiError;
+use crate::ids::Ids;
 use crate::input;
 use crate::liveness::{reap, Leases};
 use crate::metrics::Metrics;
 use crate::recovery::recover;
 use crate::store::{Change, Role, SqliteStore, Store, StoreError, StoreHandle, TokenRecord};
-use crate::sync::{Arc, AtomicU64, Weak};
+use crate::sync::{Arc, Weak};
 use crate::wakeups::Wakeups;
 use crate::writer::Writer;
 
@@ -132,9 +133,7 @@ pub struct App {
     pub(crate) dispatcher: Dispatcher,
     pub(crate) store: StoreHandle,
     pub(crate) writer: Writer,
-    pub(crate) next_task: AtomicU64,
-    pub(crate) next_worker: AtomicU64,
-    pub(crate) next_token: AtomicU64,
+    pub(crate) ids: Ids,
     pub(crate) limits: Settings,
     pub(crate) leases: Leases,
     pub(crate) wakeups: Arc<Wakeups>,
@@ -229,9 +228,9 @@ impl App {
                 keyring.insert(w.token_hash.clone(), Caller::Worker(w.id));
             }
         }
-        let mut next_token = state.next_token_id;
+        let ids = Ids::new(handle.clone());
         let (tokens, new_admin_token) =
-            settle_admin_token(&writer, state.tokens, &mut next_token, &limits).await?;
+            settle_admin_token(&writer, state.tokens, &ids, &limits).await?;
         for t in tokens {
             keyring.insert(t.hash.clone(), Caller::User(Arc::new(t)));
         }
@@ -247,9 +246,7 @@ impl App {
             dispatcher,
             store: handle,
             writer,
-            next_task: AtomicU64::new(recovered.next_task_id),
-            next_worker: AtomicU64::new(recovered.next_worker_id),
-            next_token: AtomicU64::new(next_token),
+            ids,
             limits,
             leases,
             wakeups,
@@ -410,7 +407,7 @@ async fn forget_keys(app: Weak<App>) {
 async fn settle_admin_token(
     writer: &Writer,
     mut tokens: Vec<TokenRecord>,
-    next_id: &mut u64,
+    ids: &Ids,
     limits: &Settings,
 ) -> Result<(Vec<TokenRecord>, Option<String>), StartError> {
     let admins = || tokens.iter().filter(|t| t.role == Role::Admin);
@@ -426,13 +423,12 @@ async fn settle_admin_token(
     };
     let mut changes: Vec<Change> = admins().map(|a| Change::RevokeToken { id: a.id }).collect();
     let record = TokenRecord {
-        id: *next_id,
+        id: ids.token().await?,
         hash: auth::hash(&wanted),
         role: Role::Admin,
         groups: Vec::new(),
         created_ms: now_ms(),
     };
-    *next_id += 1;
     changes.push(Change::AddToken(record.clone()));
     writer.commit(changes).await?;
     tokens.retain(|t| t.role != Role::Admin);

@@ -10,6 +10,7 @@
 //! | [`auth`] | bearer tokens (stored hashed) and each caller's scope |
 //! | [`delivery`] | the delivery protocol: assignments durable before the reply, reconciliation of what a worker holds, idempotent reports; the guarantee and its failure windows |
 //! | [`error`] | one error type, mapped to a status and a JSON body in one place |
+//! | [`ids`] | task, worker and token ids, reserved from the store in blocks (coordinators sharing a store never collide) |
 //! | [`input`] | rules for new input: name rules and the configured limits (stored state loads whatever they are now) |
 //! | [`store`] | the `Store` trait, its records and changes; SQLite (WAL) as the embedded default |
 //! | [`writer`] | the group-commit writer: one transaction per batch of waiting requests |
@@ -35,6 +36,7 @@ pub mod auth;
 pub mod client;
 pub mod delivery;
 pub mod error;
+pub mod ids;
 pub mod input;
 pub mod listener;
 pub mod liveness;

@@ -20,7 +20,7 @@ use crate::app::{detach, now_ms, App};
 use crate::auth::{self, Caller};
 use crate::error::ApiError;
 use crate::store::{Change, KeyRecord, Requeued, Role, TaskRecord, TokenRecord, WorkerRecord};
-use crate::sync::{Arc, Ordering};
+use crate::sync::Arc;
 
 /// A submission's idempotency key and the fingerprint of its content.
 pub struct Keyed {
@@ -139,7 +139,7 @@ impl App {
         groups: Vec<String>,
         tags: Vec<String>,
     ) -> Result<(u64, String), ApiError> {
-        let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
+        let id = self.ids.worker().await?;
         let token = auth::generate();
         let token_hash = auth::hash(&token);
         let record = WorkerRecord {
@@ -188,7 +188,7 @@ impl App {
     ) -> Result<(Arc<TokenRecord>, String), ApiError> {
         let token = auth::generate();
         let record = Arc::new(TokenRecord {
-            id: self.next_token.fetch_add(1, Ordering::Relaxed),
+            id: self.ids.token().await?,
             hash: auth::hash(&token),
             role: Role::Submitter,
             groups,

@@ -24,10 +24,6 @@ pub struct Recovered {
     pub running: usize,
     /// Changes the store must record: running tasks whose worker is gone, queued again.
     pub requeued: Vec<Change>,
-    /// The next free task id.
-    pub next_task_id: u64,
-    /// The next free worker id.
-    pub next_worker_id: u64,
 }
 
 /// Why recovery failed.
@@ -90,7 +86,5 @@ pub fn recover(
         queued,
         running,
         requeued,
-        next_task_id: state.next_task_id,
-        next_worker_id: state.next_worker_id,
     })
 }

@@ -95,7 +95,8 @@ fn recovery_registers_workers_before_placing_tasks_in_every_mode() {
         .unwrap();
         let r = recover(&store.recover().unwrap(), &d, 10_000).unwrap();
         assert_eq!((r.workers, r.queued, r.running), (1, 3, 1), "{mode:?}");
-        assert_eq!((r.next_task_id, r.next_worker_id), (6, 3));
+        let stored = store.recover().unwrap();
+        assert_eq!((stored.next_task_id, stored.next_worker_id), (6, 3));
         // Task 3 ran on the removed worker: queued again, and the store is told.
         assert_eq!(
             r.requeued,

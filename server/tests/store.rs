@@ -9,8 +9,8 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use common::Hooked;
 use switchyard_server::store::{
-    AttemptEnd, Change, KeyRecord, ListFilter, Recovery, Requeued, Role, SqliteStore, Store,
-    StoreError, TaskRecord, TaskState, TokenRecord, WorkerRecord,
+    AttemptEnd, Change, IdKind, KeyRecord, ListFilter, Recovery, Requeued, Role, SqliteStore,
+    Store, StoreError, TaskRecord, TaskState, TokenRecord, WorkerRecord,
 };
 use switchyard_server::writer::Writer;
 
@@ -650,6 +650,40 @@ fn keys_starts_and_attempt_ends_follow_the_contract<B: Backend>() {
     );
 }
 
+fn reserved_ids_are_fresh_disjoint_and_durable<B: Backend>() {
+    let (dir, s) = store::<B>();
+    s.apply(&[Change::Submit(task(5)), Change::AddWorker(worker(2))])
+        .unwrap();
+    let a = s.reserve(IdKind::Task, 10).unwrap();
+    assert_eq!(a, 6..16, "above every stored id");
+    // Concurrent reservations (two coordinators on one store) never overlap.
+    let got: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| s.reserve(IdKind::Task, 100).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<u64> = got
+        .iter()
+        .flat_map(|r| r.clone())
+        .chain(a.clone())
+        .collect();
+    all.sort_unstable();
+    let n = all.len();
+    all.dedup();
+    assert_eq!(all.len(), n, "overlapping reservations: {got:?}");
+    // Each kind has its own sequence.
+    assert_eq!(s.reserve(IdKind::Worker, 1).unwrap(), 3..4);
+    assert_eq!(s.reserve(IdKind::Token, 2).unwrap(), 1..3);
+    drop(s);
+    let s = B::open(&dir);
+    let after = s.reserve(IdKind::Task, 1).unwrap();
+    assert!(
+        after.start >= 416,
+        "reservations survive reopening: {after:?}"
+    );
+}
+
 /// Runs every conformance test against a backend.
 macro_rules! conformance {
     ($backend:ident: $ty:ty) => {
@@ -719,6 +753,11 @@ macro_rules! conformance {
             #[test]
             fn keys_starts_and_attempt_ends_follow_the_contract() {
                 super::keys_starts_and_attempt_ends_follow_the_contract::<$ty>()
+            }
+
+            #[test]
+            fn reserved_ids_are_fresh_disjoint_and_durable() {
+                super::reserved_ids_are_fresh_disjoint_and_durable::<$ty>()
             }
         }
     };

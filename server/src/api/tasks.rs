@@ -17,7 +17,7 @@ use crate::delivery::raw_payload;
 use crate::error::{ApiError, ErrorBody, ErrorKind, JsonBody, PathParams, QueryParams};
 use crate::operations::Keyed;
 use crate::store::{ListFilter, TaskRecord, TaskState};
-use crate::sync::{Arc, Ordering};
+use crate::sync::Arc;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -59,9 +59,14 @@ fn payload_bytes(body: &SubmitBody) -> &[u8] {
         .map_or(b"null".as_slice(), |p| p.get().as_bytes())
 }
 
-/// Validates a submission and gives it an id: the spec for the dispatcher and the record for the
+/// Validates a submission and names it `id`: the spec for the dispatcher and the record for the
 /// store. Nothing is written.
-fn prepare(app: &App, user: &User, body: &SubmitBody) -> Result<(TaskSpec, TaskRecord), ApiError> {
+fn prepare(
+    app: &App,
+    user: &User,
+    body: &SubmitBody,
+    id: u64,
+) -> Result<(TaskSpec, TaskRecord), ApiError> {
     user.require_group(&body.group)?;
     let payload = payload_bytes(body);
     if payload.len() > app.limits.max_payload {
@@ -72,7 +77,6 @@ fn prepare(app: &App, user: &User, body: &SubmitBody) -> Result<(TaskSpec, TaskR
         )));
     }
     app.check_task(Some(&body.group), &body.tags)?;
-    let id = app.next_task.fetch_add(1, Ordering::Relaxed);
     let spec = TaskSpec::new(id, body.group.clone())
         .tags(body.tags.iter().cloned())
         .priority(body.priority);
@@ -157,7 +161,8 @@ pub(crate) async fn submit(
             replayed: true,
         });
     }
-    let (spec, record) = prepare(&app, &user, &body)?;
+    let id = app.ids.tasks(1).await?.start;
+    let (spec, record) = prepare(&app, &user, &body, id)?;
     let id = record.id;
     match app
         .submit(user.token_id(), key, vec![(spec, record)])
@@ -228,6 +233,7 @@ pub(crate) async fn submit_batch(
         });
     }
     let mut tasks = Vec::with_capacity(body.tasks.len());
+    let first = app.ids.tasks(body.tasks.len() as u64).await?.start;
     for (i, task) in body.tasks.iter().enumerate() {
         if task.idempotency_key.is_some() {
             return Err(ApiError::bad_request(
@@ -235,7 +241,8 @@ pub(crate) async fn submit_batch(
             )
             .in_batch(i));
         }
-        tasks.push(prepare(&app, &user, task).map_err(|e| e.in_batch(i))?);
+        let id = first + i as u64;
+        tasks.push(prepare(&app, &user, task, id).map_err(|e| e.in_batch(i))?);
     }
     let ids = tasks.iter().map(|(spec, _)| spec.id.0).collect();
     match app.submit(user.token_id(), key, tasks).await? {

@@ -5,7 +5,9 @@
 //! which runs it on the blocking pool, and every write through the group-commit writer, which
 //! does the same. So no call site knows which backend it talks to, or that it blocks.
 
-use super::{AttemptRecord, KeyRecord, ListFilter, Recovery, Store, StoreError, TaskRecord};
+use super::{
+    AttemptRecord, IdKind, KeyRecord, ListFilter, Recovery, Store, StoreError, TaskRecord,
+};
 use crate::sync::Arc;
 
 /// Async access to a [`Store`] (see the module docs). Cheap to clone.
@@ -66,5 +68,10 @@ impl StoreHandle {
     /// See [`Store::key`].
     pub async fn key(&self, scope: u64, key: String) -> Result<Option<KeyRecord>, StoreError> {
         self.run(move |s| s.key(scope, &key)).await
+    }
+
+    /// See [`Store::reserve`].
+    pub async fn reserve(&self, kind: IdKind, n: u64) -> Result<std::ops::Range<u64>, StoreError> {
+        self.run(move |s| s.reserve(kind, n)).await
     }
 }

@@ -344,7 +344,7 @@ pub struct Recovery {
     pub workers: Vec<WorkerRecord>,
     /// Live tasks (queued and running), in submission order.
     pub tasks: Vec<TaskRecord>,
-    /// The next free task id.
+    /// The next free task id (above every stored one; a reservation may be higher).
     pub next_task_id: u64,
     /// The next free worker id.
     pub next_worker_id: u64,
@@ -429,6 +429,10 @@ pub struct ListFilter {
 /// - Ids are unique: a `Submit`, `AddWorker` or `AddToken` of an existing id is a `Conflict`.
 ///   Removed workers and revoked tokens are kept (marked), so their ids are never reused.
 ///
+/// # Ids
+/// Ids come from the store, never from a coordinator's own counter: [`Store::reserve`] hands
+/// out ranges no one else gets, so coordinators sharing a store never collide.
+///
 /// # Recovery
 /// [`Store::recover`] returns the registered workers, the live (queued and running) tasks in id
 /// order, the removed workers, the tokens in force, the next free ids, and the last start.
@@ -448,4 +452,19 @@ pub trait Store: Send + Sync + 'static {
     fn attempt(&self, task: u64, attempt: u32) -> Result<Option<AttemptRecord>, StoreError>;
     /// The submission remembered under `key` for the token `scope`.
     fn key(&self, scope: u64, key: &str) -> Result<Option<KeyRecord>, StoreError>;
+    /// Reserves `n` fresh ids of `kind`: a range above every id of that kind stored or
+    /// reserved before, by this coordinator or any other sharing the store. Durable and atomic
+    /// on its own (not a `Change`: it commits at once, outside the writer's batches).
+    fn reserve(&self, kind: IdKind, n: u64) -> Result<std::ops::Range<u64>, StoreError>;
+}
+
+/// What an id names: each kind has its own sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdKind {
+    /// Task ids.
+    Task,
+    /// Worker ids.
+    Worker,
+    /// User token ids.
+    Token,
 }

@@ -26,8 +26,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::sync::Mutex;
 
 use super::{
-    AttemptEnd, AttemptRecord, Change, KeyRecord, ListFilter, Recovery, Role, Store, StoreError,
-    TaskRecord, TaskState, TokenRecord, WorkerRecord,
+    AttemptEnd, AttemptRecord, Change, IdKind, KeyRecord, ListFilter, Recovery, Role, Store,
+    StoreError, TaskRecord, TaskState, TokenRecord, WorkerRecord,
 };
 
 const SCHEMA: &str = "
@@ -728,5 +728,38 @@ impl Store for SqliteStore {
             })
         })
         .transpose()
+    }
+
+    fn reserve(&self, kind: IdKind, n: u64) -> Result<std::ops::Range<u64>, StoreError> {
+        let (table, counter) = match kind {
+            IdKind::Task => ("tasks", "next_task"),
+            IdKind::Worker => ("workers", "next_worker"),
+            IdKind::Token => ("tokens", "next_token"),
+        };
+        let mut conn = self.writer.lock();
+        let tx = conn.transaction().map_err(backend)?;
+        // Above every stored id and every earlier reservation.
+        let start: i64 = tx
+            .query_row(
+                &format!(
+                    "SELECT MAX(COALESCE((SELECT MAX(id) FROM {table}), 0) + 1,
+                                COALESCE((SELECT value FROM meta WHERE name = ?1), 1))"
+                ),
+                [counter],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        let end = start
+            .checked_add(i64::try_from(n).map_err(backend)?)
+            .ok_or_else(|| StoreError::Backend(format!("{table} ids are exhausted")))?;
+        exec(
+            &tx,
+            "INSERT INTO meta (name, value) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            params![counter, end],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(start as u64..end as u64)
     }
 }

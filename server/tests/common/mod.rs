@@ -18,7 +18,7 @@ use switchyard::Config;
 use switchyard_server::api::serve;
 use switchyard_server::app::{App, Opened, Settings};
 use switchyard_server::store::{
-    AttemptRecord, Change, KeyRecord, ListFilter, Recovery, SqliteStore, Store, StoreError,
+    AttemptRecord, Change, IdKind, KeyRecord, ListFilter, Recovery, SqliteStore, Store, StoreError,
     TaskRecord,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -315,6 +315,9 @@ impl Store for Hooked {
     }
     fn key(&self, scope: u64, key: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.key(scope, key)
+    }
+    fn reserve(&self, kind: IdKind, n: u64) -> Result<std::ops::Range<u64>, StoreError> {
+        self.inner.reserve(kind, n)
     }
 }
 
