@@ -684,6 +684,34 @@ fn reserved_ids_are_fresh_disjoint_and_durable<B: Backend>() {
     );
 }
 
+fn a_recovery_can_be_limited_to_some_groups<B: Backend>() {
+    let (_dir, s) = store::<B>();
+    let in_group = |id: u64, group: &str| TaskRecord {
+        group: group.into(),
+        ..task(id)
+    };
+    let serving = |id: u64, groups: &[&str]| WorkerRecord {
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        ..worker(id)
+    };
+    s.apply(&[
+        Change::Submit(in_group(1, "a")),
+        Change::Submit(in_group(2, "b")),
+        Change::Submit(in_group(3, "a")),
+        Change::AddWorker(serving(1, &["a"])),
+        Change::AddWorker(serving(2, &["b", "c"])),
+        Change::AddWorker(serving(3, &["c", "a"])),
+    ])
+    .unwrap();
+    let r = s.recover_groups(Some(&["a".to_string()])).unwrap();
+    assert_eq!(r.tasks.iter().map(|t| t.id).collect::<Vec<_>>(), [1, 3]);
+    assert_eq!(r.workers.iter().map(|w| w.id).collect::<Vec<_>>(), [1, 3]);
+    assert_eq!(r.next_task_id, 4, "ids as for a whole recovery");
+    let all = s.recover().unwrap();
+    assert_eq!((all.tasks.len(), all.workers.len()), (3, 3));
+    assert!(s.recover_groups(Some(&[])).unwrap().tasks.is_empty());
+}
+
 /// Runs every conformance test against a backend.
 macro_rules! conformance {
     ($backend:ident: $ty:ty) => {
@@ -758,6 +786,11 @@ macro_rules! conformance {
             #[test]
             fn reserved_ids_are_fresh_disjoint_and_durable() {
                 super::reserved_ids_are_fresh_disjoint_and_durable::<$ty>()
+            }
+
+            #[test]
+            fn a_recovery_can_be_limited_to_some_groups() {
+                super::a_recovery_can_be_limited_to_some_groups::<$ty>()
             }
         }
     };

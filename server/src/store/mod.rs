@@ -440,7 +440,13 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `changes` in order, atomically (all or none) and durably.
     fn apply(&self, changes: &[Change]) -> Result<(), StoreError>;
     /// Everything the coordinator needs to restart.
-    fn recover(&self) -> Result<Recovery, StoreError>;
+    fn recover(&self) -> Result<Recovery, StoreError> {
+        self.recover_groups(None)
+    }
+    /// What a coordinator needs to restart for `groups` only (`None`: all): the live tasks of
+    /// those groups, the workers (registered and removed) that serve at least one of them, and,
+    /// as for a whole recovery, every token in force, the next ids and the last start.
+    fn recover_groups(&self, groups: Option<&[String]>) -> Result<Recovery, StoreError>;
     /// One task, live or ended.
     fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError>;
     /// The tasks among `ids` that exist, in any order (one read for a fetch's assignments).

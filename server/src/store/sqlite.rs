@@ -560,7 +560,9 @@ impl Store for SqliteStore {
         tx.commit().map_err(backend)
     }
 
-    fn recover(&self) -> Result<Recovery, StoreError> {
+    fn recover_groups(&self, groups: Option<&[String]>) -> Result<Recovery, StoreError> {
+        let serves =
+            |w: &WorkerRecord| groups.is_none_or(|g| w.groups.iter().any(|x| g.contains(x)));
         let conn = self.reader.lock();
         let all_workers = conn
             .prepare("SELECT id, groups, tags, token_hash, removed FROM workers ORDER BY id")
@@ -577,8 +579,10 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(backend)?;
-        let (removed, workers): (Vec<_>, Vec<_>) =
-            all_workers.into_iter().partition(|(_, removed)| *removed);
+        let (removed, workers): (Vec<_>, Vec<_>) = all_workers
+            .into_iter()
+            .filter(|(w, _)| serves(w))
+            .partition(|(_, removed)| *removed);
         let tokens = conn
             .prepare(
                 "SELECT id, hash, role, groups, created_ms FROM tokens WHERE revoked = 0 ORDER BY id",
@@ -605,10 +609,13 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         let tasks = conn
             .prepare(&format!(
-                "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('queued', 'running') ORDER BY id"
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('queued', 'running')
+                   AND (?1 IS NULL OR grp IN (SELECT value FROM json_each(?1)))
+                 ORDER BY id"
             ))
             .and_then(|mut s| {
-                s.query_map([], task_row)?
+                let groups = groups.map(|g| serde_json::to_string(g).unwrap_or_default());
+                s.query_map([groups], task_row)?
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(backend)?;

@@ -298,8 +298,8 @@ impl Store for Hooked {
         (self.before_apply)(changes)?;
         self.inner.apply(changes)
     }
-    fn recover(&self) -> Result<Recovery, StoreError> {
-        self.inner.recover()
+    fn recover_groups(&self, groups: Option<&[String]>) -> Result<Recovery, StoreError> {
+        self.inner.recover_groups(groups)
     }
     fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
         self.inner.task(id)
