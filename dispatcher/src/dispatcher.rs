@@ -68,13 +68,6 @@ pub trait Waker: Send + Sync + 'static {
     fn class(&self, candidates: &mut dyn Iterator<Item = WorkerId>);
 }
 
-/// What a placement did, without allocating a worker list on the submit path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Placed {
-    Queued,
-    Parked,
-}
-
 /// The in-process dispatcher. Cheap to share: wrap it in an `Arc`; every method takes `&self`.
 pub struct Dispatcher {
     pub(crate) config: Config,
@@ -522,7 +515,7 @@ impl Dispatcher {
     /// The tasks queued on `w`: balanced, its own counter; fanout, the sum over its classes.
     pub(crate) fn queued_of(&self, w: &Worker) -> usize {
         match self.config.mode {
-            Mode::Fanout => w.classes.lock().iter().map(|c| c.queued.queued()).sum(),
+            Mode::Fanout => w.classes.lock().iter().map(|c| c.queued.get()).sum(),
             Mode::Balanced(_) => w.load.queued(),
         }
     }
@@ -675,7 +668,7 @@ impl Dispatcher {
 
     /// Places a freshly requeued task (no holders) on its live candidates by the configured
     /// policy, or parks it when it has none. Copies to push go to `pushes`.
-    pub(crate) fn place(&self, l: &mut Locked<'_>, pushes: &mut Pushes) -> Placed {
+    pub(crate) fn place(&self, l: &mut Locked<'_>, pushes: &mut Pushes) {
         loop {
             let candidates = self.registry.candidates(&l.st.class);
             if let Mode::Fanout = self.config.mode {
@@ -685,9 +678,8 @@ impl Dispatcher {
                 l.set_holders(Holders::Class);
                 if candidates.is_empty() {
                     self.counters.parked.fetch_add(1, Ordering::Relaxed);
-                    return Placed::Parked;
                 }
-                return Placed::Queued;
+                return;
             }
             if !candidates.is_empty() {
                 match self.config.mode {
@@ -702,10 +694,10 @@ impl Dispatcher {
                         Self::assign_one(l, &candidates[i], pushes);
                     }
                 }
-                return Placed::Queued;
+                return;
             }
             if self.park(l) {
-                return Placed::Parked;
+                return;
             }
         }
     }
@@ -729,7 +721,7 @@ impl Dispatcher {
             for (class, entries) in &classes {
                 let mut h = class.heap.lock();
                 entries.iter().for_each(|e| h.push(*e));
-                let compacted = h.compact_if_sparse(class.queued.queued(), &self.cells);
+                let compacted = h.compact_if_sparse(class.queued.get(), &self.cells);
                 drop(h);
                 self.counters.add_stale(compacted);
                 if let Some(waker) = self.waker.get() {
@@ -776,7 +768,7 @@ impl Dispatcher {
         if l.st.gen != entry.gen {
             return;
         }
-        if l.remove_holder(worker) == Some(true) {
+        if l.remove_holder(worker) {
             l.requeue();
             self.place(&mut l, pushes);
             self.counters.redistributed.fetch_add(1, Ordering::Relaxed);

@@ -224,15 +224,15 @@ impl Locked<'_> {
     /// `queued` counter (exact per worker, which balanced placement reads); fanout, the class's
     /// counter (a worker's queued count is the sum over the classes it serves).
     fn count(&self, holders: &Holders, up: bool) {
-        let load = match holders {
+        let queued = match holders {
             Holders::None => return,
-            Holders::One(w) => &w.load,
+            Holders::One(w) => &w.load.queued,
             Holders::Class => &self.st.class.queued,
         };
         if up {
-            load.inc_queued()
+            queued.inc()
         } else {
-            load.dec_queued()
+            queued.dec()
         }
     }
 
@@ -246,20 +246,20 @@ impl Locked<'_> {
         *holders = new;
     }
 
-    /// Removes `worker` from the holders of a queued task, counting it out. Returns `None` if it
-    /// was not a holder, else whether the task is now without holders.
+    /// Removes `worker` from a balanced queued task's holders. Returns whether it was the
+    /// holder (the task then has none, and the caller places it afresh).
     ///
     /// Balanced only: a fanout task is held by its class, not by workers.
-    pub(crate) fn remove_holder(&mut self, worker: &Worker) -> Option<bool> {
+    pub(crate) fn remove_holder(&mut self, worker: &Worker) -> bool {
         let Phase::Queued { holders, .. } = &mut self.st.phase else {
-            return None;
+            return false;
         };
         if !matches!(holders, Holders::One(w) if std::ptr::eq(Arc::as_ptr(w), worker)) {
-            return None;
+            return false;
         }
         *holders = Holders::None;
-        worker.load.dec_queued();
-        Some(true)
+        worker.load.queued.dec();
+        true
     }
 
     /// Marks a task that never entered any phase's counters (a rolled-back submission) gone.

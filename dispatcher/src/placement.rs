@@ -87,3 +87,34 @@ fn splitmix64(x: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+/// Whether `rebalance` should move one queued task from a worker of load `src` to one of load
+/// `dst` (loads in thousandths of a queued task, see `Load::weighted`). The gap must be at least
+/// two tasks: moving one task across a one-task gap only swaps the imbalance. And `src` must
+/// exceed `ratio` times `dst` (`Config::rebalance_ratio`), so near-balanced workers are left
+/// alone.
+pub(crate) fn worth_moving(src: u64, dst: u64, ratio: f64) -> bool {
+    /// Two queued tasks, in thousandths.
+    const MIN_GAP: u64 = 2 * 1000;
+    src >= dst + MIN_GAP && src as f64 > ratio * dst as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worth_moving;
+
+    #[test]
+    fn a_move_needs_a_two_task_gap_and_the_ratio() {
+        // One task against none is a one-task gap: moving it only swaps the imbalance.
+        assert!(!worth_moving(1000, 0, 1.5));
+        assert!(worth_moving(2000, 0, 1.5));
+        // 4 against 3: under two tasks apart.
+        assert!(!worth_moving(4000, 3000, 1.0));
+        // 5 against 3: two apart, and 5 > 1.5 × 3 but not > 2 × 3.
+        assert!(worth_moving(5000, 3000, 1.5));
+        assert!(!worth_moving(5000, 3000, 2.0));
+        // Exactly the ratio is balanced enough.
+        assert!(!worth_moving(6000, 3000, 2.0));
+        assert!(worth_moving(6001, 3000, 2.0));
+    }
+}

@@ -113,7 +113,7 @@ impl Dispatcher {
         let mut done = Registration::default();
         if self.config.mode == Mode::Fanout {
             // Nothing moves: the worker reads its classes' heaps from now on.
-            done.backfilled = w.classes.lock().iter().map(|c| c.queued.queued()).sum();
+            done.backfilled = w.classes.lock().iter().map(|c| c.queued.get()).sum();
         } else {
             let unparked: Vec<(TaskId, Slot)> = {
                 let mut parked = self.parked.lock();
@@ -206,13 +206,11 @@ impl Dispatcher {
             if l.st.gen != entry.gen {
                 continue;
             }
-            let Some(left_empty) = l.remove_holder(&w) else {
+            if !l.remove_holder(&w) {
                 continue;
-            };
-            if left_empty {
-                l.requeue();
-                self.place(&mut l, &mut pushes);
             }
+            l.requeue();
+            self.place(&mut l, &mut pushes);
             tasks.push(Relocation {
                 task: l.st.id,
                 was: Was::Queued,
@@ -323,9 +321,7 @@ impl Dispatcher {
                     continue;
                 };
                 let src_load = src.load.weighted(weight);
-                let worth_it = src_load >= dst_load + 2000
-                    && src_load as f64 > self.config.rebalance_ratio * dst_load as f64;
-                if !worth_it {
+                if !placement::worth_moving(src_load, dst_load, self.config.rebalance_ratio) {
                     continue;
                 }
                 self.release(&mut l);

@@ -39,8 +39,8 @@ pub(crate) type NameId = u32;
 /// needs.
 #[derive(Default)]
 pub(crate) struct Load {
-    queued: AtomicUsize,
-    running: AtomicUsize,
+    pub(crate) queued: Gauge,
+    running: Gauge,
     /// Assignments this worker's fetches made, and dead entries they skipped or compacted away
     /// (per worker, so fetches on different workers never share a counter's cache line; folded
     /// into the dispatcher's totals when the worker leaves).
@@ -48,24 +48,34 @@ pub(crate) struct Load {
     pub(crate) stale: AtomicU64,
 }
 
+/// A count that placement reads without locks (see [`Load`] for why `Relaxed` suffices).
+#[derive(Default)]
+pub(crate) struct Gauge(AtomicUsize);
+
+impl Gauge {
+    pub(crate) fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub(crate) fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Load {
     pub(crate) fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.queued.get()
     }
     pub(crate) fn running(&self) -> usize {
-        self.running.load(Ordering::Relaxed)
-    }
-    pub(crate) fn inc_queued(&self) {
-        self.queued.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn dec_queued(&self) {
-        self.queued.fetch_sub(1, Ordering::Relaxed);
+        self.running.get()
     }
     pub(crate) fn inc_running(&self) {
-        self.running.fetch_add(1, Ordering::Relaxed);
+        self.running.inc();
     }
     pub(crate) fn dec_running(&self) {
-        self.running.fetch_sub(1, Ordering::Relaxed);
+        self.running.dec();
     }
     pub(crate) fn add_fetched(&self, claimed: usize, stale: usize) {
         if claimed > 0 {
@@ -131,8 +141,8 @@ pub(crate) struct Class {
     /// Rotating cursor for round-robin choices and tie-breaks, and the seed of random draws.
     pub(crate) cursor: AtomicUsize,
     /// Fanout: the class's queued tasks (each held by every live candidate), and the one shared
-    /// heap they wait in. Only `queued` of this `Load` is used.
-    pub(crate) queued: Load,
+    /// heap they wait in.
+    pub(crate) queued: Gauge,
     pub(crate) heap: CachePadded<Mutex<Heap>>,
 }
 
@@ -264,7 +274,7 @@ impl Registry {
                     workers: Shared::from(Vec::new()),
                 }),
                 cursor: AtomicUsize::new(0),
-                queued: Load::default(),
+                queued: Gauge::default(),
                 heap: CachePadded::new(Mutex::new(Heap::default())),
             })
         });

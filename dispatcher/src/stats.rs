@@ -134,7 +134,7 @@ impl Dispatcher {
             // Tasks wait once, in their class's heap; a class without candidates is parked.
             live_entries = 0;
             for class in self.registry.classes() {
-                let queued = class.queued.queued();
+                let queued = class.queued.get();
                 heap += class.heap.lock().len();
                 live_entries += queued;
                 if self.registry.candidates(&class).is_empty() {
@@ -280,11 +280,11 @@ impl Dispatcher {
         }
         for c in &classes {
             let expected = class_load.get(&Arc::as_ptr(c)).copied().unwrap_or(0);
-            if c.queued.queued() != expected {
+            if c.queued.get() != expected {
                 return Err(format!(
                     "class in group {}: counter says {} queued, tasks say {expected}",
                     c.group_name,
-                    c.queued.queued()
+                    c.queued.get()
                 ));
             }
         }

@@ -531,7 +531,19 @@ fn rebalance_respects_candidates_and_is_a_no_op_in_fanout() {
         .unwrap();
     d.register(W2, &["g"], NO_TAGS).unwrap(); // not a candidate
     assert_eq!(d.rebalance(), 0);
-    assert_eq!(fanout().rebalance(), 0);
+    // Fanout: tasks wait in their class's heap, held by every candidate; nothing to move, even
+    // when one candidate came late and the loads look uneven.
+    let f = fanout();
+    f.register(W1, &["g"], NO_TAGS).unwrap();
+    f.submit_many((0..10).map(task)).unwrap();
+    f.fetch(W1, 3).unwrap();
+    f.register(W2, &["g"], NO_TAGS).unwrap();
+    assert_eq!(f.rebalance(), 0);
+    assert_eq!(
+        fetched(&f, W2, 10).len(),
+        7,
+        "every queued task is W2's to take"
+    );
 }
 
 #[test]
