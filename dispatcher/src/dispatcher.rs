@@ -147,7 +147,7 @@ impl Dispatcher {
     /// Checks a spec as `submit` would (group, tags, limits) without submitting it; for callers
     /// that must make a task durable before the dispatcher may hand it out.
     pub fn validate(&self, spec: &TaskSpec) -> Result<()> {
-        self.registry.class(&spec.group, &spec.tags).map(drop)
+        self.registry.check_class(&spec.group, &spec.tags)
     }
 
     /// Loads tasks at start-up (after the workers are registered): queued tasks are placed,
@@ -567,14 +567,28 @@ impl Dispatcher {
         tags: Option<&[S]>,
     ) -> Result<Placement> {
         let mut pushes = Pushes::default();
-        let mut l = self.lock_task(task)?;
+        // The new class is made outside the task's critical section (making one takes the
+        // registry's topology lock and visits every worker), and only for a task that is
+        // queued: a refused update creates nothing.
         let class = match tags {
-            Some(tags) => self.registry.class(&l.st.class.group_name, tags)?,
-            None => l.st.class.clone(),
+            Some(tags) => {
+                let group = {
+                    let l = self.lock_task(task)?;
+                    if let Phase::Running { .. } = l.st.phase {
+                        return Err(Error::NotQueued(task));
+                    }
+                    l.st.class.group_name.clone()
+                };
+                self.registry.check_class(&group, tags)?;
+                Some(self.registry.class(&group, tags)?)
+            }
+            None => None,
         };
+        let mut l = self.lock_task(task)?;
         if let Phase::Running { .. } = l.st.phase {
             return Err(Error::NotQueued(task));
         }
+        let class = class.unwrap_or_else(|| l.st.class.clone());
         self.release(&mut l);
         if let Some(p) = priority {
             l.st.priority = p;

@@ -151,9 +151,7 @@ impl Dispatcher {
         groups: &[G],
         tags: &[T],
     ) -> Result<()> {
-        self.registry
-            .new_worker(WorkerId(0), groups, tags)
-            .map(drop)
+        self.registry.check_worker(groups, tags)
     }
 
     /// Whether `worker` is registered.

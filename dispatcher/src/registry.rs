@@ -194,21 +194,7 @@ impl Registry {
 
     /// Validates a name and interns it. The common case (a known name) is one map read.
     fn intern(&self, kind: &str, name: &str) -> Result<NameId> {
-        if name.is_empty() {
-            return Err(Error::InvalidInput(format!("{kind} name is empty")));
-        }
-        if name.len() > self.limits.max_name_len {
-            return Err(Error::InvalidInput(format!(
-                "{kind} name is {} bytes; the limit is {}",
-                name.len(),
-                self.limits.max_name_len
-            )));
-        }
-        if name.chars().any(char::is_control) {
-            return Err(Error::InvalidInput(format!(
-                "{kind} name contains a control character"
-            )));
-        }
+        self.check_name(kind, name)?;
         if let Some(id) = self.names.get(name) {
             return Ok(id);
         }
@@ -230,6 +216,60 @@ impl Registry {
         ids.iter().map(|&id| names[id as usize].clone()).collect()
     }
 
+    /// Checks a name against the limits, changing nothing.
+    fn check_name(&self, kind: &str, name: &str) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidInput(format!("{kind} name is empty")));
+        }
+        if name.len() > self.limits.max_name_len {
+            return Err(Error::InvalidInput(format!(
+                "{kind} name is {} bytes; the limit is {}",
+                name.len(),
+                self.limits.max_name_len
+            )));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(Error::InvalidInput(format!(
+                "{kind} name contains a control character"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a list of names against the limits, changing nothing.
+    fn check_set<S: AsRef<str>>(&self, kind: &str, names: &[S], max: usize) -> Result<()> {
+        if names.len() > max {
+            return Err(Error::InvalidInput(format!(
+                "{} {kind}s given; the limit is {max}",
+                names.len()
+            )));
+        }
+        names
+            .iter()
+            .try_for_each(|n| self.check_name(kind, n.as_ref()))
+    }
+
+    /// Checks a task's group and tags as [`Registry::class`] would, creating nothing.
+    pub(crate) fn check_class<S: AsRef<str>>(&self, group: &str, tags: &[S]) -> Result<()> {
+        self.check_name("group", group)?;
+        self.check_set("tag", tags, self.limits.max_tags)
+    }
+
+    /// Checks a worker's groups and tags as [`Registry::new_worker`] would, creating nothing.
+    pub(crate) fn check_worker<S: AsRef<str>, T: AsRef<str>>(
+        &self,
+        groups: &[S],
+        tags: &[T],
+    ) -> Result<()> {
+        if groups.is_empty() {
+            return Err(Error::InvalidInput(
+                "a worker must serve at least one group".into(),
+            ));
+        }
+        self.check_set("group", groups, self.limits.max_groups)?;
+        self.check_set("tag", tags, self.limits.max_tags)
+    }
+
     /// Interns a list of names; returns their ids sorted and deduplicated.
     fn intern_set<S: AsRef<str>>(
         &self,
@@ -237,12 +277,8 @@ impl Registry {
         names: &[S],
         max: usize,
     ) -> Result<Vec<NameId>> {
-        if names.len() > max {
-            return Err(Error::InvalidInput(format!(
-                "{} {kind}s given; the limit is {max}",
-                names.len()
-            )));
-        }
+        // Everything is checked before anything is interned.
+        self.check_set(kind, names, max)?;
         let mut ids = names
             .iter()
             .map(|n| self.intern(kind, n.as_ref()))
@@ -254,6 +290,7 @@ impl Registry {
 
     /// The class of tasks in `group` with `tags`, validated and interned.
     pub(crate) fn class<S: AsRef<str>>(&self, group: &str, tags: &[S]) -> Result<Arc<Class>> {
+        self.check_class(group, tags)?;
         let group = self.intern("group", group)?;
         let tags = self.intern_set("tag", tags, self.limits.max_tags)?;
         let mut key = Vec::with_capacity(tags.len() + 1);
@@ -296,11 +333,7 @@ impl Registry {
         groups: &[S],
         tags: &[T],
     ) -> Result<Arc<Worker>> {
-        if groups.is_empty() {
-            return Err(Error::InvalidInput(
-                "a worker must serve at least one group".into(),
-            ));
-        }
+        self.check_worker(groups, tags)?;
         let groups = self.intern_set("group", groups, self.limits.max_groups)?;
         let tags = self.intern_set("tag", tags, self.limits.max_tags)?;
         Ok(Arc::new(Worker {
@@ -394,5 +427,34 @@ impl Registry {
             cache.workers = workers.clone();
         }
         workers
+    }
+}
+
+#[cfg(all(test, not(switchyard_loom)))]
+mod tests {
+    use crate::{Config, Dispatcher, Error, TaskId, TaskSpec, WorkerId};
+
+    #[test]
+    fn validation_and_refused_updates_create_nothing() {
+        let d = Dispatcher::new(Config::default()).unwrap();
+        d.register(WorkerId(1), &["g"], &["a"]).unwrap();
+        let classes = || d.registry.classes().len();
+        let before = classes();
+        for tags in [vec!["x"], vec!["y", "z"]] {
+            d.validate(&TaskSpec::new(TaskId(1), "g").tags(tags))
+                .unwrap();
+        }
+        d.validate_worker(&["h"], &["w"]).unwrap();
+        assert_eq!(classes(), before, "validation interned classes");
+        assert!(
+            d.registry.names.get("w").is_none(),
+            "validation interned a name"
+        );
+        // An update refused because the task runs makes no class either.
+        d.submit(TaskSpec::new(TaskId(7), "g")).unwrap();
+        d.fetch(WorkerId(1), 1).unwrap();
+        let refused = d.update(TaskId(7), None, Some(&["q"][..]));
+        assert!(matches!(refused, Err(Error::NotQueued(_))), "{refused:?}");
+        assert_eq!(classes(), before + 1, "only the submitted task's class");
     }
 }
