@@ -79,6 +79,17 @@
 //! are pushed only after the critical section that chose them has ended (see the `dispatcher`
 //! module docs in the source).
 //!
+//! The registry's **topology** lock (which serialises class creation against registration, so
+//! each worker's class list is complete) is taken with no cell held: registration takes it
+//! before it touches any task, and a new class is made before the task's critical section (a
+//! submission's class is made while it is validated; an update's before it locks the task).
+//! Under it, only leaves are taken (the class map, worker class lists).
+//!
+//! The candidate cache is an `RwLock` per class, not a lock-free snapshot: a placement takes
+//! its read lock once (an uncontended `parking_lot` read lock is one atomic read-modify-write),
+//! and it is written only after the registry changes. An `arc-swap` snapshot would spare that
+//! one atomic; whether that pays has not been measured.
+//!
 //! ## Costs
 //! * fetch: O(log n) per pop; fanout adds one heap peek per class the worker serves. A dead
 //!   entry (left by a cancel or re-placement) costs one pop and one atomic load.
