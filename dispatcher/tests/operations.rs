@@ -29,10 +29,28 @@ const STRATEGIES: [Strategy; 3] = [
     Strategy::PowerOfTwoChoices,
 ];
 
-fn all_modes() -> Vec<Dispatcher> {
+/// A dispatcher in each mode, each with a guard that names its mode if an assertion fails
+/// while the guard is alive (bind it: `for (d, _mode) in all_modes()`).
+fn all_modes() -> Vec<(Dispatcher, InMode)> {
     let mut v = vec![fanout()];
     v.extend(STRATEGIES.map(balanced));
-    v
+    v.into_iter()
+        .map(|d| {
+            let mode = d.config().mode;
+            (d, InMode(mode))
+        })
+        .collect()
+}
+
+/// Says which mode a test was in when it panicked.
+struct InMode(Mode);
+
+impl Drop for InMode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("(the failure above was in mode {:?})", self.0);
+        }
+    }
 }
 
 fn task(id: u64) -> TaskSpec {
@@ -55,7 +73,7 @@ fn holders(d: &Dispatcher, id: u64) -> Vec<WorkerId> {
 
 #[test]
 fn fetch_returns_highest_priority_first_and_fifo_among_equals() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], NO_TAGS).unwrap();
         for (id, p) in [(1, 0), (2, 5), (3, 0), (4, 9), (5, 5), (6, -3)] {
             d.submit(task(id).priority(p)).unwrap();
@@ -78,7 +96,7 @@ fn fetch_of_zero_returns_nothing_and_claims_nothing() {
 
 #[test]
 fn candidates_serve_the_group_and_have_every_tag() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], &["gpu", "x86"]).unwrap();
         d.register(W2, &["g"], &["x86"]).unwrap();
         d.register(W3, &["other"], &["gpu", "x86"]).unwrap();
@@ -176,7 +194,7 @@ fn balanced_heaps_compact_on_push_when_tombstones_outnumber_live_copies() {
 
 #[test]
 fn parked_tasks_are_placed_when_a_matching_worker_registers() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], NO_TAGS).unwrap();
         d.submit(task(1).tags(["gpu"])).unwrap();
         d.submit(task(2).tags(["gpu", "big"])).unwrap();
@@ -252,7 +270,7 @@ fn balanced_unregister_requeues_each_queued_task_exactly_once() {
 
 #[test]
 fn unregister_requeues_running_tasks_as_a_new_attempt_and_fences_the_old_one() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], NO_TAGS).unwrap();
         d.register(W2, &["g"], NO_TAGS).unwrap();
         d.submit(task(1)).unwrap();
@@ -278,7 +296,7 @@ fn unregister_requeues_running_tasks_as_a_new_attempt_and_fences_the_old_one() {
 
 #[test]
 fn departing_last_candidate_parks_its_tasks_until_a_new_one_registers() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], NO_TAGS).unwrap();
         d.submit_many((0..3).map(task)).unwrap();
         d.fetch(W1, 1).unwrap();
@@ -313,7 +331,7 @@ fn fanout_unregister_leaves_tasks_with_their_other_holders() {
 
 #[test]
 fn seeding_places_every_queued_task_exactly_once() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         for w in [W1, W2, W3] {
             d.register(w, &["g"], NO_TAGS).unwrap();
         }
@@ -349,7 +367,7 @@ fn seeding_places_every_queued_task_exactly_once() {
 
 #[test]
 fn seeding_restores_running_tasks_on_registered_workers_and_requeues_the_rest() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], NO_TAGS).unwrap();
         d.seed([
             SeedTask {
@@ -570,7 +588,7 @@ fn aging_lets_a_long_waiting_low_priority_task_overtake() {
 
 #[test]
 fn give_back_requeues_as_a_new_attempt() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], NO_TAGS).unwrap();
         d.submit(task(1)).unwrap();
         let a = d.fetch(W1, 1).unwrap()[0];
@@ -591,7 +609,7 @@ fn give_back_requeues_as_a_new_attempt() {
 
 #[test]
 fn cancel_removes_queued_parked_and_running_tasks() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], NO_TAGS).unwrap();
         d.register(W2, &["g"], NO_TAGS).unwrap();
         d.submit_many((1..=3).map(task)).unwrap();
@@ -623,7 +641,7 @@ fn cancel_removes_queued_parked_and_running_tasks() {
 
 #[test]
 fn update_changes_priority_and_tags_of_queued_tasks() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], &["a"]).unwrap();
         d.register(W2, &["g"], &["b"]).unwrap();
         d.submit_many((1..=3).map(|i| task(i).tags(["a"]))).unwrap();
@@ -675,7 +693,7 @@ fn snapshot(d: &Dispatcher) -> (switchyard::Stats, Vec<Option<switchyard::TaskIn
 #[test]
 fn every_error_is_typed_and_changes_nothing() {
     use switchyard::Error::*;
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], &["a"]).unwrap();
         d.submit_many((1..=3).map(task)).unwrap();
         let a = d.fetch(W1, 1).unwrap()[0];
@@ -798,7 +816,7 @@ fn invalid_configs_are_refused() {
 
 #[test]
 fn an_unregistered_worker_can_neither_fetch_nor_report() {
-    for d in all_modes() {
+    for (d, _mode) in all_modes() {
         d.register(W1, &["g"], NO_TAGS).unwrap();
         d.submit(task(1)).unwrap();
         let a = d.fetch(W1, 1).unwrap()[0];
