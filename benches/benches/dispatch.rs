@@ -76,14 +76,38 @@ fn configure<'a>(
 
 // ----- A: enqueue ---------------------------------------------------------------------------
 
-fn a1_enqueue_one_of_64(c: &mut Criterion) {
+/// Candidate lists handed to the baselines.
+type Lists = Vec<Arc<[u64]>>;
+
+/// The enqueue groups, one row each: the group's name, the dispatcher's mode, and the candidate
+/// lists the baselines are handed (task `i` goes to list `i % lists.len()`; built once, outside
+/// the timed section).
+fn enqueue_groups() -> [(&'static str, Mode, Lists); 2] {
+    let one_each = (0..WORKERS).map(|w| Arc::from(vec![w])).collect();
+    let all: Arc<[u64]> = (0..WORKERS).collect::<Vec<_>>().into();
+    [
+        ("A1_enqueue_1_of_64", balanced(), one_each),
+        ("A2_fanout_enqueue_64", Mode::Fanout, vec![all]),
+    ]
+}
+
+fn a_enqueue(c: &mut Criterion) {
+    for (name, mode, lists) in enqueue_groups() {
+        enqueue_group(c, name, mode, Arc::new(lists));
+    }
+}
+
+/// One enqueue group: `n` submissions to a dispatcher with `WORKERS` workers in `mode`, one by
+/// one and in batches of 1000, against the actor and the global mutex handed `lists`.
+fn enqueue_group(c: &mut Criterion, name: &str, mode: Mode, lists: Arc<Lists>) {
     let n = scale(100_000);
-    let mut g = configure(c, "A1_enqueue_1_of_64", n);
+    let list = |i: u64| -> usize { (i % lists.len() as u64) as usize };
+    let mut g = configure(c, name, n);
     g.bench_function("switchyard", |b| {
         b.iter_custom(|iters| {
             timed(
                 iters,
-                || dispatcher(balanced(), WORKERS),
+                || dispatcher(mode, WORKERS),
                 |d| {
                     for i in 0..n {
                         d.submit(spec(i)).unwrap();
@@ -97,7 +121,7 @@ fn a1_enqueue_one_of_64(c: &mut Criterion) {
             let specs: Vec<TaskSpec> = (0..n).map(spec).collect();
             timed(
                 iters,
-                || dispatcher(balanced(), WORKERS),
+                || dispatcher(mode, WORKERS),
                 |d| {
                     for chunk in specs.chunks(1000) {
                         d.submit_many(chunk.iter().cloned()).unwrap();
@@ -107,8 +131,6 @@ fn a1_enqueue_one_of_64(c: &mut Criterion) {
         })
     });
     let rt = runtime();
-    // One candidate list per worker, built once, outside the timed section.
-    let lists: Arc<Vec<Arc<[u64]>>> = Arc::new((0..WORKERS).map(|w| Arc::from(vec![w])).collect());
     g.bench_function("actor", |b| {
         b.iter_custom(|iters| {
             let lists = lists.clone();
@@ -120,8 +142,8 @@ fn a1_enqueue_one_of_64(c: &mut Criterion) {
                     let lists = lists.clone();
                     async move {
                         for i in 0..n {
-                            let list = lists[(i % WORKERS) as usize].clone();
-                            a.enqueue(i, (i % 8) as i32, list).await;
+                            let l = lists[(i % lists.len() as u64) as usize].clone();
+                            a.enqueue(i, (i % 8) as i32, l).await;
                         }
                     }
                 },
@@ -135,73 +157,7 @@ fn a1_enqueue_one_of_64(c: &mut Criterion) {
                 || GlobalMutex(parking_lot::Mutex::new(queues(WORKERS))),
                 |m| {
                     for i in 0..n {
-                        m.with(|q| q.enqueue(i, (i % 8) as i32, &[i % WORKERS]));
-                    }
-                },
-            )
-        })
-    });
-    g.finish();
-}
-
-fn a2_fanout_enqueue_64(c: &mut Criterion) {
-    let n = scale(100_000);
-    let all: Arc<[u64]> = (0..WORKERS).collect::<Vec<_>>().into();
-    let mut g = configure(c, "A2_fanout_enqueue_64", n);
-    g.bench_function("switchyard", |b| {
-        b.iter_custom(|iters| {
-            timed(
-                iters,
-                || dispatcher(Mode::Fanout, WORKERS),
-                |d| {
-                    for i in 0..n {
-                        d.submit(spec(i)).unwrap();
-                    }
-                },
-            )
-        })
-    });
-    g.bench_function("switchyard_batch1000", |b| {
-        b.iter_custom(|iters| {
-            let specs: Vec<TaskSpec> = (0..n).map(spec).collect();
-            timed(
-                iters,
-                || dispatcher(Mode::Fanout, WORKERS),
-                |d| {
-                    for chunk in specs.chunks(1000) {
-                        d.submit_many(chunk.iter().cloned()).unwrap();
-                    }
-                },
-            )
-        })
-    });
-    let rt = runtime();
-    g.bench_function("actor", |b| {
-        b.iter_custom(|iters| {
-            let all = all.clone();
-            time_actor(
-                &rt,
-                iters,
-                (WORKERS, 0, |_| Arc::from(Vec::new())),
-                move |a| {
-                    let all = all.clone();
-                    async move {
-                        for i in 0..n {
-                            a.enqueue(i, (i % 8) as i32, all.clone()).await;
-                        }
-                    }
-                },
-            )
-        })
-    });
-    g.bench_function("global_mutex", |b| {
-        b.iter_custom(|iters| {
-            timed(
-                iters,
-                || GlobalMutex(parking_lot::Mutex::new(queues(WORKERS))),
-                |m| {
-                    for i in 0..n {
-                        m.with(|q| q.enqueue(i, (i % 8) as i32, &all));
+                        m.with(|q| q.enqueue(i, (i % 8) as i32, &lists[list(i)]));
                     }
                 },
             )
@@ -371,9 +327,9 @@ fn b2_fetch_two_threads(c: &mut Criterion) {
     g.finish();
 }
 
-fn b2_fetch_64_async_callers(c: &mut Criterion) {
+fn b4_fetch_64_async_callers(c: &mut Criterion) {
     let n = scale(100_000);
-    let mut g = configure(c, "B2_fetch_64_async_callers", n);
+    let mut g = configure(c, "B4_fetch_64_async_callers", n);
     let rt = runtime();
     g.bench_function("switchyard", |b| {
         b.iter_custom(|iters| {
@@ -786,11 +742,10 @@ fn g_floor(c: &mut Criterion) {
 
 criterion_group!(
     benches,
-    a1_enqueue_one_of_64,
-    a2_fanout_enqueue_64,
+    a_enqueue,
     b1_fetch_one_thread,
     b2_fetch_two_threads,
-    b2_fetch_64_async_callers,
+    b4_fetch_64_async_callers,
     b3_fanout_claim,
     c_removal,
     d_churn,
