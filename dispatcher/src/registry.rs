@@ -192,11 +192,10 @@ impl Registry {
         self.workers.len()
     }
 
-    /// Validates a name and interns it. The common case (a known name) is one map read.
-    fn intern(&self, kind: &str, name: &str) -> Result<NameId> {
-        self.check_name(kind, name)?;
+    /// Interns a name its caller has checked. The common case (a known name) is one map read.
+    fn intern(&self, name: &str) -> NameId {
         if let Some(id) = self.names.get(name) {
-            return Ok(id);
+            return id;
         }
         // Slow path: allocate the next id under the name-list lock, so two threads interning
         // the same new name agree on one id.
@@ -207,7 +206,7 @@ impl Registry {
         if id == next {
             names.push(interned);
         }
-        Ok(id)
+        id
     }
 
     /// The names of interned ids.
@@ -270,29 +269,21 @@ impl Registry {
         self.check_set("tag", tags, self.limits.max_tags)
     }
 
-    /// Interns a list of names; returns their ids sorted and deduplicated.
-    fn intern_set<S: AsRef<str>>(
-        &self,
-        kind: &str,
-        names: &[S],
-        max: usize,
-    ) -> Result<Vec<NameId>> {
-        // Everything is checked before anything is interned.
-        self.check_set(kind, names, max)?;
-        let mut ids = names
-            .iter()
-            .map(|n| self.intern(kind, n.as_ref()))
-            .collect::<Result<Vec<_>>>()?;
+    /// Interns a list of names its caller has checked; returns their ids sorted and
+    /// deduplicated.
+    fn intern_set<S: AsRef<str>>(&self, names: &[S]) -> Vec<NameId> {
+        let mut ids: Vec<NameId> = names.iter().map(|n| self.intern(n.as_ref())).collect();
         ids.sort_unstable();
         ids.dedup();
-        Ok(ids)
+        ids
     }
 
-    /// The class of tasks in `group` with `tags`, validated and interned.
+    /// The class of tasks in `group` with `tags`, validated (everything before anything is
+    /// interned) and interned.
     pub(crate) fn class<S: AsRef<str>>(&self, group: &str, tags: &[S]) -> Result<Arc<Class>> {
         self.check_class(group, tags)?;
-        let group = self.intern("group", group)?;
-        let tags = self.intern_set("tag", tags, self.limits.max_tags)?;
+        let group = self.intern(group);
+        let tags = self.intern_set(tags);
         let mut key = Vec::with_capacity(tags.len() + 1);
         key.push(group);
         key.extend_from_slice(&tags);
@@ -334,8 +325,8 @@ impl Registry {
         tags: &[T],
     ) -> Result<Arc<Worker>> {
         self.check_worker(groups, tags)?;
-        let groups = self.intern_set("group", groups, self.limits.max_groups)?;
-        let tags = self.intern_set("tag", tags, self.limits.max_tags)?;
+        let groups = self.intern_set(groups);
+        let tags = self.intern_set(tags);
         Ok(Arc::new(Worker {
             id,
             queue: CachePadded::new(Mutex::new(Queue::default())),
