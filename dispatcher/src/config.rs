@@ -82,6 +82,9 @@ pub enum Mutant {
     FetchUnlocksBeforeClaim,
     /// A push ignores the `closed` flag of a departing worker's queue.
     PushIgnoresClosed,
+    /// A fetch over several fanout classes pops the chosen class's heap without checking that
+    /// the head it chose is still the head (another candidate may have taken it).
+    FanoutPopsWithoutHeadCheck,
 }
 
 impl Default for Config {

@@ -388,7 +388,9 @@ impl Dispatcher {
                 let Some((class, head)) = best else { break };
                 // Take it if it is still that class's head (another candidate may have).
                 let mut h = class.heap.lock();
-                if h.live_head(&self.cells).0 != Some(head) {
+                if h.live_head(&self.cells).0 != Some(head)
+                    && !self.mutant(Mutant::FanoutPopsWithoutHeadCheck)
+                {
                     continue;
                 }
                 h.pop();

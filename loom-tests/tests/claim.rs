@@ -121,3 +121,52 @@ fn rebalance_move_races_claim() {
         at_rest(&d);
     });
 }
+
+/// **Invariants 1 and 2** on the multi-class fanout fetch: W1 serves two classes (no tags, and
+/// tag `t`) and picks the best head over both, without holding their locks while it compares;
+/// W2 serves only the first class and takes that class's head at the same time. W1 must take
+/// a head only if it is still the head when it pops: every task ends running once or still
+/// queued with its entry, and the audit finds every queued task in its class's heap.
+fn multi_class_fetch_against_a_claim(mutant: Option<Mutant>) {
+    model(
+        "fanout fetch over two classes vs a claim in one",
+        move || {
+            let d = dispatcher(Mode::Fanout, mutant);
+            d.register(W1, &["g"], &["t"]).unwrap(); // classes (g) and (g, t)
+            d.register(W2, &["g"], NO_TAGS).unwrap(); // class (g) only
+            d.submit_many([
+                TaskSpec::new(1, "g").priority(9),
+                TaskSpec::new(3, "g").priority(1),
+                TaskSpec::new(2, "g").tags(["t"]).priority(5),
+            ])
+            .unwrap();
+            let d2 = d.clone();
+            let t = thread::spawn(move || d2.fetch(W2, 1).unwrap());
+            let a = d.fetch(W1, 1).unwrap();
+            let b = t.join().unwrap();
+            // Every task comes out exactly once: the two fetches, then whatever is left.
+            let rest = d.fetch(W1, 3).unwrap();
+            let mut all: Vec<TaskId> = a.iter().chain(&b).chain(&rest).map(|x| x.task).collect();
+            all.sort();
+            assert_eq!(
+                all,
+                [TaskId(1), TaskId(2), TaskId(3)],
+                "a queued task lost its entry or was assigned twice: {a:?} {b:?} {rest:?}"
+            );
+            at_rest(&d);
+        },
+    );
+}
+
+#[test]
+fn multi_class_fetch_takes_only_a_current_head() {
+    multi_class_fetch_against_a_claim(None);
+}
+
+/// Without the head check, W1 pops whatever is the head now and claims the stale one: the
+/// popped task loses its entry. The model must catch it.
+#[test]
+#[should_panic(expected = "lost its entry")]
+fn mutant_multi_class_fetch_without_head_check_is_caught() {
+    multi_class_fetch_against_a_claim(Some(Mutant::FanoutPopsWithoutHeadCheck));
+}
