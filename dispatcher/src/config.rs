@@ -85,6 +85,8 @@ pub enum Mutant {
     /// A fetch over several fanout classes pops the chosen class's heap without checking that
     /// the head it chose is still the head (another candidate may have taken it).
     FanoutPopsWithoutHeadCheck,
+    /// A seeded running task is recorded on its worker even if the worker has left meanwhile.
+    SeedIgnoresDeparture,
 }
 
 impl Default for Config {

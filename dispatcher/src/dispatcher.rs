@@ -280,7 +280,7 @@ impl Dispatcher {
     /// in the meantime, the task is queued again like any task of a departed worker.
     fn restore_running(&self, worker: &Arc<Worker>, record: RunningRecord) {
         let mut q = worker.queue.lock();
-        if !q.closed {
+        if !q.closed || self.mutant(Mutant::SeedIgnoresDeparture) {
             q.record_running(record, worker.load.running(), &self.cells);
             return;
         }

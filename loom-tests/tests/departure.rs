@@ -158,3 +158,41 @@ fn give_back_races_unregister() {
         at_rest(&d);
     });
 }
+
+/// **Invariants 1 and 4**: a running task is seeded (a restart restoring it on its worker)
+/// while that worker leaves. Whichever comes first, the task must not stay running on the
+/// departed worker: it ends queued on the other candidate.
+fn seed_vs_unregister(mutant: Option<Mutant>) {
+    model("seed a running task vs its worker leaving", move || {
+        let d = dispatcher(balanced(), mutant);
+        d.register(W1, &["g"], NO_TAGS).unwrap();
+        d.register(W2, &["g"], NO_TAGS).unwrap();
+        let d2 = d.clone();
+        let t = thread::spawn(move || d2.unregister(W1).unwrap());
+        let seeded = d.seed([switchyard::SeedTask {
+            spec: TaskSpec::new(1, "g"),
+            attempt: 1,
+            running_on: Some(W1),
+        }]);
+        t.join().unwrap();
+        seeded.unwrap();
+        assert_eq!(
+            status(&d, 1),
+            Some(TaskStatus::Queued(vec![W2])),
+            "the seeded task stayed with its departed worker"
+        );
+        at_rest(&d);
+    });
+}
+
+#[test]
+fn a_seeded_task_follows_its_departing_worker() {
+    seed_vs_unregister(None);
+}
+
+/// Recording the seeded task on a closed queue leaves it running on a worker that is gone.
+#[test]
+#[should_panic(expected = "departed worker")]
+fn mutant_seed_ignoring_departure_is_caught() {
+    seed_vs_unregister(Some(Mutant::SeedIgnoresDeparture));
+}
