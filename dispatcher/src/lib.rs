@@ -33,7 +33,8 @@
 //! | `placement` | the policy: least-loaded, round-robin, power of two choices |
 //! | `dispatcher` | submission, fetch, reports, updates; placing and pushing |
 //! | `redistribute` | register, unregister, parking, rebalance |
-//! | `stats` | counters, the snapshot, the audit |
+//! | `stats` | counters and the snapshot |
+//! | `audit` | the invariant checker (`Dispatcher::audit`) |
 //!
 //! **Balanced** tasks wait in their one holder's heap; each worker's heap has its own lock, so
 //! fetches for different workers share no lock, and placement reads per-worker atomic load
@@ -103,6 +104,7 @@
 
 #![warn(missing_docs)]
 
+mod audit;
 mod config;
 mod dispatcher;
 mod error;
