@@ -25,11 +25,11 @@ use crate::index::{Cells, Holders, Index, Locked, Phase, Slot, TaskState};
 use crate::placement;
 use crate::queue::Queue;
 use crate::queue::{order_key, Entry, RunningRecord};
-use crate::redistribute::{Parked, Placement};
+use crate::redistribute::Parked;
 use crate::registry::{Class, Registry, Worker};
 use crate::stats::CounterCells;
 use crate::sync::{unlocked, Arc, AtomicU64, Hasher, Mutex, OnceLock, Ordering, Shared};
-use crate::task::{Assignment, Cancelled, SeedTask, TaskInfo, TaskSpec, TaskStatus};
+use crate::task::{Assignment, Cancelled, Placement, SeedTask, TaskInfo, TaskSpec, TaskStatus};
 use crate::{TaskId, WorkerId};
 
 /// Entries waiting to be pushed once the critical sections that chose them have ended.

@@ -35,6 +35,7 @@
 //! | `redistribute` | register, unregister, parking, rebalance |
 //! | `stats` | counters and the snapshot |
 //! | `audit` | the invariant checker (`Dispatcher::audit`) |
+//! | `task` | the value types callers exchange: specs, assignments, snapshots, and what placement, registration and departure report |
 //!
 //! **Balanced** tasks wait in their one holder's heap; each worker's heap has its own lock, so
 //! fetches for different workers share no lock, and placement reads per-worker atomic load
@@ -120,9 +121,11 @@ mod task;
 pub use config::{Config, Limits, Mode, Mutant, Strategy};
 pub use dispatcher::{Dispatcher, Waker};
 pub use error::{Error, Result};
-pub use redistribute::{Departure, Placement, Registration, Relocation, Was};
 pub use stats::{Counters, Stats, WorkerStats};
-pub use task::{Assignment, Cancelled, SeedTask, TaskInfo, TaskSpec, TaskStatus};
+pub use task::{
+    Assignment, Cancelled, Departure, Placement, Registration, Relocation, SeedTask, TaskInfo,
+    TaskSpec, TaskStatus, Was,
+};
 
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {

@@ -43,59 +43,13 @@ use crate::placement;
 use crate::registry::Class;
 use crate::sync::Shared;
 use crate::sync::{Arc, Ordering};
+use crate::task::{Departure, Placement, Registration, Relocation, Was};
 use crate::{TaskId, WorkerId};
 
 /// A parked task: its class (to match arriving workers without locking it) and its slot.
 pub(crate) struct Parked {
     class: Arc<Class>,
     slot: Slot,
-}
-
-/// Where a task was placed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Placement {
-    /// Queued on these workers.
-    Queued(Vec<WorkerId>),
-    /// No live candidate: parked until one registers.
-    Parked,
-}
-
-/// What a departing worker was doing with a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Was {
-    /// It held a queued copy.
-    Queued,
-    /// It was running this attempt.
-    Running(u32),
-}
-
-/// What happened to one task of a departing worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Relocation {
-    /// The task.
-    pub task: TaskId,
-    /// What the departed worker had.
-    pub was: Was,
-    /// Where the task is now (fanout: the other holders that still have it).
-    pub now: Placement,
-}
-
-/// The result of `unregister`: every task the worker held or ran, and where it went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Departure {
-    /// The worker that left.
-    pub worker: WorkerId,
-    /// One entry per task it held or ran.
-    pub tasks: Vec<Relocation>,
-}
-
-/// The result of `register`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Registration {
-    /// Fanout: queued tasks the new worker can fetch from now on (its classes' tasks).
-    pub backfilled: usize,
-    /// Parked tasks placed now that a candidate exists.
-    pub unparked: usize,
 }
 
 impl Dispatcher {

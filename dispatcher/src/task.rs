@@ -1,4 +1,5 @@
-//! The task-facing value types: what callers submit, fetch and read back.
+//! The value types callers exchange with the dispatcher: what they submit, fetch and read back,
+//! and what placement, registration and departure report.
 
 use std::time::Duration;
 
@@ -118,4 +119,51 @@ pub enum Cancelled {
         /// The attempt that was running.
         attempt: u32,
     },
+}
+
+/// Where a task was placed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Queued on these workers.
+    Queued(Vec<WorkerId>),
+    /// No live candidate: parked until one registers.
+    Parked,
+}
+
+/// What a departing worker was doing with a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Was {
+    /// It held a queued copy.
+    Queued,
+    /// It was running this attempt.
+    Running(u32),
+}
+
+/// What happened to one task of a departing worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relocation {
+    /// The task.
+    pub task: TaskId,
+    /// What the departed worker had.
+    pub was: Was,
+    /// Where the task is now (fanout: the other holders that still have it).
+    pub now: Placement,
+}
+
+/// The result of `unregister`: every task the worker held or ran, and where it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Departure {
+    /// The worker that left.
+    pub worker: WorkerId,
+    /// One entry per task it held or ran.
+    pub tasks: Vec<Relocation>,
+}
+
+/// The result of `register`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Registration {
+    /// Fanout: queued tasks the new worker can fetch from now on (its classes' tasks).
+    pub backfilled: usize,
+    /// Parked tasks placed now that a candidate exists.
+    pub unparked: usize,
 }
