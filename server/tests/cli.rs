@@ -181,7 +181,7 @@ fn a_worker_rides_out_a_coordinator_restart() {
 fn serve_with_token(
     dir: &Path,
     args: &[&str],
-) -> (std::process::Child, std::net::SocketAddr, String, String) {
+) -> (common::Spawned, std::net::SocketAddr, String, String) {
     let (server, addr) = spawn_binary(dir, args);
     let url = format!("http://{addr}");
     let token = stdout(&cli(

@@ -9,12 +9,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Child;
 
 use common::{post, register, spawn_binary, Session};
 use serde_json::json;
 
-fn start(dir: &Path) -> (Child, SocketAddr) {
+fn start(dir: &Path) -> (common::Spawned, SocketAddr) {
     spawn_binary(dir, &["--mode", "least-loaded"])
 }
 

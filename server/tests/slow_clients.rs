@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{serve_args, spawn_serving, ADMIN};
+use common::{serve_args, spawn_serving, Spawned, ADMIN};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The coordinator under `ulimit -n 256` (soft and hard), with `args`.
-fn start_limited(dir: &std::path::Path, args: &[&str]) -> Child {
+fn start_limited(dir: &std::path::Path, args: &[&str]) -> Spawned {
     let mut command = Command::new("sh");
     command
         .args(["-c", r#"ulimit -n 256 && exec "$0" "$@""#])
@@ -246,8 +246,7 @@ async fn slow_clients_neither_starve_a_worker_nor_hold_the_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_loses_its_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, addr) = common::spawn_binary(dir.path(), &["--header-timeout", "1"]);
-    let _server = Killed(server);
+    let (_server, addr) = common::spawn_binary(dir.path(), &["--header-timeout", "1"]);
     // Thousands of pipelined requests for the API document, and never a byte read: the
     // answers fill the socket buffers and the server's writes stall.
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -281,14 +280,4 @@ async fn a_client_that_stops_reading_loses_its_connection() {
         total < 2000 * one,
         "{total} bytes: the server kept answering ({one} per answer)"
     );
-}
-
-/// Kills the process when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -18,12 +18,11 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{spawn_binary_at, ADMIN};
+use common::{spawn_binary_at, Spawned, ADMIN};
 use hyper::Method;
 use serde_json::json;
 use switchyard_server::client::{Client, ClientError};
@@ -51,23 +50,14 @@ impl Rng {
     }
 }
 
-/// The coordinator process; killed when dropped, so a failing test leaves nothing running.
-struct Coordinator(Child);
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &Path, addr: &str) -> Coordinator {
+/// The coordinator on `dir` at `addr`; SIGKILLed when dropped.
+fn start(dir: &Path, addr: &str) -> Spawned {
     let (child, _) = spawn_binary_at(
         dir,
         addr,
         &["--mode", "least-loaded", "--lease-timeout", "3"],
     );
-    Coordinator(child)
+    child
 }
 
 /// What the clients saw.

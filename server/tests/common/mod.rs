@@ -218,12 +218,12 @@ impl Server {
 
 /// Starts the `switchyard` binary (`serve` on an ephemeral port, the [`ADMIN`] token, `dir`,
 /// then `args`); returns it and the address it logged.
-pub fn spawn_binary(dir: &Path, args: &[&str]) -> (Child, SocketAddr) {
+pub fn spawn_binary(dir: &Path, args: &[&str]) -> (Spawned, SocketAddr) {
     spawn_binary_at(dir, "127.0.0.1:0", args)
 }
 
 /// [`spawn_binary`] listening on `bind`.
-pub fn spawn_binary_at(dir: &Path, bind: &str, args: &[&str]) -> (Child, SocketAddr) {
+pub fn spawn_binary_at(dir: &Path, bind: &str, args: &[&str]) -> (Spawned, SocketAddr) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command.args(serve_args(dir, bind)).args(args);
     spawn_serving(command)
@@ -245,14 +245,38 @@ pub fn serve_args(dir: &Path, bind: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// A process a test started: killed and reaped when dropped, so a failing test (a panic before
+/// its own `kill`) leaves nothing running. Derefs to the [`Child`].
+pub struct Spawned(pub Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `command` (a `switchyard serve`); returns it and the address it logged.
-pub fn spawn_serving(command: Command) -> (Child, SocketAddr) {
+pub fn spawn_serving(command: Command) -> (Spawned, SocketAddr) {
     let (child, addr, _) = spawn_serving_logged(command);
     (child, addr)
 }
 
 /// [`spawn_serving`], also returning what it logged before it served.
-pub fn spawn_serving_logged(mut command: Command) -> (Child, SocketAddr, Vec<String>) {
+pub fn spawn_serving_logged(mut command: Command) -> (Spawned, SocketAddr, Vec<String>) {
     let mut before = Vec::new();
     let mut child = command
         .stdout(Stdio::null())
@@ -266,7 +290,7 @@ pub fn spawn_serving_logged(mut command: Command) -> (Child, SocketAddr, Vec<Str
             let addr = addr.split_whitespace().next().unwrap().parse().unwrap();
             // Keep draining the log so the server never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
-            return (child, addr, before);
+            return (Spawned(child), addr, before);
         }
         before.push(line);
     }
