@@ -126,6 +126,7 @@ fn a_worker_rides_out_a_coordinator_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, addr, url, token) = serve_with_token(dir.path(), &[]);
     let mut worker = work_once(&url, &token, "cat");
+    let _stop = StopOnFailure(worker.id());
     // Wait until it has registered (it is long-polling then).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -190,6 +191,20 @@ fn serve_with_token(
         &["token", "create", "--group", "g"],
     ));
     (server, addr, url, token)
+}
+
+/// Kills process `pid` if the test fails while this is alive (a passing test has already
+/// waited for it, so its pid is not touched then).
+struct StopOnFailure(u32);
+
+impl Drop for StopOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
 }
 
 /// `switchyard work` for group `g` that stops after one task, running `command`, its log piped.
@@ -261,6 +276,7 @@ fn a_cancelled_task_stops_its_command_and_everything_it_started() {
     let (mut server, _, url, token) = serve_with_token(dir.path(), &["--lease-timeout", "1.5"]);
     let pidfile = dir.path().join("pid");
     let (mut worker, id, pid) = long_running_worker(&url, &token, &pidfile);
+    let _stop = (StopOnFailure(worker.id()), StopOnFailure(pid));
     stdout(&cli(&url, Some(&token), &["cancel", &id]));
     // The next heartbeat (a third of the lease) names it revoked: the loop stops the command's
     // whole process group, and with `--tasks 1` it is done.
@@ -290,6 +306,7 @@ fn sigterm_stops_the_command_gives_the_task_back_and_leaves() {
     let (mut server, _, url, token) = serve_with_token(dir.path(), &[]);
     let pidfile = dir.path().join("pid");
     let (mut worker, id, pid) = long_running_worker(&url, &token, &pidfile);
+    let _stop = (StopOnFailure(worker.id()), StopOnFailure(pid));
     common::terminate(&worker);
     let mut status = None;
     wait_for(20, "the worker did not stop on SIGTERM", || {
