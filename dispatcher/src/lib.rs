@@ -105,26 +105,22 @@
 
 #![warn(missing_docs)]
 
-mod audit;
 mod config;
 mod dispatcher;
 mod error;
 mod index;
 mod placement;
 mod queue;
-mod redistribute;
 mod registry;
-mod stats;
 mod sync;
 mod task;
 
 pub use config::{Config, Limits, Mode, Mutant, Strategy};
-pub use dispatcher::{Dispatcher, Waker};
+pub use dispatcher::{Counters, Dispatcher, Stats, Waker, WorkerStats};
 pub use error::{Error, Result};
-pub use stats::{Counters, Stats, WorkerStats};
 pub use task::{
-    Assignment, Cancelled, Departure, Placement, Registration, Relocation, SeedTask, TaskInfo,
-    TaskSpec, TaskStatus, Was,
+    Assignment, Cancelled, Departure, Registration, Relocation, SeedTask, TaskInfo, TaskSpec,
+    TaskStatus, Was,
 };
 
 macro_rules! id_type {

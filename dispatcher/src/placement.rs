@@ -1,7 +1,12 @@
-//! Placement policy: which of a task's live candidates hold it.
+//! Placement policy: where a task waits, and which of its live candidates hold it.
 //!
 //! The policy is kept apart from the primitives (heaps, cells, counters): it sees a candidate list
-//! and the load counters and returns indices, nothing more.
+//! and the load counters and returns a [`Decision`] or an index, nothing more. The dispatcher
+//! carries the decision out (`Dispatcher::place`); rebalancing asks [`worth_moving`] and
+//! [`least_loaded_other`] which moves to make.
+//!
+//! * **Parking** — a balanced task with no live candidate is parked until one registers. A
+//!   fanout task never is: it waits in its class heap, which the next candidate reads.
 //!
 //! * **Fanout** — every candidate: the task waits in its class's shared heap, which they all read
 //!   (late binding, as in Sparrow: the first worker to fetch the task runs it).
@@ -16,9 +21,36 @@
 //! Random draws hash the class cursor with SplitMix64 rather than using a thread-local generator:
 //! the result depends only on the order of operations, which keeps loom models deterministic.
 
-use crate::config::Strategy;
+use crate::config::{Mode, Strategy};
 use crate::registry::Worker;
 use crate::sync::{Arc, AtomicUsize, Ordering};
+
+/// Where a queued task with no holder goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Into its class's shared heap (fanout), with or without live candidates.
+    Class,
+    /// Into the heap of `candidates[i]` (balanced).
+    One(usize),
+    /// Into the parked set: balanced, and no live candidate.
+    Park,
+}
+
+/// The placement of a task whose live candidates are `candidates`, under `mode`.
+pub(crate) fn decide(
+    mode: Mode,
+    candidates: &[Arc<Worker>],
+    cursor: &AtomicUsize,
+    running_weight_milli: u64,
+) -> Decision {
+    match mode {
+        Mode::Fanout => Decision::Class,
+        Mode::Balanced(_) if candidates.is_empty() => Decision::Park,
+        Mode::Balanced(strategy) => {
+            Decision::One(choose(strategy, candidates, cursor, running_weight_milli))
+        }
+    }
+}
 
 /// The candidate (index into `candidates`, which must not be empty) that balanced placement
 /// chooses. `cursor` is the class's rotating cursor.

@@ -79,7 +79,8 @@ pub struct Assignment {
     pub priority: i32,
 }
 
-/// Where a live task is.
+/// Where a live task is. Also what `give_back`, `update` and a departure report about where
+/// they put a task (`Queued` or `Parked`, never `Running`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskStatus {
     /// Queued on these workers (fanout: every live candidate; balanced: one).
@@ -121,15 +122,6 @@ pub enum Cancelled {
     },
 }
 
-/// Where a task was placed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Placement {
-    /// Queued on these workers.
-    Queued(Vec<WorkerId>),
-    /// No live candidate: parked until one registers.
-    Parked,
-}
-
 /// What a departing worker was doing with a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Was {
@@ -147,7 +139,7 @@ pub struct Relocation {
     /// What the departed worker had.
     pub was: Was,
     /// Where the task is now (fanout: the other holders that still have it).
-    pub now: Placement,
+    pub now: TaskStatus,
 }
 
 /// The result of `unregister`: every task the worker held or ran, and where it went.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use common::{assert_counters_agree, ids};
 use switchyard::{
-    Cancelled, Config, Dispatcher, Mode, Placement, SeedTask, Strategy, TaskId, TaskSpec,
-    TaskStatus, Was, WorkerId,
+    Cancelled, Config, Dispatcher, Mode, SeedTask, Strategy, TaskId, TaskSpec, TaskStatus, Was,
+    WorkerId,
 };
 
 const W1: WorkerId = WorkerId(1);
@@ -249,7 +249,7 @@ fn balanced_unregister_requeues_each_queued_task_exactly_once() {
         assert_eq!(moved, (0..50).collect::<Vec<_>>(), "{s:?}");
         for r in &dep.tasks {
             assert_eq!(r.was, Was::Queued);
-            let Placement::Queued(to) = &r.now else {
+            let TaskStatus::Queued(to) = &r.now else {
                 panic!("{r:?}")
             };
             assert_eq!(to.len(), 1);
@@ -281,7 +281,7 @@ fn unregister_requeues_running_tasks_as_a_new_attempt_and_fences_the_old_one() {
         let dep = d.unregister(w).unwrap();
         assert_eq!(dep.tasks.len(), 1);
         assert_eq!(dep.tasks[0].was, Was::Running(1));
-        assert_eq!(dep.tasks[0].now, Placement::Queued(vec![other]));
+        assert_eq!(dep.tasks[0].now, TaskStatus::Queued(vec![other]));
         let b = d.fetch(other, 1).unwrap()[0];
         assert_eq!((b.task, b.attempt), (TaskId(1), 2));
         assert!(matches!(
@@ -302,7 +302,7 @@ fn departing_last_candidate_parks_its_tasks_until_a_new_one_registers() {
         d.fetch(W1, 1).unwrap();
         let dep = d.unregister(W1).unwrap();
         assert_eq!(dep.tasks.len(), 3);
-        assert!(dep.tasks.iter().all(|r| r.now == Placement::Parked));
+        assert!(dep.tasks.iter().all(|r| r.now == TaskStatus::Parked));
         assert_eq!(d.stats().parked, 3);
         d.register(W2, &["g"], NO_TAGS).unwrap();
         assert_eq!(d.stats().parked, 0);
@@ -324,7 +324,7 @@ fn fanout_unregister_leaves_tasks_with_their_other_holders() {
     d.register(W2, &["g"], NO_TAGS).unwrap();
     d.submit(task(1)).unwrap();
     let dep = d.unregister(W1).unwrap();
-    assert_eq!(dep.tasks[0].now, Placement::Queued(vec![W2]));
+    assert_eq!(dep.tasks[0].now, TaskStatus::Queued(vec![W2]));
     assert_eq!(holders(&d, 1), [W2]);
     assert_counters_agree(&d, ids(1..2));
 }
@@ -594,7 +594,7 @@ fn give_back_requeues_as_a_new_attempt() {
         let a = d.fetch(W1, 1).unwrap()[0];
         assert_eq!(
             d.give_back(W1, TaskId(1), a.attempt).unwrap(),
-            Placement::Queued(vec![W1])
+            TaskStatus::Queued(vec![W1])
         );
         assert!(matches!(
             d.give_back(W1, TaskId(1), a.attempt),
@@ -648,10 +648,10 @@ fn update_changes_priority_and_tags_of_queued_tasks() {
         d.update::<&str>(TaskId(3), Some(9), None).unwrap();
         assert_eq!(d.get(TaskId(3)).unwrap().priority, 9);
         let p = d.update(TaskId(2), None, Some(&["b"])).unwrap();
-        assert_eq!(p, Placement::Queued(vec![W2]));
+        assert_eq!(p, TaskStatus::Queued(vec![W2]));
         assert_eq!(d.get(TaskId(2)).unwrap().tags, ["b"]);
         let p = d.update(TaskId(1), None, Some(&["c"])).unwrap();
-        assert_eq!(p, Placement::Parked);
+        assert_eq!(p, TaskStatus::Parked);
         assert_eq!(fetched(&d, W1, 10), [3]);
         assert_eq!(fetched(&d, W2, 10), [2]);
         assert_eq!(

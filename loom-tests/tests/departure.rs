@@ -3,7 +3,7 @@
 #![cfg(switchyard_loom)]
 
 use loom::thread;
-use switchyard::{Error, Mutant, Placement, TaskId, TaskSpec, TaskStatus, Was};
+use switchyard::{Error, Mutant, TaskId, TaskSpec, TaskStatus, Was};
 use switchyard_loom_tests::*;
 
 /// **Invariants 1, 2 and 4**: the worker holding a balanced task leaves while it fetches. The
@@ -29,7 +29,7 @@ fn unregister_vs_fetch(mutant: Option<Mutant>) {
             "the departure reports the task once"
         );
         let r = &departure.tasks[0];
-        assert_eq!(r.now, Placement::Queued(vec![W2]));
+        assert_eq!(r.now, TaskStatus::Queued(vec![W2]));
         match got.as_slice() {
             [a] => assert_eq!(r.was, Was::Running(a.attempt)),
             [] => assert_eq!(r.was, Was::Queued),

@@ -14,7 +14,7 @@
 //! Both run detached from the request ([`detach`]): a client that hangs up, or the request-time
 //! limit, cannot separate a decision from its commit.
 
-use switchyard::{Placement, TaskId, TaskSpec, WorkerId};
+use switchyard::{TaskId, TaskSpec, TaskStatus, WorkerId};
 
 use crate::app::{detach, now_ms, App};
 use crate::auth::{self, Caller};
@@ -118,7 +118,7 @@ impl App {
         task: u64,
         priority: Option<i32>,
         tags: Option<Vec<String>>,
-    ) -> Result<Placement, ApiError> {
+    ) -> Result<TaskStatus, ApiError> {
         self.decided(move |app| {
             let placement = app
                 .dispatcher

@@ -609,6 +609,6 @@ pub(crate) async fn update(
     };
     ok(Updated {
         task,
-        parked: placement == switchyard::Placement::Parked,
+        parked: placement == switchyard::TaskStatus::Parked,
     })
 }

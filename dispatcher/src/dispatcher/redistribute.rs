@@ -43,7 +43,7 @@ use crate::placement;
 use crate::registry::Class;
 use crate::sync::Shared;
 use crate::sync::{Arc, Ordering};
-use crate::task::{Departure, Placement, Registration, Relocation, Was};
+use crate::task::{Departure, Registration, Relocation, TaskStatus, Was};
 use crate::{TaskId, WorkerId};
 
 /// A parked task: its class (to match arriving workers without locking it) and its slot.
@@ -166,7 +166,7 @@ impl Dispatcher {
             tasks.push(Relocation {
                 task: l.st.id,
                 was: Was::Queued,
-                now: self.placement_of(&l),
+                now: self.status_of(&l),
             });
         }
         for record in running {
@@ -185,7 +185,7 @@ impl Dispatcher {
             tasks.push(Relocation {
                 task: l.st.id,
                 was: Was::Running(record.attempt),
-                now: self.placement_of(&l),
+                now: self.status_of(&l),
             });
         }
         self.flush(pushes);
@@ -202,9 +202,9 @@ impl Dispatcher {
             let now = {
                 let candidates = self.registry.candidates(class);
                 if candidates.is_empty() {
-                    Placement::Parked
+                    TaskStatus::Parked
                 } else {
-                    Placement::Queued(candidates.iter().map(|w| w.id).collect())
+                    TaskStatus::Queued(candidates.iter().map(|w| w.id).collect())
                 }
             };
             let live = class.heap.lock().live_entries(&self.cells);
@@ -221,7 +221,7 @@ impl Dispatcher {
                     });
                 }
             }
-            if now == Placement::Parked {
+            if now == TaskStatus::Parked {
                 let parked = (tasks.len() - before) as u64;
                 self.counters.parked.fetch_add(parked, Ordering::Relaxed);
             }
