@@ -1,6 +1,8 @@
-//! Configuration: placement mode, load weighting, aging, rebalancing threshold and input limits.
+//! Configuration: placement mode, load weighting, aging, rebalancing threshold, sharding, and
+//! the input [`Limits`](crate::Limits).
 
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 
 /// How a submitted task is placed on its candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,27 +26,6 @@ pub enum Strategy {
     /// The less loaded of two candidates drawn at random (Mitzenmacher; Sparrow's batch
     /// sampling uses the same idea). O(1) for any number of candidates.
     PowerOfTwoChoices,
-}
-
-/// Bounds on input. A request outside them is refused with [`Error::InvalidInput`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// Most tags on one task or one worker.
-    pub max_tags: usize,
-    /// Most groups one worker serves.
-    pub max_groups: usize,
-    /// Longest group or tag name, in bytes.
-    pub max_name_len: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_tags: 32,
-            max_groups: 32,
-            max_name_len: 128,
-        }
-    }
 }
 
 /// Dispatcher configuration. `Config::default()` is fanout with strict priorities.
@@ -124,10 +105,7 @@ impl Config {
         if !(self.rebalance_ratio.is_finite() && self.rebalance_ratio >= 1.0) {
             return bad("rebalance_ratio must be finite and ≥ 1");
         }
-        if self.limits.max_tags == 0 || self.limits.max_groups == 0 || self.limits.max_name_len == 0
-        {
-            return bad("limits must be ≥ 1");
-        }
+        self.limits.validate()?;
         if self.shards == 0 || self.shards > 1 << 16 {
             return bad("shards must be in 1..=65536");
         }

@@ -30,6 +30,7 @@
 //! | `queue` | heaps of 24-byte plain entries; a worker's running records and `closed` flag |
 //! | `index` | the slab of task cells (each task's critical section) and the id → slot index |
 //! | `registry` | workers, name interning, classes (candidate cache, fanout heap) |
+//! | `limits` | input limits and the rules every group and tag name follows |
 //! | `placement` | the policy: least-loaded, round-robin, power of two choices |
 //! | `dispatcher` | submission, fetch, reports, updates; placing and pushing |
 //! | `redistribute` | register, unregister, parking, rebalance |
@@ -109,15 +110,17 @@ mod config;
 mod dispatcher;
 mod error;
 mod index;
+mod limits;
 mod placement;
 mod queue;
 mod registry;
 mod sync;
 mod task;
 
-pub use config::{Config, Limits, Mode, Mutant, Strategy};
+pub use config::{Config, Mode, Mutant, Strategy};
 pub use dispatcher::{Counters, Dispatcher, Stats, Waker, WorkerStats};
 pub use error::{Error, Result};
+pub use limits::Limits;
 pub use task::{
     Assignment, Cancelled, Departure, Registration, Relocation, SeedTask, TaskInfo, TaskSpec,
     TaskStatus, Was,

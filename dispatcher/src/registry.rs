@@ -20,8 +20,8 @@
 
 use std::collections::HashMap;
 
-use crate::config::Limits;
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::queue::{Heap, Queue};
 use crate::sync::{Arc, AtomicU64, AtomicUsize, CachePadded, Map, Mutex, Ordering, RwLock, Shared};
 use crate::WorkerId;
@@ -215,43 +215,9 @@ impl Registry {
         ids.iter().map(|&id| names[id as usize].clone()).collect()
     }
 
-    /// Checks a name against the limits, changing nothing.
-    fn check_name(&self, kind: &str, name: &str) -> Result<()> {
-        if name.is_empty() {
-            return Err(Error::InvalidInput(format!("{kind} name is empty")));
-        }
-        if name.len() > self.limits.max_name_len {
-            return Err(Error::InvalidInput(format!(
-                "{kind} name is {} bytes; the limit is {}",
-                name.len(),
-                self.limits.max_name_len
-            )));
-        }
-        if name.chars().any(char::is_control) {
-            return Err(Error::InvalidInput(format!(
-                "{kind} name contains a control character"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Checks a list of names against the limits, changing nothing.
-    fn check_set<S: AsRef<str>>(&self, kind: &str, names: &[S], max: usize) -> Result<()> {
-        if names.len() > max {
-            return Err(Error::InvalidInput(format!(
-                "{} {kind}s given; the limit is {max}",
-                names.len()
-            )));
-        }
-        names
-            .iter()
-            .try_for_each(|n| self.check_name(kind, n.as_ref()))
-    }
-
     /// Checks a task's group and tags as [`Registry::class`] would, creating nothing.
     pub(crate) fn check_class<S: AsRef<str>>(&self, group: &str, tags: &[S]) -> Result<()> {
-        self.check_name("group", group)?;
-        self.check_set("tag", tags, self.limits.max_tags)
+        self.limits.check_task(group, tags)
     }
 
     /// Checks a worker's groups and tags as [`Registry::new_worker`] would, creating nothing.
@@ -260,13 +226,33 @@ impl Registry {
         groups: &[S],
         tags: &[T],
     ) -> Result<()> {
-        if groups.is_empty() {
-            return Err(Error::InvalidInput(
-                "a worker must serve at least one group".into(),
-            ));
-        }
-        self.check_set("group", groups, self.limits.max_groups)?;
-        self.check_set("tag", tags, self.limits.max_tags)
+        self.limits.check_worker(groups, tags)
+    }
+
+    /// Whether the class of `group` and `tags` exists.
+    pub(crate) fn has_class<S: AsRef<str>>(&self, group: &str, tags: &[S]) -> bool {
+        self.known_key(group, tags)
+            .is_some_and(|key| self.classes.contains(key.as_slice()))
+    }
+
+    /// How many classes exist.
+    pub(crate) fn class_count(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// The class key of `group` and `tags` if every name is interned already; interns nothing.
+    fn known_key<S: AsRef<str>>(&self, group: &str, tags: &[S]) -> Option<Vec<NameId>> {
+        let group = self.names.get(group)?;
+        let mut tags: Vec<NameId> = tags
+            .iter()
+            .map(|t| self.names.get(t.as_ref()))
+            .collect::<Option<_>>()?;
+        tags.sort_unstable();
+        tags.dedup();
+        let mut key = Vec::with_capacity(tags.len() + 1);
+        key.push(group);
+        key.extend(tags);
+        Some(key)
     }
 
     /// Interns a list of names its caller has checked; returns their ids sorted and
@@ -278,19 +264,36 @@ impl Registry {
         ids
     }
 
-    /// The class of tasks in `group` with `tags`, validated (everything before anything is
-    /// interned) and interned.
+    /// The class of tasks in `group` with `tags`, validated and interned. A new class is refused
+    /// once `Limits::max_classes` exist, before any of its names is interned.
     pub(crate) fn class<S: AsRef<str>>(&self, group: &str, tags: &[S]) -> Result<Arc<Class>> {
         self.check_class(group, tags)?;
+        // The common case: every name is known and so is the class (map reads only).
+        if let Some(key) = self.known_key(group, tags) {
+            if let Some(class) = self.classes.get(key.as_slice()) {
+                return Ok(class);
+            }
+        }
+        let _topology = self.topology.lock();
+        // Under the topology lock nobody else creates a class, so the count is exact.
+        let existing = self
+            .known_key(group, tags)
+            .and_then(|key| self.classes.get(key.as_slice()));
+        if let Some(class) = existing {
+            return Ok(class);
+        }
+        if self.classes.len() >= self.limits.max_classes {
+            return Err(Error::InvalidInput(format!(
+                "{} task classes (group and tag set) exist; the limit (max classes) is {}",
+                self.classes.len(),
+                self.limits.max_classes
+            )));
+        }
         let group = self.intern(group);
         let tags = self.intern_set(tags);
         let mut key = Vec::with_capacity(tags.len() + 1);
         key.push(group);
         key.extend_from_slice(&tags);
-        if let Some(class) = self.classes.get(key.as_slice()) {
-            return Ok(class);
-        }
-        let _topology = self.topology.lock();
         let class = self.classes.get_or_insert_with(key.into(), || {
             Arc::new(Class {
                 group,
@@ -447,5 +450,44 @@ mod tests {
         let refused = d.update(TaskId(7), None, Some(&["q"][..]));
         assert!(matches!(refused, Err(Error::NotQueued(_))), "{refused:?}");
         assert_eq!(classes(), before + 1, "only the submitted task's class");
+    }
+
+    #[test]
+    fn classes_are_bounded_and_a_refused_class_interns_nothing() {
+        let config = Config {
+            limits: crate::Limits {
+                max_classes: 2,
+                ..crate::Limits::default()
+            },
+            ..Config::default()
+        };
+        let d = Dispatcher::new(config).unwrap();
+        d.register(WorkerId(1), &["g"], &["a", "b"]).unwrap();
+        d.submit(TaskSpec::new(TaskId(1), "g").tags(["a"])).unwrap();
+        d.submit(TaskSpec::new(TaskId(2), "g").tags(["b", "a"]))
+            .unwrap();
+        assert_eq!(d.class_count(), 2);
+        assert!(d.has_class("g", &["a", "b", "a"]), "tag order and repeats");
+        assert!(!d.has_class("g", &["b"]));
+        assert!(!d.has_class("h", &["a"]));
+        // Known classes still take tasks; a third class is refused and interns nothing.
+        d.submit(TaskSpec::new(TaskId(3), "g").tags(["a", "b"]))
+            .unwrap();
+        let refused = d.submit(TaskSpec::new(TaskId(4), "g").tags(["fresh"]));
+        let Err(Error::InvalidInput(why)) = refused else {
+            panic!("{refused:?}")
+        };
+        assert!(why.contains("max classes") && why.contains("is 2"), "{why}");
+        assert!(d.registry.names.get("fresh").is_none(), "interned a name");
+        let refused = d.update(TaskId(1), None, Some(&["b"][..]));
+        assert!(
+            matches!(refused, Err(Error::InvalidInput(_))),
+            "{refused:?}"
+        );
+        assert_eq!(d.class_count(), 2);
+        // The refused update left the task where it was.
+        assert_eq!(d.get(TaskId(1)).unwrap().tags, vec!["a".to_string()]);
+        assert_eq!(d.fetch(WorkerId(1), 10).unwrap().len(), 3);
+        d.audit().unwrap();
     }
 }

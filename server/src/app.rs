@@ -204,6 +204,9 @@ impl App {
         // Limits bound new input; what is stored loads whatever they are now.
         let input_limits = config.limits.clone();
         config.limits = input::widened(&input_limits, &state);
+        // The class limit is checked before a submission commits (`App::check_task`): the
+        // dispatcher must not refuse a task the store already holds.
+        config.limits.max_classes = usize::MAX;
         let dispatcher = Dispatcher::new(config)?;
         let recovered = recover(&state, &dispatcher, now_ms())?;
         let metrics = Metrics::new();
@@ -265,13 +268,24 @@ impl App {
         })
     }
 
-    /// Checks a new task's group and tags against the configured limits and name rules.
+    /// Checks a new task's group and tags against the configured limits and name rules, and a
+    /// task of a new class against `--max-classes` (a tag change, with `group` `None`, is not
+    /// counted). Checked before the task commits, so concurrent submissions of new classes can
+    /// pass the limit by at most one class each.
     pub(crate) fn check_task<S: AsRef<str>>(
         &self,
         group: Option<&str>,
         tags: &[S],
     ) -> Result<(), ApiError> {
-        input::check_task(group, tags, &self.input_limits)
+        input::check_task(group, tags, &self.input_limits)?;
+        match group {
+            Some(group) => input::check_class_count(
+                self.dispatcher.has_class(group, tags),
+                self.dispatcher.class_count(),
+                &self.input_limits,
+            ),
+            None => Ok(()),
+        }
     }
 
     /// Checks a new worker's groups and tags against the configured limits and name rules.

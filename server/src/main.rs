@@ -213,6 +213,10 @@ struct ServeArgs {
     /// Longest group or tag name, in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_NAME_LEN", default_value_t = 128)]
     max_name_len: usize,
+    /// Most task classes (distinct group and tag set pairs); a task of a new class beyond it
+    /// is refused. Classes are kept until the coordinator stops.
+    #[arg(long, env = "SWITCHYARD_MAX_CLASSES", default_value_t = 65_536)]
+    max_classes: usize,
     /// Seconds a submission's idempotency key is remembered (a retry within it creates nothing).
     #[arg(
         long,
@@ -413,6 +417,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
             max_tags: args.max_tags,
             max_groups: args.max_groups,
             max_name_len: args.max_name_len,
+            max_classes: args.max_classes,
         },
     };
     let limits = Settings {

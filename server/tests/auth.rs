@@ -444,6 +444,7 @@ async fn the_configured_tag_limits_are_enforced() {
             max_tags: 2,
             max_groups: 2,
             max_name_len: 8,
+            max_classes: 3,
         },
         ..Config::default()
     };
@@ -463,6 +464,19 @@ async fn the_configured_tag_limits_are_enforced() {
     let (st, _) = post(a, "/v1/workers", json!({"groups": ["a", "b", "c"]})).await;
     assert_eq!(st, 400);
     let (st, _) = post(a, "/v1/tasks", json!({"group": "g", "tags": ["a", "b"]})).await;
+    assert_eq!(st, 201);
+    // Classes: ("g", {a, b}) exists; two more fit, a fourth is refused, known ones still pass.
+    for tags in [json!(["a"]), json!(["b"]), json!(["b", "a"])] {
+        let (st, _) = post(a, "/v1/tasks", json!({"group": "g", "tags": tags})).await;
+        assert_eq!(st, 201, "{tags}");
+    }
+    let (st, err) = post(a, "/v1/tasks", json!({"group": "g", "tags": ["c"]})).await;
+    assert_eq!((st, err["error"].as_str()), (400, Some("invalid_input")));
+    assert!(
+        err["message"].as_str().unwrap().contains("--max-classes"),
+        "{err}"
+    );
+    let (st, _) = post(a, "/v1/tasks", json!({"group": "g", "tags": ["a"]})).await;
     assert_eq!(st, 201);
     s.stop().await;
 }

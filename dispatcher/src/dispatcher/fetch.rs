@@ -1,6 +1,18 @@
 //! Fetch and claim. A fetch holds its own worker queue while it claims, so a claim is never "in
 //! flight" where `unregister` could miss it. Balanced: pop the worker's own heap. Fanout: take
 //! the best live head over the heaps of the classes the worker serves.
+//!
+//! # Passing over empty classes
+//! A worker may serve many classes, most of them empty at any moment. A fanout fetch over
+//! several classes reads each class's `queued` counter (`Relaxed`) and locks only the heaps of
+//! classes whose counter is not zero. That is safe because the counter moves inside the task's
+//! critical section: up when the task is given to the class (before its entry is pushed), down
+//! when it is claimed or removed. In the counter's modification order every task's decrement
+//! follows its increment, so the counter is zero only when every task counted so far has left.
+//! A fetch that must see a task (the submission happened before the fetch) therefore reads a
+//! value that includes it. A fetch racing a submission may read zero and miss the task, which
+//! is the same as having run first. Dead entries in a skipped heap wait for the next push's
+//! compaction.
 
 use super::Dispatcher;
 use crate::config::{Mode, Mutant};
@@ -92,6 +104,12 @@ impl Dispatcher {
             } else {
                 let mut best: Option<(&Arc<Class>, Entry)> = None;
                 for class in classes.iter() {
+                    // An empty class is passed over without its lock: its counter counts a
+                    // task before the task's entry is pushed and until it is claimed or
+                    // removed, so zero means no live entry this fetch must see (module docs).
+                    if class.queued.get() == 0 {
+                        continue;
+                    }
                     let (head, dropped) = class.heap.lock().live_head(&self.cells);
                     stale += dropped;
                     if let Some(head) = head {

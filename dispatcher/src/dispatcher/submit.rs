@@ -40,6 +40,16 @@ impl Dispatcher {
         self.registry.check_class(&spec.group, &spec.tags)
     }
 
+    /// Whether tasks of `group` with `tags` have a class already (submitting one creates none).
+    pub fn has_class<S: AsRef<str>>(&self, group: &str, tags: &[S]) -> bool {
+        self.registry.has_class(group, tags)
+    }
+
+    /// How many task classes (group and tag set pairs) exist; at most `Limits::max_classes`.
+    pub fn class_count(&self) -> usize {
+        self.registry.class_count()
+    }
+
     /// Loads tasks at start-up (after the workers are registered): queued tasks are placed,
     /// running tasks stay on their worker if it is registered and are queued again (as a new
     /// attempt on their next fetch) if it is not. All or nothing, like `submit_many`.
