@@ -131,9 +131,80 @@ pub(crate) fn worth_moving(src: u64, dst: u64, ratio: f64) -> bool {
     src >= dst + MIN_GAP && src as f64 > ratio * dst as f64
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(switchyard_loom)))]
 mod tests {
-    use super::worth_moving;
+    use super::{choose, decide, worth_moving, Decision};
+    use crate::config::{Mode, Strategy};
+    use crate::registry::{Registry, Worker};
+    use crate::sync::{Arc, AtomicUsize};
+    use crate::{Limits, WorkerId};
+
+    /// Workers whose queued counts are `loads`.
+    fn workers(loads: &[usize]) -> Vec<Arc<Worker>> {
+        let r = Registry::new(4, Limits::default());
+        let none: &[&str] = &[];
+        loads
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let w = r.new_worker(WorkerId(i as u64), &["g"], none).unwrap();
+                (0..n).for_each(|_| w.load.queued.inc());
+                w
+            })
+            .collect()
+    }
+
+    fn picks(strategy: Strategy, loads: &[usize], n: usize) -> Vec<usize> {
+        let (ws, cursor) = (workers(loads), AtomicUsize::new(0));
+        (0..n)
+            .map(|_| choose(strategy, &ws, &cursor, 1000))
+            .collect()
+    }
+
+    #[test]
+    fn two_choices_are_two_distinct_candidates() {
+        // With two candidates, two distinct draws always include the empty one.
+        assert!(picks(Strategy::PowerOfTwoChoices, &[5, 0], 200)
+            .iter()
+            .all(|&i| i == 1));
+        // With three, the most loaded is never chosen: its pair is always less loaded.
+        let p = picks(Strategy::PowerOfTwoChoices, &[9, 0, 5], 300);
+        assert!(p.iter().all(|&i| i != 0), "{p:?}");
+        assert!(
+            p.contains(&1) && p.contains(&2),
+            "both others are drawn: {p:?}"
+        );
+    }
+
+    #[test]
+    fn least_loaded_and_round_robin_choose_as_documented() {
+        assert!(picks(Strategy::LeastLoaded, &[3, 1, 2], 30)
+            .iter()
+            .all(|&i| i == 1));
+        assert_eq!(
+            picks(Strategy::LeastLoaded, &[1, 1], 4),
+            [0, 1, 0, 1],
+            "ties alternate"
+        );
+        let p = picks(Strategy::LeastLoaded, &[1, 1, 4], 30);
+        assert!(!p.contains(&2) && p.contains(&0) && p.contains(&1), "{p:?}");
+        assert_eq!(
+            picks(Strategy::RoundRobin, &[9, 0, 0], 6),
+            [0, 1, 2, 0, 1, 2]
+        );
+        assert_eq!(picks(Strategy::RoundRobin, &[4], 3), [0, 0, 0]);
+    }
+
+    #[test]
+    fn decide_parks_only_balanced_tasks_without_candidates() {
+        let cursor = AtomicUsize::new(0);
+        let ws = workers(&[2, 0]);
+        let balanced = Mode::Balanced(Strategy::LeastLoaded);
+        assert_eq!(decide(Mode::Fanout, &[], &cursor, 1000), Decision::Class);
+        assert_eq!(decide(Mode::Fanout, &ws, &cursor, 1000), Decision::Class);
+        assert_eq!(decide(balanced, &[], &cursor, 1000), Decision::Park);
+        assert_eq!(decide(balanced, &ws, &cursor, 1000), Decision::One(1));
+    }
 
     #[test]
     fn a_move_needs_a_two_task_gap_and_the_ratio() {

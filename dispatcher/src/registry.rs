@@ -490,4 +490,18 @@ mod tests {
         assert_eq!(d.fetch(WorkerId(1), 10).unwrap().len(), 3);
         d.audit().unwrap();
     }
+
+    #[test]
+    fn dropping_the_dispatcher_frees_workers_and_classes() {
+        // Workers list their classes and classes cache their candidates: a cycle that the
+        // dispatcher's drop breaks.
+        let d = Dispatcher::new(Config::default()).unwrap();
+        d.register(WorkerId(1), &["g"], &["a"]).unwrap();
+        d.submit(TaskSpec::new(TaskId(1), "g").tags(["a"])).unwrap();
+        let worker = std::sync::Arc::downgrade(&d.registry.get(WorkerId(1)).unwrap());
+        let class = std::sync::Arc::downgrade(&d.registry.classes()[0]);
+        drop(d);
+        assert!(worker.upgrade().is_none(), "the worker leaked");
+        assert!(class.upgrade().is_none(), "the class leaked");
+    }
 }

@@ -161,3 +161,90 @@ impl Dispatcher {
         Ok(())
     }
 }
+
+#[cfg(all(test, not(switchyard_loom)))]
+mod tests {
+    use crate::{Config, Dispatcher, Strategy, TaskSpec, WorkerId};
+
+    const W1: WorkerId = WorkerId(1);
+
+    /// A dispatcher at rest with a queued, a running and a parked task, and what `audit` says
+    /// after `corrupt` damages it.
+    fn audit_after(config: Config, corrupt: impl FnOnce(&Dispatcher)) -> Result<(), String> {
+        let d = Dispatcher::new(config).unwrap();
+        d.register(W1, &["g"], &[] as &[&str]).unwrap();
+        d.submit_many([
+            TaskSpec::new(1, "g").priority(1),
+            TaskSpec::new(2, "g"),
+            TaskSpec::new(3, "nobody"),
+        ])
+        .unwrap();
+        d.fetch(W1, 1).unwrap();
+        d.audit().expect("a healthy dispatcher passes");
+        corrupt(&d);
+        d.audit()
+    }
+
+    fn balanced() -> Config {
+        Config::balanced(Strategy::RoundRobin)
+    }
+
+    #[test]
+    fn audit_names_each_kind_of_damage() {
+        let w = |d: &Dispatcher| d.registry.get(W1).unwrap();
+        let cases: Vec<(&str, Config, Box<dyn FnOnce(&Dispatcher)>)> = vec![
+            (
+                "queued count",
+                balanced(),
+                Box::new(move |d| w(d).load.queued.inc()),
+            ),
+            (
+                "running count",
+                balanced(),
+                Box::new(move |d| w(d).load.inc_running()),
+            ),
+            (
+                "lost copy",
+                balanced(),
+                Box::new(move |d| {
+                    w(d).queue.lock().heap.pop();
+                }),
+            ),
+            (
+                "lost record",
+                balanced(),
+                Box::new(move |d| w(d).queue.lock().running.clear()),
+            ),
+            (
+                "closed queue",
+                balanced(),
+                Box::new(move |d| w(d).queue.lock().closed = true),
+            ),
+            (
+                "parked set",
+                balanced(),
+                Box::new(|d| d.parked.lock().clear()),
+            ),
+            (
+                "class count",
+                Config::default(),
+                Box::new(|d| {
+                    d.registry.classes()[0].queued.inc();
+                }),
+            ),
+            (
+                "class heap",
+                Config::default(),
+                Box::new(|d| {
+                    for c in d.registry.classes() {
+                        c.heap.lock().pop();
+                    }
+                }),
+            ),
+        ];
+        for (what, config, corrupt) in cases {
+            let verdict = audit_after(config, corrupt);
+            assert!(verdict.is_err(), "{what}: damage went unnoticed");
+        }
+    }
+}
