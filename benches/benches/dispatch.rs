@@ -740,6 +740,126 @@ fn g_floor(c: &mut Criterion) {
     g.finish();
 }
 
+// ----- H: many classes ----------------------------------------------------------------------
+
+/// H: a fanout worker serving `k` classes (one tag each), all empty but one that holds `n`
+/// tasks; one task per fetch. The rows' ratios show what the empty classes cost a fetch.
+fn h_many_classes(c: &mut Criterion) {
+    let n = scale(20_000);
+    let mut g = configure(c, "H_fetch_with_many_empty_classes", n);
+    for k in [1usize, 64, 1024] {
+        let setup = move || {
+            let mut config = switchyard::Config::default();
+            config.limits.max_tags = k;
+            let d = switchyard::Dispatcher::new(config).expect("config");
+            let tags: Vec<String> = (0..k).map(|i| format!("t{i}")).collect();
+            d.register(WorkerId(0), &["g"], &tags).expect("register");
+            // Make every class, then empty it.
+            let specs = (0..k).map(|i| TaskSpec::new(i as u64, "g").tags([tags[i].as_str()]));
+            d.submit_many(specs).expect("submit");
+            assert_eq!(d.fetch(WorkerId(0), k).expect("fetch").len(), k);
+            let specs = (0..n).map(|i| TaskSpec::new(k as u64 + i, "g").tags(["t0"]));
+            d.submit_many(specs).expect("submit");
+            d
+        };
+        g.bench_function(format!("classes_{k}"), |b| {
+            b.iter_custom(|iters| {
+                timed(iters, setup, |d| {
+                    let mut out = Vec::with_capacity(1);
+                    for _ in 0..n {
+                        out.clear();
+                        d.fetch_into(WorkerId(0), 1, &mut out).expect("fetch");
+                        black_box(&out);
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+// ----- I: the candidate cache ---------------------------------------------------------------
+
+/// I: the per-class candidate cache as the registry reads it on every placement (check the
+/// epoch, clone the shared list), behind a `parking_lot::RwLock` (what the dispatcher uses)
+/// and as an `arc_swap` snapshot (what the design first asked for), read by one thread and
+/// by two at once on the same class.
+fn i_candidate_cache(c: &mut Criterion) {
+    struct Cache {
+        epoch: u64,
+        workers: Arc<[u64]>,
+    }
+    let n = scale(1_000_000);
+    let list: Arc<[u64]> = (0..8).collect();
+    let rw = Arc::new(parking_lot::RwLock::new(Cache {
+        epoch: 1,
+        workers: list.clone(),
+    }));
+    let swap = Arc::new(arc_swap::ArcSwap::from_pointee(Cache {
+        epoch: 1,
+        workers: list,
+    }));
+    let read_rw = {
+        let rw = rw.clone();
+        move || {
+            for _ in 0..n {
+                let cache = rw.read();
+                if cache.epoch == black_box(1) {
+                    black_box(cache.workers.clone());
+                }
+            }
+        }
+    };
+    let read_swap = {
+        let swap = swap.clone();
+        move || {
+            for _ in 0..n {
+                let cache = swap.load();
+                if cache.epoch == black_box(1) {
+                    black_box(cache.workers.clone());
+                }
+            }
+        }
+    };
+    for threads in [1, 2] {
+        let mut g = configure(
+            c,
+            &format!("I_candidate_cache_{threads}_threads"),
+            n * threads,
+        );
+        for (name, read) in [
+            (
+                "rwlock",
+                Arc::new(read_rw.clone()) as Arc<dyn Fn() + Send + Sync>,
+            ),
+            ("arc_swap", Arc::new(read_swap.clone())),
+        ] {
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let barrier = Arc::new(std::sync::Barrier::new(threads as usize));
+                        let start = Instant::now();
+                        let handles: Vec<_> = (0..threads)
+                            .map(|_| {
+                                let (read, barrier) = (read.clone(), barrier.clone());
+                                std::thread::spawn(move || {
+                                    barrier.wait();
+                                    read();
+                                })
+                            })
+                            .collect();
+                        handles.into_iter().for_each(|h| h.join().expect("reader"));
+                        total += start.elapsed();
+                    }
+                    total
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
 criterion_group!(
     benches,
     a_enqueue,
@@ -750,6 +870,8 @@ criterion_group!(
     c_removal,
     d_churn,
     e_scaling,
-    g_floor
+    g_floor,
+    h_many_classes,
+    i_candidate_cache
 );
 criterion_main!(benches);
