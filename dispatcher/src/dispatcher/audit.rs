@@ -185,6 +185,9 @@ mod tests {
         d.audit()
     }
 
+    /// Damage done to a dispatcher at rest.
+    type Corruption = Box<dyn FnOnce(&Dispatcher)>;
+
     fn balanced() -> Config {
         Config::balanced(Strategy::RoundRobin)
     }
@@ -192,7 +195,7 @@ mod tests {
     #[test]
     fn audit_names_each_kind_of_damage() {
         let w = |d: &Dispatcher| d.registry.get(W1).unwrap();
-        let cases: Vec<(&str, Config, Box<dyn FnOnce(&Dispatcher)>)> = vec![
+        let cases: Vec<(&str, Config, Corruption)> = vec![
             (
                 "queued count",
                 balanced(),
