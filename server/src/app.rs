@@ -17,6 +17,12 @@
 //! ahead of the store. The coordinator does not guess how to undo it: on any storage failure
 //! it stops ([`App::poison`]). Requests get 503 from then on, the server shuts down, and the
 //! next start rebuilds the dispatcher from the store, which holds every acknowledged decision.
+//!
+//! `App` owns its parts (the keyring of `crate::auth`, the leases of `crate::liveness`), and two
+//! of those modules name `App` back: the authorising extractors read the keyring from the
+//! request's `App` state, and the reaper calls the `App`'s operations when a lease expires.
+//! That is the shape of axum's `State`: the parts depend on the state type, not on each
+//! other, and nothing in `app` calls into an extractor or the reaper's loop except to start it.
 
 use std::future::Future;
 use std::path::Path;

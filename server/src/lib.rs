@@ -11,7 +11,7 @@
 //! | [`delivery`] | the delivery protocol: assignments durable before the reply, reconciliation of what a worker holds, idempotent reports; the guarantee and its failure windows |
 //! | [`error`] | one error type, mapped to a status and a JSON body in one place |
 //! | [`ids`] | task, worker and token ids, reserved from the store in blocks (coordinators sharing a store never collide) |
-//! | [`input`] | rules for new input: name rules and the configured limits (stored state loads whatever they are now) |
+//! | [`input`] | the configured limits on new input, including `--max-classes` (the name rules are the dispatcher's `Limits`; stored state loads whatever the limits are now) |
 //! | [`store`] | the `Store` trait, its records and changes; SQLite (WAL) as the embedded default |
 //! | [`writer`] | the group-commit writer: one transaction per batch of waiting requests |
 //! | [`recovery`] | restart: workers into the dispatcher first, then tasks (queued and running) |
