@@ -285,8 +285,9 @@ pub(crate) struct Cells {
 
 /// The first page holds 2^FIRST_PAGE_BITS cells (4 under loom, so models stay small).
 const FIRST_PAGE_BITS: u32 = if cfg!(switchyard_loom) { 2 } else { 10 };
-/// Enough pages for 2^32 slots.
-const PAGES: usize = 32 - FIRST_PAGE_BITS as usize;
+/// Enough pages for every `u32` slot: pages 0..k hold 2^FIRST_PAGE_BITS·(2^k − 1) slots, so
+/// 2^32 slots need k = 32 − FIRST_PAGE_BITS + 1 (the last page only partly used).
+const PAGES: usize = 32 - FIRST_PAGE_BITS as usize + 1;
 
 /// The page and offset of `slot`: page k holds slots [1024·(2^k − 1), 1024·(2^(k+1) − 1)).
 fn locate(slot: Slot) -> (usize, usize) {
@@ -411,5 +412,116 @@ impl Index {
 
     pub(crate) fn len(&self) -> usize {
         self.map.len()
+    }
+}
+
+#[cfg(all(test, not(switchyard_loom)))]
+mod tests {
+    use super::{locate, pack, Cells, Phase, QUEUED, RUNNING};
+    use crate::{Config, Dispatcher, Strategy, TaskId, TaskSpec, WorkerId};
+
+    #[test]
+    fn slots_map_to_pages_that_double() {
+        assert_eq!(locate(0), (0, 0));
+        assert_eq!(locate(1023), (0, 1023));
+        assert_eq!(locate(1024), (1, 0));
+        assert_eq!(locate(3071), (1, 2047));
+        assert_eq!(locate(3072), (2, 0));
+        // The last slots fall in the last page.
+        assert_eq!(locate(u32::MAX), (22, 1023));
+        assert_eq!(super::PAGES, 23);
+        // Every slot of the first pages has a place of its own.
+        let mut seen = std::collections::HashSet::new();
+        for slot in 0..8000 {
+            let (page, offset) = locate(slot);
+            assert!(offset < 1024 << page, "slot {slot}");
+            assert!(seen.insert((page, offset)), "slot {slot} shares a place");
+        }
+    }
+
+    #[test]
+    fn a_freed_slot_is_reused_with_the_next_generation() {
+        let cells = Cells::new(1);
+        let d = Dispatcher::new(Config::default()).unwrap();
+        d.submit(TaskSpec::new(1, "g")).unwrap(); // a class for the states below
+        let class = d
+            .get(TaskId(1))
+            .map(|_| d.registry.classes()[0].clone())
+            .unwrap();
+        let make = |id: u64| {
+            let class = class.clone();
+            move |gen| super::TaskState {
+                id: TaskId(id),
+                gen,
+                phase: Phase::Queued {
+                    holders: super::Holders::None,
+                    parked: false,
+                },
+                attempt: 0,
+                priority: 0,
+                key: 0,
+                seq: 0,
+                class,
+                enqueued: 0.0,
+            }
+        };
+        let mut gens = Vec::new();
+        for round in 0..40 {
+            let mut l = cells.occupy(TaskId(round), make(round));
+            assert_eq!(l.slot, 0, "the freed slot is taken again");
+            gens.push(l.st.gen);
+            assert!(cells.get(0).is_live(l.st.gen));
+            l.release();
+            cells.free(l);
+            assert!(cells.lock(0).is_none(), "a vacant slot cannot be locked");
+        }
+        // Each use gets a generation no earlier use of the slot had (release adds one more).
+        let distinct: std::collections::HashSet<u32> = gens.iter().copied().collect();
+        assert_eq!(distinct.len(), gens.len(), "{gens:?}");
+        assert!(gens.windows(2).all(|w| w[1] == w[0] + 2), "{gens:?}");
+        assert_ne!(pack(7, QUEUED), pack(7, RUNNING));
+    }
+
+    #[test]
+    fn a_slot_reused_many_times_never_revives_an_old_entry() {
+        // One stripe, so every task takes the same freed slot. Each cancelled task leaves a
+        // high-priority tombstone in W1's heap; none may come back as the last task's entry.
+        let config = Config {
+            shards: 1,
+            ..Config::balanced(Strategy::RoundRobin)
+        };
+        let d = Dispatcher::new(config).unwrap();
+        d.register(WorkerId(1), &["g"], &[] as &[&str]).unwrap();
+        d.submit(TaskSpec::new(1000, "g").priority(5)).unwrap();
+        for id in 0..40 {
+            d.submit(TaskSpec::new(id, "g").priority(9)).unwrap();
+            d.cancel(TaskId(id)).unwrap();
+        }
+        d.submit(TaskSpec::new(2000, "g").priority(1)).unwrap();
+        let got: Vec<u64> = d
+            .fetch(WorkerId(1), 10)
+            .unwrap()
+            .iter()
+            .map(|a| a.task.0)
+            .collect();
+        assert_eq!(got, [1000, 2000], "priority order, each task once");
+        d.audit().unwrap();
+    }
+
+    #[test]
+    fn running_records_of_ended_assignments_are_pruned() {
+        let d = Dispatcher::new(Config::balanced(Strategy::RoundRobin)).unwrap();
+        let w = WorkerId(1);
+        d.register(w, &["g"], &[] as &[&str]).unwrap();
+        for id in 0..500 {
+            d.submit(TaskSpec::new(id, "g")).unwrap();
+            let a = d.fetch(w, 1).unwrap()[0];
+            d.complete(w, a.task, a.attempt).unwrap();
+        }
+        let records = d.registry.get(w).unwrap().queue.lock().running.len();
+        assert!(
+            records <= 64 + 1,
+            "{records} records kept for 0 running tasks"
+        );
     }
 }

@@ -195,6 +195,15 @@ mod tests {
         // A multi-byte name counts bytes: "éé" is 4 bytes, "ééé" is 6.
         assert!(l.check_name("tag", "éé").is_ok());
         assert!(l.check_name("tag", "ééé").is_err());
+        // An error quotes at most 64 characters of the name, and marks a cut.
+        let long = Limits::default();
+        let err = long
+            .check_name("tag", &"x".repeat(200))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("\"{}\"…", "x".repeat(64))), "{err}");
+        let err = long.check_name("tag", "a\u{200B}").unwrap_err().to_string();
+        assert!(!err.contains('…'), "{err}");
 
         assert!(l.check_tags(&["a", "b"]).is_ok());
         let err = l.check_tags(&["a", "b", "c"]).unwrap_err().to_string();

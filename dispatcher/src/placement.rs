@@ -174,6 +174,15 @@ mod tests {
             p.contains(&1) && p.contains(&2),
             "both others are drawn: {p:?}"
         );
+        // Every pair is drawn, not only neighbours: with loads [1, 9, 2, 9, 9], candidate 2
+        // wins when it is drawn without candidate 0, which uniform pairs make 3 draws in 10
+        // (2/5 − 1/10); pairs of neighbours only would make it 2 in 5.
+        let p = picks(Strategy::PowerOfTwoChoices, &[1, 9, 2, 9, 9], 10_000);
+        let twos = p.iter().filter(|&&i| i == 2).count();
+        assert!(
+            (2_700..3_300).contains(&twos),
+            "candidate 2 chosen {twos} times in 10,000"
+        );
     }
 
     #[test]
@@ -211,6 +220,7 @@ mod tests {
         // One task against none is a one-task gap: moving it only swaps the imbalance.
         assert!(!worth_moving(1000, 0, 1.5));
         assert!(worth_moving(2000, 0, 1.5));
+        assert!(!worth_moving(1999, 0, 1.5), "just under two tasks");
         // 4 against 3: under two tasks apart.
         assert!(!worth_moving(4000, 3000, 1.0));
         // 5 against 3: two apart, and 5 > 1.5 × 3 but not > 2 × 3.

@@ -504,4 +504,30 @@ mod tests {
         assert!(worker.upgrade().is_none(), "the worker leaked");
         assert!(class.upgrade().is_none(), "the class leaked");
     }
+
+    #[test]
+    fn a_candidate_list_is_computed_once_per_registry_change() {
+        let d = Dispatcher::new(Config::default()).unwrap();
+        d.register(WorkerId(1), &["g"], &["a"]).unwrap();
+        d.submit(TaskSpec::new(TaskId(1), "g")).unwrap();
+        let class = d.registry.classes()[0].clone();
+        let first = d.registry.candidates(&class);
+        let again = d.registry.candidates(&class);
+        assert!(
+            std::sync::Arc::ptr_eq(&first, &again),
+            "the second read recomputed"
+        );
+        assert_eq!(first.len(), 1);
+        d.register(WorkerId(2), &["g"], &[] as &[&str]).unwrap();
+        let after = d.registry.candidates(&class);
+        assert!(
+            !std::sync::Arc::ptr_eq(&first, &after),
+            "a stale list after a change"
+        );
+        assert_eq!(after.len(), 2);
+        assert!(std::sync::Arc::ptr_eq(
+            &after,
+            &d.registry.candidates(&class)
+        ));
+    }
 }

@@ -196,6 +196,20 @@ fn fetches_count_the_dead_entries_they_pop() {
     f.cancel(TaskId(3)).unwrap();
     assert_eq!(fetched(&f, W1, 1), [2]);
     assert_eq!(f.stats().counters.stale_skipped, 1);
+    // Fanout over several classes: the dead heads met on the way are counted too.
+    let m = Dispatcher::new(Config::default()).unwrap();
+    m.register(W1, &["g"], &["a"]).unwrap();
+    m.submit_many([
+        TaskSpec::new(1, "g").priority(9),
+        TaskSpec::new(2, "g").tags(["a"]).priority(8),
+        TaskSpec::new(3, "g").priority(1),
+        TaskSpec::new(4, "g").tags(["a"]).priority(0),
+    ])
+    .unwrap();
+    m.cancel(TaskId(1)).unwrap();
+    m.cancel(TaskId(2)).unwrap();
+    assert_eq!(fetched(&m, W1, 1), [3]);
+    assert_eq!(m.stats().counters.stale_skipped, 2);
     // And the counts survive the worker's departure (folded into the totals).
     d.unregister(W1).unwrap();
     assert_eq!(d.stats().counters.stale_skipped, 2);
@@ -218,6 +232,10 @@ fn fanout_tasks_are_parked_when_the_last_candidate_of_their_classes_leaves() {
     // Tasks 1 and 2 have no candidate left; task 3 still has W2.
     let s = f.stats();
     assert_eq!((s.parked, s.queued), (2, 1));
+    assert_eq!(
+        s.counters.parked, 2,
+        "each task parked by the departure is counted"
+    );
     assert_eq!(f.get(TaskId(1)).unwrap().status, TaskStatus::Parked);
     assert_eq!(
         f.get(TaskId(3)).unwrap().status,
@@ -225,6 +243,7 @@ fn fanout_tasks_are_parked_when_the_last_candidate_of_their_classes_leaves() {
     );
     f.unregister(W2).unwrap();
     assert_eq!(f.stats().parked, 3);
+    assert_eq!(f.stats().counters.parked, 3);
     f.register(WorkerId(3), &["g"], &["a"]).unwrap();
     assert_eq!(f.stats().parked, 0);
     f.audit().unwrap();
@@ -254,10 +273,140 @@ fn a_fanout_worker_serving_many_classes_fetches_from_the_one_with_work() {
 fn a_dispatcher_describes_itself() {
     let d = Dispatcher::new(Config::default()).unwrap();
     d.register(W1, &["g"], NO_TAGS).unwrap();
-    d.submit(TaskSpec::new(1, "g")).unwrap();
+    d.register(W2, &["g"], NO_TAGS).unwrap();
+    d.submit_many([
+        TaskSpec::new(1, "g"),
+        TaskSpec::new(2, "g"),
+        TaskSpec::new(3, "g"),
+    ])
+    .unwrap();
     let shown = format!("{d:?}");
     assert!(
-        shown.contains("Dispatcher") && shown.contains("workers: 1") && shown.contains("tasks: 1"),
+        shown.contains("Dispatcher") && shown.contains("workers: 2") && shown.contains("tasks: 3"),
         "{shown}"
     );
+}
+
+#[test]
+fn concurrent_submissions_of_the_same_ids_create_each_task_once() {
+    // Two threads submit the same batches at once: for each batch exactly one wins, and a
+    // loser's half-made tasks (its cells locked, some of its ids already indexed) are undone.
+    let d = Arc::new(Dispatcher::new(Config::balanced(Strategy::RoundRobin)).unwrap());
+    d.register(W1, &["g"], NO_TAGS).unwrap();
+    let rounds = 300u64;
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (d, barrier) = (d.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut won = 0;
+                for r in 0..rounds {
+                    barrier.wait();
+                    let batch = (r * 50..r * 50 + 50).map(|i| TaskSpec::new(i, "g"));
+                    match d.submit_many(batch) {
+                        Ok(()) => won += 1,
+                        Err(Error::DuplicateTask(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                won
+            })
+        })
+        .collect();
+    let wins: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        wins.iter().sum::<u64>(),
+        rounds,
+        "one winner per batch: {wins:?}"
+    );
+    let s = d.stats();
+    assert_eq!(
+        (s.tasks, s.queued),
+        (rounds as usize * 50, rounds as usize * 50)
+    );
+    d.audit().unwrap();
+    assert_eq!(d.fetch(W1, 100_000).unwrap().len(), rounds as usize * 50);
+}
+
+#[test]
+fn a_heap_compacts_from_64_entries_when_most_are_dead() {
+    // (tasks submitted, tasks cancelled, then one more submitted) → tombstones after the push.
+    // The push compacts a heap of at least 64 entries with more than twice as many entries as
+    // live tasks; a smaller or denser heap is left alone.
+    for (submitted, cancelled, tombstones) in [
+        (63, 61, 0),  // 64 entries, 3 live: compacted
+        (62, 60, 60), // 63 entries: too small to bother
+        (63, 33, 0),  // 64 entries, 31 live: more than twice as many, compacted
+        (63, 32, 32), // 64 entries, 32 live: exactly twice, dense enough
+    ] {
+        let d = Dispatcher::new(Config::balanced(Strategy::RoundRobin)).unwrap();
+        d.register(W1, &["g"], NO_TAGS).unwrap();
+        d.submit_many((0..submitted).map(|i| TaskSpec::new(i, "g")))
+            .unwrap();
+        for i in 0..cancelled {
+            d.cancel(TaskId(i)).unwrap();
+        }
+        d.submit(TaskSpec::new(1000, "g")).unwrap();
+        let s = d.stats();
+        assert_eq!(
+            s.tombstones, tombstones,
+            "{submitted} submitted, {cancelled} cancelled"
+        );
+        assert_eq!(
+            d.fetch(W1, 100).unwrap().len() as u64,
+            submitted - cancelled + 1
+        );
+    }
+}
+
+#[test]
+fn running_lists_a_workers_current_assignments_in_claim_order() {
+    for mode in [Config::default(), Config::balanced(Strategy::RoundRobin)] {
+        let d = Dispatcher::new(mode.clone()).unwrap();
+        d.register(W1, &["g"], NO_TAGS).unwrap();
+        d.register(W2, &["h"], NO_TAGS).unwrap();
+        d.submit_many((1..=5).map(|i| TaskSpec::new(i, "g").priority(10 - i as i32)))
+            .unwrap();
+        d.submit(TaskSpec::new(9, "h")).unwrap();
+        let got = d.fetch(W1, 5).unwrap();
+        let w2 = d.fetch(W2, 1).unwrap()[0];
+        assert_eq!(d.running(W1).unwrap(), got, "{mode:?}");
+        // Each way an assignment ends takes it off the list.
+        d.complete(W1, got[0].task, got[0].attempt).unwrap();
+        d.give_back(W1, got[1].task, got[1].attempt).unwrap();
+        d.cancel(got[2].task).unwrap();
+        assert_eq!(d.running(W1).unwrap(), got[3..], "{mode:?}");
+        // The given-back task, fetched again, is a new attempt at the end of the list.
+        let again = d.fetch(W1, 1).unwrap()[0];
+        assert_eq!(
+            (again.task, again.attempt),
+            (got[1].task, got[1].attempt + 1)
+        );
+        assert_eq!(d.running(W1).unwrap(), [got[3], got[4], again], "{mode:?}");
+        assert!(d.is_running(W1, again.task, again.attempt));
+        assert!(
+            !d.is_running(W1, again.task, got[1].attempt),
+            "the old attempt"
+        );
+        assert!(
+            !d.is_running(W2, again.task, again.attempt),
+            "another worker"
+        );
+        assert!(
+            !d.is_running(W1, got[0].task, got[0].attempt),
+            "a finished task"
+        );
+        assert!(
+            !d.is_running(WorkerId(7), again.task, again.attempt),
+            "no such worker"
+        );
+        assert!(d.is_running(W2, w2.task, w2.attempt));
+        assert_eq!(d.running(W2).unwrap(), [w2]);
+        assert_eq!(
+            d.running(WorkerId(7)),
+            Err(Error::UnknownWorker(WorkerId(7)))
+        );
+        d.unregister(W1).unwrap();
+        assert_eq!(d.running(W1), Err(Error::UnknownWorker(W1)));
+    }
 }
