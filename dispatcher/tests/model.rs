@@ -7,6 +7,9 @@
 //! the dispatcher's choice is legal (a live candidate; for LeastLoaded single submissions, a least
 //! loaded one), then adopts it; tasks an operation must not touch must keep their holders.
 
+// The normal build only: the loom build (`--cfg switchyard_loom`) runs `loom-tests/`.
+#![cfg(not(switchyard_loom))]
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::{prop, prop_oneof, proptest, Just, ProptestConfig};

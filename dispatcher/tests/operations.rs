@@ -1,5 +1,8 @@
 //! One test (or a few) per operation, in both modes and for every strategy.
 
+// The normal build only: the loom build (`--cfg switchyard_loom`) runs `loom-tests/`.
+#![cfg(not(switchyard_loom))]
+
 mod common;
 
 use std::time::Duration;

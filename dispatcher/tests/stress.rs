@@ -4,6 +4,9 @@
 //! (every (task, attempt) handed out once, every task finished or cancelled exactly once) and
 //! the counters agree with the index.
 
+// The normal build only: the loom build (`--cfg switchyard_loom`) runs `loom-tests/`.
+#![cfg(not(switchyard_loom))]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};
