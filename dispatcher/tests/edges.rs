@@ -233,7 +233,11 @@ fn fanout_tasks_are_parked_when_the_last_candidate_of_their_classes_leaves() {
     .unwrap();
     assert_eq!(f.stats().parked, 0);
     let departure = f.unregister(W1).unwrap();
-    assert_eq!(departure.tasks.len(), 4, "every task of its classes is reported");
+    assert_eq!(
+        departure.tasks.len(),
+        4,
+        "every task of its classes is reported"
+    );
     // Tasks 1, 2 and 4 have no candidate left (two classes); task 3 still has W2.
     let s = f.stats();
     assert_eq!((s.parked, s.queued), (3, 1));
