@@ -35,7 +35,11 @@ impl Dispatcher {
     }
 
     /// Checks a spec as `submit` would (group, tags, limits) without submitting it; for callers
-    /// that must make a task durable before the dispatcher may hand it out.
+    /// that must make a task durable before the dispatcher may hand it out. The class bound
+    /// (`Limits::max_classes`) is not checked here, since a concurrent submission can take the
+    /// last free class: such a caller checks it with [`has_class`](Self::has_class) and
+    /// [`class_count`](Self::class_count) against its own limit, and builds the dispatcher with
+    /// `max_classes` out of the way, as the coordinator does.
     pub fn validate(&self, spec: &TaskSpec) -> Result<()> {
         self.registry.check_class(&spec.group, &spec.tags)
     }
