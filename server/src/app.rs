@@ -38,7 +38,9 @@ use crate::input;
 use crate::liveness::{reap, Leases};
 use crate::metrics::Metrics;
 use crate::recovery::recover;
-use crate::store::{Change, Role, SqliteStore, Store, StoreError, StoreHandle, TokenRecord};
+use crate::store::{
+    Change, PgStore, Role, SqliteStore, Store, StoreError, StoreHandle, TokenRecord,
+};
 use crate::sync::{Arc, Weak};
 use crate::wakeups::Wakeups;
 use crate::writer::Writer;
@@ -192,6 +194,19 @@ impl App {
     ) -> Result<Opened, StartError> {
         let dir = data_dir.to_path_buf();
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+            .await
+            .map_err(|e| format!("opening the store panicked: {e}"))??;
+        Self::open_store(Arc::new(store), config, limits).await
+    }
+
+    /// Opens the PostgreSQL store at `url` (migrating its schema), then [`App::open_store`].
+    pub async fn open_postgres(
+        url: &str,
+        config: Config,
+        limits: Settings,
+    ) -> Result<Opened, StartError> {
+        let url = url.to_string();
+        let store = tokio::task::spawn_blocking(move || PgStore::open(&url))
             .await
             .map_err(|e| format!("opening the store panicked: {e}"))??;
         Self::open_store(Arc::new(store), config, limits).await

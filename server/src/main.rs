@@ -163,6 +163,10 @@ struct ServeArgs {
     /// Directory of the embedded store (created if missing).
     #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "switchyard-data")]
     data_dir: PathBuf,
+    /// Store in PostgreSQL instead (`postgres://user@host:port/database`); the data
+    /// directory is then not used.
+    #[arg(long, env = "SWITCHYARD_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// The admin token. Without it, the stored one is kept, or one is generated and printed on
     /// the first start. Giving it replaces any earlier admin token.
     #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
@@ -438,7 +442,10 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         app,
         writer,
         new_admin_token,
-    } = App::open(&args.data_dir, config, limits).await?;
+    } = match &args.database_url {
+        Some(url) => App::open_postgres(url, config, limits).await?,
+        None => App::open(&args.data_dir, config, limits).await?,
+    };
     if let Some(token) = new_admin_token {
         // Printed once: only its hash is stored.
         eprintln!(

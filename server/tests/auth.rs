@@ -268,8 +268,13 @@ async fn tokens_are_stored_hashed_survive_restarts_and_can_be_revoked() {
     };
     s.stop().await;
     // The database holds no token in the clear.
-    let db = std::fs::read(dir.path().join("switchyard.db")).unwrap();
-    let wal = std::fs::read(dir.path().join("switchyard.db-wal")).unwrap_or_default();
+    let (db, wal) = match common::pg::database_for(dir.path()) {
+        Some(url) => (common::pg::dump(&url).into_bytes(), Vec::new()),
+        None => (
+            std::fs::read(dir.path().join("switchyard.db")).unwrap(),
+            std::fs::read(dir.path().join("switchyard.db-wal")).unwrap_or_default(),
+        ),
+    };
     for secret in [&generated, &sub] {
         let found = |bytes: &[u8]| bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
         assert!(

@@ -2,11 +2,13 @@
 //! queued again (with a change to commit) when theirs is gone; aging resumes from the stored
 //! submission time.
 
+mod common;
+
+use std::sync::Arc;
+
 use switchyard::{Config, Dispatcher, Mode, Strategy, TaskId, TaskStatus, WorkerId};
 use switchyard_server::recovery::recover;
-use switchyard_server::store::{
-    Change, Requeued, SqliteStore, Store, TaskRecord, TaskState, WorkerRecord,
-};
+use switchyard_server::store::{Change, Requeued, Store, TaskRecord, TaskState, WorkerRecord};
 
 fn task(id: u64, submitted_ms: i64, priority: i32) -> TaskRecord {
     TaskRecord {
@@ -35,8 +37,8 @@ fn worker(id: u64) -> WorkerRecord {
 /// A store as a crashed coordinator left it: workers 1 and 2 (2 has since been removed), task 1
 /// finished, task 2 running on worker 1, task 3 running on the removed worker 2, tasks 4 and 5
 /// queued.
-fn crashed_store(dir: &std::path::Path) -> SqliteStore {
-    let s = SqliteStore::open(dir).unwrap();
+fn crashed_store(dir: &std::path::Path) -> Arc<dyn Store> {
+    let s = common::open_store(dir);
     let mut changes = vec![Change::AddWorker(worker(1)), Change::AddWorker(worker(2))];
     changes.extend((1..=5).map(|i| Change::Submit(task(i, 1_000 * i as i64, 0))));
     changes.extend([
@@ -132,7 +134,7 @@ fn recovery_registers_workers_before_placing_tasks_in_every_mode() {
 #[test]
 fn recovery_restores_how_long_tasks_waited_for_aging() {
     let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(dir.path()).unwrap();
+    let s = common::open_store(dir.path());
     // Task 1 (priority 0) was submitted 100 s before task 2 (priority 50).
     s.apply(&[
         Change::AddWorker(worker(1)),

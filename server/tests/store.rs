@@ -1,5 +1,5 @@
 //! The store contract as a conformance suite: every test of the `Store` trait is generic over a
-//! [`Backend`] and runs, unchanged, against each backend listed at the bottom (SQLite today).
+//! [`Backend`] and runs, unchanged, against each backend listed at the bottom (SQLite and PostgreSQL).
 //! Round trips, durability across reopening, fencing by attempt, all-or-nothing batches,
 //! attempts, tokens and lists. The group-commit writer's test runs on SQLite.
 
@@ -9,8 +9,8 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use common::Hooked;
 use switchyard_server::store::{
-    AttemptEnd, Change, IdKind, KeyRecord, ListFilter, Recovery, Requeued, Role, SqliteStore,
-    Store, StoreError, TaskRecord, TaskState, TokenRecord, WorkerRecord,
+    AttemptEnd, Change, IdKind, KeyRecord, ListFilter, PgStore, Recovery, Requeued, Role,
+    SqliteStore, Store, StoreError, TaskRecord, TaskState, TokenRecord, WorkerRecord,
 };
 use switchyard_server::writer::Writer;
 
@@ -56,6 +56,19 @@ impl Backend for Sqlite {
     }
     fn open(place: &Self::Place) -> Arc<dyn Store> {
         Arc::new(SqliteStore::open(place.path()).unwrap())
+    }
+}
+
+/// PostgreSQL, in a database of its own.
+struct Postgres;
+
+impl Backend for Postgres {
+    type Place = common::pg::TestDatabase;
+    fn place() -> Self::Place {
+        common::pg::TestDatabase::new()
+    }
+    fn open(place: &Self::Place) -> Arc<dyn Store> {
+        Arc::new(PgStore::open(&place.url).unwrap())
     }
 }
 
@@ -797,3 +810,4 @@ macro_rules! conformance {
 }
 
 conformance!(sqlite: Sqlite);
+conformance!(postgres: Postgres);

@@ -1,5 +1,7 @@
 //! The durable store: what the coordinator must not forget, behind a trait so the embedded
-//! SQLite default and a later PostgreSQL backend are interchangeable.
+//! SQLite default ([`SqliteStore`]) and PostgreSQL ([`PgStore`]) are interchangeable. Both
+//! apply each change as one guarded statement; what a statement that changed nothing means is
+//! decided once, in `rules`.
 //!
 //! The dispatcher decides (placement, claims, fencing); the store records each decision as a
 //! [`Change`]. Changes reach the store only through the group-commit [`Writer`](crate::writer),
@@ -20,12 +22,15 @@
 //! - **idempotency keys** ([`KeyRecord`]), committed atomically with the submission they name;
 //! - **the start count** (`Change::Boot`), which makes delivery ids grow across restarts.
 //!
-//! One coordinator owns a store at a time: the SQLite store locks its data directory.
+//! One coordinator owns a SQLite store at a time: it locks its data directory.
 
 mod handle;
+mod postgres;
+mod rules;
 mod sqlite;
 
 pub use handle::StoreHandle;
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use serde::{Deserialize, Serialize};

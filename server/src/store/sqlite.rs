@@ -25,6 +25,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::sync::Mutex;
 
+use super::rules::{judge, Prior};
 use super::{
     AttemptEnd, AttemptRecord, Change, IdKind, KeyRecord, ListFilter, Recovery, Role, Store,
     StoreError, TaskRecord, TaskState, TokenRecord, WorkerRecord,
@@ -197,45 +198,32 @@ impl DirLock {
 }
 
 /// A task's state and attempt, if it exists.
-fn state_of(tx: &Connection, task: u64) -> Result<Option<(String, u32)>, StoreError> {
-    tx.prepare_cached("SELECT state, attempt FROM tasks WHERE id = ?1")
+fn state_of(tx: &Connection, task: u64) -> Result<Prior, StoreError> {
+    let row: Option<(String, u32)> = tx
+        .prepare_cached("SELECT state, attempt FROM tasks WHERE id = ?1")
         .and_then(|mut s| {
             s.query_row([task as i64], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()
         })
-        .map_err(backend)
+        .map_err(backend)?;
+    row.map(|(state, attempt)| {
+        TaskState::parse(&state)
+            .map(|state| (state, attempt))
+            .ok_or_else(|| backend(format!("task {task} has an unknown state {state:?}")))
+    })
+    .transpose()
 }
 
-/// The outcome of a fenced or keyed update that matched no row: the task is missing, or its
-/// state does not allow the change.
-fn unmatched(tx: &Connection, task: u64, what: &str) -> StoreError {
-    let state = match state_of(tx, task) {
-        Ok(state) => state,
-        Err(e) => return e,
-    };
-    match state {
-        None => StoreError::NotFound(format!("task {task}")),
-        Some((state, attempt)) => StoreError::Conflict(format!(
-            "task {task} is {state} (attempt {attempt}); cannot {what}"
-        )),
-    }
-}
-
-/// Ends running `attempt` of `task` as `state` (finished or failed) with its outcome; returns
-/// the rows changed, for `apply_one`'s fencing check.
-fn end_attempt(
+/// Records how running `attempt` of `task` ended, from the task's row before it changes and
+/// only if it runs that attempt (`end` finished or failed, with its outcome).
+fn record_end(
     tx: &Connection,
     task: u64,
     attempt: u32,
-    state: TaskState,
+    end: AttemptEnd,
     outcome: Option<&str>,
     now: i64,
-) -> Result<(usize, u64, &'static str), StoreError> {
-    let end = match state {
-        TaskState::Finished => AttemptEnd::Finished,
-        _ => AttemptEnd::Failed,
-    };
-    // Recorded from the task's row before it changes, and only if it runs that attempt.
+) -> rusqlite::Result<usize> {
     exec(
         tx,
         "INSERT OR IGNORE INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
@@ -243,15 +231,29 @@ fn end_attempt(
              WHERE id = ?1 AND state = 'running' AND attempt = ?2",
         params![task as i64, attempt, end.as_str(), outcome, now],
     )
-    .map_err(backend)?;
-    let n = exec(
+}
+
+/// Ends running `attempt` of `task` as `state` (finished or failed) with its outcome; returns
+/// the rows changed.
+fn end_attempt(
+    tx: &Connection,
+    task: u64,
+    attempt: u32,
+    state: TaskState,
+    outcome: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<usize> {
+    let end = match state {
+        TaskState::Finished => AttemptEnd::Finished,
+        _ => AttemptEnd::Failed,
+    };
+    record_end(tx, task, attempt, end, outcome, now)?;
+    exec(
         tx,
         "UPDATE tasks SET state = ?3, outcome = ?4, updated_ms = ?5
              WHERE id = ?1 AND state = 'running' AND attempt = ?2",
         params![task as i64, attempt, state.as_str(), outcome, now],
     )
-    .map_err(backend)?;
-    Ok((n, task, "end that attempt"))
 }
 
 /// Runs `sql` through the connection's statement cache: a statement is compiled once, not on
@@ -260,82 +262,48 @@ fn exec(tx: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::
     tx.prepare_cached(sql)?.execute(params)
 }
 
-/// Runs an `INSERT`; a uniqueness violation is a conflict, described by `what`.
-fn insert(
-    tx: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-    what: impl FnOnce() -> String,
-) -> Result<(), StoreError> {
-    match exec(tx, sql, params) {
-        Ok(_) => Ok(()),
-        Err(rusqlite::Error::SqliteFailure(e, _))
-            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
-            Err(StoreError::Conflict(format!("{} exists", what())))
-        }
-        Err(e) => Err(backend(e)),
-    }
-}
-
-/// Runs an `UPDATE` of one row by id; no row changed means `what` is not found.
-fn update_one(
-    tx: &Connection,
-    sql: &str,
-    id: u64,
-    what: impl FnOnce() -> String,
-) -> Result<(), StoreError> {
-    match exec(tx, sql, [id as i64]).map_err(backend)? {
-        0 => Err(StoreError::NotFound(what())),
-        _ => Ok(()),
-    }
-}
-
 fn json(v: &[String]) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(backend)
 }
 
+/// Applies one change; `rules::judge` decides what a statement that changed nothing means.
 fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreError> {
-    let changed = match change {
-        Change::Submit(t) => {
-            return insert(
-                tx,
-                "INSERT INTO tasks (id, grp, tags, priority, payload, state, attempt, worker,
-                                    outcome, submitted_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                params![
-                    t.id as i64,
-                    t.group,
-                    json(&t.tags)?,
-                    t.priority,
-                    t.payload,
-                    t.state.as_str(),
-                    t.attempt,
-                    t.worker.map(|w| w as i64),
-                    t.outcome,
-                    t.submitted_ms,
-                    now
-                ],
-                || format!("task {}", t.id),
-            );
-        }
+    let changed = rows_changed(tx, change, now)?;
+    judge(change, changed as u64, |task| state_of(tx, task))
+}
+
+/// Runs the guarded statement(s) of `change`; returns the rows of the main one changed.
+fn rows_changed(tx: &Connection, change: &Change, now: i64) -> Result<usize, StoreError> {
+    let n = match change {
+        Change::Submit(t) => exec(
+            tx,
+            "INSERT OR IGNORE INTO tasks (id, grp, tags, priority, payload, state, attempt,
+                                          worker, outcome, submitted_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                t.id as i64,
+                t.group,
+                json(&t.tags)?,
+                t.priority,
+                t.payload,
+                t.state.as_str(),
+                t.attempt,
+                t.worker.map(|w| w as i64),
+                t.outcome,
+                t.submitted_ms,
+                now
+            ],
+        ),
         Change::Assign {
             task,
             worker,
             attempt,
-        } => {
-            let n = exec(
-                tx,
-                "UPDATE tasks SET state = 'running', attempt = ?2, worker = ?3, updated_ms = ?4
-                     WHERE id = ?1 AND state IN ('queued', 'running') AND attempt < ?2",
-                params![*task as i64, attempt, *worker as i64, now],
-            )
-            .map_err(backend)?;
-            if n == 0 && state_of(tx, *task)?.is_some_and(|(state, _)| state == "cancelled") {
-                return Ok(()); // cancelled after the claim: nothing to record
-            }
-            (n, *task, "assign it")
-        }
+        } => exec(
+            tx,
+            "UPDATE tasks SET state = 'running', attempt = ?2, worker = ?3, updated_ms = ?4
+                 WHERE id = ?1 AND state IN ('queued', 'running') AND attempt < ?2",
+            params![*task as i64, attempt, *worker as i64, now],
+        ),
         Change::Requeue {
             task,
             attempt,
@@ -357,18 +325,13 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 ],
             )
             .map_err(backend)?;
-            let n = exec(
+            exec(
                 tx,
                 "UPDATE tasks SET state = 'queued', attempt = ?2, worker = NULL, updated_ms = ?3
                      WHERE id = ?1 AND state IN ('queued', 'running')
                        AND (attempt < ?2 OR (attempt = ?2 AND state = 'running'))",
                 params![*task as i64, attempt, now],
             )
-            .map_err(backend)?;
-            if n == 0 && state_of(tx, *task)?.is_some() {
-                return Ok(()); // superseded or ended: a later decision stands
-            }
-            (n, *task, "requeue that attempt")
         }
         Change::Finish {
             task,
@@ -381,12 +344,12 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             TaskState::Finished,
             result.as_deref(),
             now,
-        )?,
+        ),
         Change::Fail {
             task,
             attempt,
             message,
-        } => end_attempt(tx, *task, *attempt, TaskState::Failed, Some(message), now)?,
+        } => end_attempt(tx, *task, *attempt, TaskState::Failed, Some(message), now),
         Change::Cancel { task } => {
             // A running attempt ends with the task, recorded from its row before it changes.
             exec(
@@ -397,14 +360,12 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                 params![*task as i64, AttemptEnd::Cancelled.as_str(), now],
             )
             .map_err(backend)?;
-            let n = exec(
+            exec(
                 tx,
                 "UPDATE tasks SET state = 'cancelled', updated_ms = ?2
                      WHERE id = ?1 AND state IN ('queued', 'running')",
                 params![*task as i64, now],
             )
-            .map_err(backend)?;
-            (n, *task, "cancel it")
         }
         Change::Update {
             task,
@@ -412,57 +373,48 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
             tags,
         } => {
             let tags = tags.as_deref().map(json).transpose()?;
-            let n = exec(
+            exec(
                 tx,
                 "UPDATE tasks SET priority = COALESCE(?2, priority), tags = COALESCE(?3, tags),
                                       updated_ms = ?4
                      WHERE id = ?1 AND state IN ('queued', 'running')",
                 params![*task as i64, priority, tags, now],
             )
-            .map_err(backend)?;
-            if n == 0 && state_of(tx, *task)?.is_some() {
-                return Ok(()); // ended meanwhile: nothing left to change
-            }
-            (n, *task, "update it")
         }
-        Change::AddWorker(w) => {
-            return insert(
-                tx,
-                "INSERT INTO workers (id, groups, tags, token_hash) VALUES (?1, ?2, ?3, ?4)",
-                params![w.id as i64, json(&w.groups)?, json(&w.tags)?, w.token_hash],
-                || format!("worker {}", w.id),
-            );
-        }
-        Change::RemoveWorker { worker } => {
-            return update_one(
-                tx,
-                "UPDATE workers SET removed = 1 WHERE id = ?1 AND removed = 0",
-                *worker,
-                || format!("worker {worker}"),
-            );
-        }
-        Change::AddToken(t) => {
-            return insert(
-                tx,
-                "INSERT INTO tokens (id, hash, role, groups, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![t.id as i64, t.hash, t.role.as_str(), json(&t.groups)?, t.created_ms],
-                || format!("token {}", t.id),
-            );
-        }
-        Change::RevokeToken { id } => {
-            return update_one(
-                tx,
-                "UPDATE tokens SET revoked = 1 WHERE id = ?1 AND revoked = 0",
-                *id,
-                || format!("token {id}"),
-            );
-        }
+        Change::AddWorker(w) => exec(
+            tx,
+            "INSERT OR IGNORE INTO workers (id, groups, tags, token_hash) VALUES (?1, ?2, ?3, ?4)",
+            params![w.id as i64, json(&w.groups)?, json(&w.tags)?, w.token_hash],
+        ),
+        Change::RemoveWorker { worker } => exec(
+            tx,
+            "UPDATE workers SET removed = 1 WHERE id = ?1 AND removed = 0",
+            [*worker as i64],
+        ),
+        // `OR IGNORE` also skips a token whose hash exists (the hash is unique).
+        Change::AddToken(t) => exec(
+            tx,
+            "INSERT OR IGNORE INTO tokens (id, hash, role, groups, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                t.id as i64,
+                t.hash,
+                t.role.as_str(),
+                json(&t.groups)?,
+                t.created_ms
+            ],
+        ),
+        Change::RevokeToken { id } => exec(
+            tx,
+            "UPDATE tokens SET revoked = 1 WHERE id = ?1 AND revoked = 0",
+            [*id as i64],
+        ),
         Change::Remember {
             key: k,
             expired_before_ms,
         } => {
             let ids = serde_json::to_string(&k.ids).map_err(backend)?;
-            let n = exec(
+            exec(
                 tx,
                 "INSERT INTO keys (scope, key, fingerprint, ids, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)
@@ -479,39 +431,18 @@ fn apply_one(tx: &Connection, change: &Change, now: i64) -> Result<(), StoreErro
                     expired_before_ms
                 ],
             )
-            .map_err(backend)?;
-            if n == 0 {
-                return Err(StoreError::Conflict(format!(
-                    "idempotency key {:?} exists",
-                    k.key
-                )));
-            }
-            return Ok(());
         }
         Change::ForgetKeys { before_ms } => {
-            exec(tx, "DELETE FROM keys WHERE created_ms < ?1", [before_ms]).map_err(backend)?;
-            return Ok(());
+            exec(tx, "DELETE FROM keys WHERE created_ms < ?1", [before_ms])
         }
-        Change::Boot { boot } => {
-            let n = exec(
-                tx,
-                "INSERT INTO meta (name, value) VALUES ('boot', ?1)
-                 ON CONFLICT (name) DO UPDATE SET value = excluded.value WHERE value < excluded.value",
-                [*boot as i64],
-            )
-            .map_err(backend)?;
-            if n == 0 {
-                return Err(StoreError::Conflict(format!(
-                    "start {boot} is not after the last recorded start"
-                )));
-            }
-            return Ok(());
-        }
+        Change::Boot { boot } => exec(
+            tx,
+            "INSERT INTO meta (name, value) VALUES ('boot', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value WHERE value < excluded.value",
+            [*boot as i64],
+        ),
     };
-    match changed {
-        (0, task, what) => Err(unmatched(tx, task, what)),
-        _ => Ok(()),
-    }
+    n.map_err(backend)
 }
 
 fn strings(json: String) -> rusqlite::Result<Vec<String>> {

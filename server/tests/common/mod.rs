@@ -5,6 +5,8 @@
 //! the auth boundaries use [`call_as`] and name the token.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -18,8 +20,8 @@ use switchyard::Config;
 use switchyard_server::api::serve;
 use switchyard_server::app::{App, Opened, Settings};
 use switchyard_server::store::{
-    AttemptRecord, Change, IdKind, KeyRecord, ListFilter, Recovery, SqliteStore, Store, StoreError,
-    TaskRecord,
+    AttemptRecord, Change, IdKind, KeyRecord, ListFilter, PgStore, Recovery, SqliteStore, Store,
+    StoreError, TaskRecord,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -173,9 +175,14 @@ pub fn test_settings() -> Settings {
     }
 }
 
-/// Opens a coordinator on `dir` and serves it.
+/// Opens a coordinator on `dir` and serves it: on the SQLite store in `dir`, or, when the
+/// suite runs on PostgreSQL (`SWITCHYARD_TEST_STORE=postgres`), on `dir`'s database.
 pub async fn start_with(dir: &Path, config: Config, settings: Settings) -> Server {
-    serve_opened(App::open(dir, config, settings).await.unwrap()).await
+    let opened = match pg::database_for(dir) {
+        Some(url) => App::open_postgres(&url, config, settings).await,
+        None => App::open(dir, config, settings).await,
+    };
+    serve_opened(opened.unwrap()).await
 }
 
 /// Opens a coordinator on `store` and serves it.
@@ -229,20 +236,21 @@ pub fn spawn_binary_at(dir: &Path, bind: &str, args: &[&str]) -> (Spawned, Socke
     spawn_serving(command)
 }
 
-/// The arguments of `serve` on `dir` at `bind` with the [`ADMIN`] token.
+/// The arguments of `serve` on `dir` at `bind` with the [`ADMIN`] token (on `dir`'s database
+/// when the suite runs on PostgreSQL: see [`start_with`]).
 pub fn serve_args(dir: &Path, bind: &str) -> Vec<String> {
-    let dir = dir.to_str().expect("a UTF-8 temporary path").to_string();
-    [
-        "serve",
-        "--bind",
-        bind,
-        "--admin-token",
-        ADMIN,
-        "--data-dir",
-        &dir,
-    ]
-    .map(String::from)
-    .to_vec()
+    let store = match pg::database_for(dir) {
+        Some(url) => ["--database-url".to_string(), url],
+        None => [
+            "--data-dir".to_string(),
+            dir.to_str().expect("a UTF-8 temporary path").to_string(),
+        ],
+    };
+    ["serve", "--bind", bind, "--admin-token", ADMIN]
+        .map(String::from)
+        .into_iter()
+        .chain(store)
+        .collect()
 }
 
 /// A process a test started: killed and reaped when dropped, so a failing test (a panic before
@@ -302,16 +310,26 @@ pub fn spawn_serving_logged(mut command: Command) -> (Spawned, SocketAddr, Vec<S
 /// What runs before each commit of a [`Hooked`] store: it may wait, record, or fail the commit.
 pub type BeforeApply = Box<dyn Fn(&[Change]) -> Result<(), StoreError> + Send + Sync>;
 
-/// The SQLite store with a hook before every commit; everything else is passed through.
+/// The store for `dir`: the SQLite store in it, or its database when the suite runs on
+/// PostgreSQL (see [`start_with`]).
+pub fn open_store(dir: &Path) -> Arc<dyn Store> {
+    match pg::database_for(dir) {
+        Some(url) => Arc::new(PgStore::open(&url).unwrap()),
+        None => Arc::new(SqliteStore::open(dir).unwrap()),
+    }
+}
+
+/// The test's store ([`open_store`]) with a hook before every commit; everything else is
+/// passed through.
 pub struct Hooked {
-    pub inner: SqliteStore,
+    pub inner: Arc<dyn Store>,
     before_apply: BeforeApply,
 }
 
 impl Hooked {
     pub fn open(dir: &Path, before_apply: BeforeApply) -> Arc<Self> {
         Arc::new(Self {
-            inner: SqliteStore::open(dir).unwrap(),
+            inner: open_store(dir),
             before_apply,
         })
     }

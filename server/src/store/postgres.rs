@@ -1,0 +1,744 @@
+//! The PostgreSQL store: for teams that run PostgreSQL already, and the shared store of several
+//! coordinators.
+//!
+//! # Shape
+//! - **One transaction per batch, one round trip per batch.** `apply` opens a transaction and
+//!   sends every change's statement at once (tokio-postgres pipelines the queries that are in
+//!   flight together on a connection), then reads the answers in order. Each change is one
+//!   guarded statement that also returns the task's state *before* it (a data-modifying CTE
+//!   and the query around it see the same snapshot), so judging a statement that changed
+//!   nothing ([`judge`]) needs no second round trip. A batch of 500 changes costs three round
+//!   trips (begin, the pipeline, commit), not 500.
+//! - **Prepared statements**, cached per connection by the pool.
+//! - **A pool of connections** (`deadpool-postgres`) driven by the store's own small runtime,
+//!   so the store's blocking methods work from any thread (see `PgStore::block_on`), and a
+//!   broken connection is replaced on the next call.
+//! - **Durability**: a commit returns after PostgreSQL has made it durable, as the server's
+//!   `synchronous_commit` says (on, by default: flushed to the WAL).
+//!
+//! # Migrations
+//! The schema is versioned (`schema_version`). A starting coordinator applies the migrations it
+//! knows and the database lacks, in one transaction under a transaction-scoped advisory lock,
+//! so several coordinators starting at once migrate it once. A database migrated by a newer
+//! coordinator is refused, naming both versions.
+//!
+//! # Rows
+//! Workers and tokens are never deleted, only marked, so their ids are never reused; ids come
+//! from counters in `meta` (see [`Store::reserve`]).
+
+use std::ops::Range;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::future::join_all;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::rules::{judge, Prior};
+use super::{
+    AttemptEnd, AttemptRecord, Change, IdKind, KeyRecord, ListFilter, Recovery, Role, Store,
+    StoreError, TaskRecord, TaskState, TokenRecord, WorkerRecord,
+};
+
+/// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`. Never edit one that has
+/// shipped; add the next.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE tasks (
+    id           BIGINT  PRIMARY KEY,
+    grp          TEXT    NOT NULL,
+    tags         TEXT[]  NOT NULL,
+    priority     INTEGER NOT NULL,
+    payload      BYTEA   NOT NULL,
+    state        TEXT    NOT NULL,
+    attempt      BIGINT  NOT NULL,
+    worker       BIGINT,
+    outcome      TEXT,
+    submitted_ms BIGINT  NOT NULL,
+    updated_ms   BIGINT  NOT NULL
+);
+CREATE INDEX tasks_live ON tasks (grp) WHERE state IN ('queued', 'running');
+CREATE TABLE workers (
+    id         BIGINT  PRIMARY KEY,
+    groups     TEXT[]  NOT NULL,
+    tags       TEXT[]  NOT NULL,
+    token_hash TEXT    NOT NULL,
+    removed    BOOLEAN NOT NULL DEFAULT false
+);
+CREATE TABLE attempts (
+    task     BIGINT NOT NULL,
+    attempt  BIGINT NOT NULL,
+    worker   BIGINT NOT NULL,
+    ended    TEXT   NOT NULL,
+    outcome  TEXT,
+    ended_ms BIGINT NOT NULL,
+    PRIMARY KEY (task, attempt)
+);
+CREATE TABLE keys (
+    scope       BIGINT   NOT NULL,
+    key         TEXT     NOT NULL,
+    fingerprint TEXT     NOT NULL,
+    ids         BIGINT[] NOT NULL,
+    created_ms  BIGINT   NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX keys_age ON keys (created_ms);
+CREATE TABLE meta (
+    name  TEXT   PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+CREATE TABLE tokens (
+    id         BIGINT  PRIMARY KEY,
+    hash       TEXT    NOT NULL UNIQUE,
+    role       TEXT    NOT NULL,
+    groups     TEXT[]  NOT NULL,
+    created_ms BIGINT  NOT NULL,
+    revoked    BOOLEAN NOT NULL DEFAULT false
+);
+"];
+
+/// The advisory lock key that serialises migrations ("switchyd" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7377_6974_6368_7964;
+
+/// The statement of a change that names a task: `u` is the guarded write, and the row
+/// returned says how many rows it changed and the task's state and attempt before it.
+macro_rules! on_task {
+    ($($cte:literal),+ $(,)?) => {
+        concat!(
+            "WITH ", $($cte,)+
+            " SELECT (SELECT count(*) FROM u), t.state, t.attempt
+               FROM (SELECT 1) AS one LEFT JOIN tasks t ON t.id = $1"
+        )
+    };
+}
+
+/// The statement of a change that names no task: `u` is the write.
+macro_rules! on_other {
+    ($cte:literal) => {
+        concat!(
+            "WITH u AS (",
+            $cte,
+            ") SELECT (SELECT count(*) FROM u), NULL::text, NULL::bigint"
+        )
+    };
+}
+
+const SUBMIT: &str = on_other!(
+    "INSERT INTO tasks (id, grp, tags, priority, payload, state, attempt, worker, outcome,
+                        submitted_ms, updated_ms)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING RETURNING 1"
+);
+const ASSIGN: &str = on_task!(
+    "u AS (UPDATE tasks SET state = 'running', attempt = $2, worker = $3, updated_ms = $4
+           WHERE id = $1 AND state IN ('queued', 'running') AND attempt < $2 RETURNING 1)"
+);
+/// The attempt's end is recorded even when the requeue is superseded (the first end stands).
+const REQUEUE: &str = on_task!(
+    "a AS (INSERT INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
+           VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT DO NOTHING), ",
+    "u AS (UPDATE tasks SET state = 'queued', attempt = $2, worker = NULL, updated_ms = $5
+           WHERE id = $1 AND state IN ('queued', 'running')
+             AND (attempt < $2 OR (attempt = $2 AND state = 'running')) RETURNING 1)"
+);
+/// Finish or fail running attempt `$2`: the end is recorded from the row before it changes.
+const END: &str = on_task!(
+    "a AS (INSERT INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
+           SELECT id, attempt, worker, $3, $4, $5 FROM tasks
+           WHERE id = $1 AND state = 'running' AND attempt = $2 ON CONFLICT DO NOTHING), ",
+    "u AS (UPDATE tasks SET state = $6, outcome = $4, updated_ms = $5
+           WHERE id = $1 AND state = 'running' AND attempt = $2 RETURNING 1)"
+);
+const CANCEL: &str = on_task!(
+    "a AS (INSERT INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
+           SELECT id, attempt, worker, 'cancelled', NULL, $2 FROM tasks
+           WHERE id = $1 AND state = 'running' ON CONFLICT DO NOTHING), ",
+    "u AS (UPDATE tasks SET state = 'cancelled', updated_ms = $2
+           WHERE id = $1 AND state IN ('queued', 'running') RETURNING 1)"
+);
+const UPDATE: &str = on_task!(
+    "u AS (UPDATE tasks SET priority = COALESCE($2, priority), tags = COALESCE($3, tags),
+                            updated_ms = $4
+           WHERE id = $1 AND state IN ('queued', 'running') RETURNING 1)"
+);
+const ADD_WORKER: &str = on_other!(
+    "INSERT INTO workers (id, groups, tags, token_hash) VALUES ($1, $2, $3, $4)
+     ON CONFLICT DO NOTHING RETURNING 1"
+);
+const REMOVE_WORKER: &str =
+    on_other!("UPDATE workers SET removed = true WHERE id = $1 AND NOT removed RETURNING 1");
+/// `ON CONFLICT DO NOTHING` also skips a token whose hash exists (the hash is unique).
+const ADD_TOKEN: &str = on_other!(
+    "INSERT INTO tokens (id, hash, role, groups, created_ms) VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT DO NOTHING RETURNING 1"
+);
+const REVOKE_TOKEN: &str =
+    on_other!("UPDATE tokens SET revoked = true WHERE id = $1 AND NOT revoked RETURNING 1");
+const REMEMBER: &str = on_other!(
+    "INSERT INTO keys (scope, key, fingerprint, ids, created_ms) VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (scope, key) DO UPDATE
+         SET fingerprint = excluded.fingerprint, ids = excluded.ids,
+             created_ms = excluded.created_ms
+         WHERE keys.created_ms < $6
+     RETURNING 1"
+);
+const FORGET_KEYS: &str = on_other!("DELETE FROM keys WHERE created_ms < $1 RETURNING 1");
+const BOOT: &str = on_other!(
+    "INSERT INTO meta (name, value) VALUES ('boot', $1)
+     ON CONFLICT (name) DO UPDATE SET value = excluded.value WHERE meta.value < excluded.value
+     RETURNING 1"
+);
+
+const TASK_COLUMNS: &str =
+    "id, grp, tags, priority, payload, state, attempt, worker, outcome, submitted_ms";
+/// `TASK_COLUMNS` without the payload and outcome, which can be large (for list pages).
+const SUMMARY_COLUMNS: &str =
+    "id, grp, tags, priority, ''::bytea, state, attempt, worker, NULL::text, submitted_ms";
+
+/// A boxed statement parameter (each change owns its parameters while the pipeline runs).
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// PostgreSQL. See the module docs.
+pub struct PgStore {
+    pool: Pool,
+    /// Drives the pool's connections; blocking calls wait on it. `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// A driver error, with the server's own message when there is one (the driver's `Display`
+/// says only "db error").
+fn db(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(d) => StoreError::Backend(format!("postgres: {} ({})", d.message(), d.code().code())),
+        None => StoreError::Backend(format!("postgres: {e}")),
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db(e),
+        e => StoreError::Backend(format!("postgres connection pool: {e}")),
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Connections the store keeps open (the writer uses one at a time; reads and reservations
+/// share the rest).
+const POOL_SIZE: usize = 8;
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:port/database`), migrates the schema and
+    /// returns the store.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Backend(format!("the database URL is not valid: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("switchyard");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("switchyard-postgres")
+            .enable_all()
+            .build()
+            .map_err(backend)?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = {
+            let _enter = runtime.enter();
+            Pool::builder(manager)
+                .max_size(POOL_SIZE)
+                .wait_timeout(Some(Duration::from_secs(10)))
+                .create_timeout(Some(Duration::from_secs(5)))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .build()
+                .map_err(backend)?
+        };
+        let store = Self {
+            pool,
+            runtime: Some(runtime),
+        };
+        store.block_on(store.migrate())?;
+        Ok(store)
+    }
+
+    /// Waits for `f` on the calling thread. The store's runtime drives the connections and
+    /// timers `f` waits on, so this works from any thread: the coordinator's blocking pool, a
+    /// plain test, even an async worker (which it then blocks, as every blocking store does).
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        let _context = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives as long as the store")
+            .enter();
+        futures_executor::block_on(f)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (
+                 version    INTEGER     PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(db)?;
+        let current: i32 = tx
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        let known = MIGRATIONS.len() as i32;
+        if current > known {
+            return Err(StoreError::Backend(format!(
+                "the database's schema is at version {current}, newer than this coordinator \
+                 knows ({known}); run a coordinator at least as new as the one that migrated it"
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let version = i as i32 + 1;
+            tx.batch_execute(sql).await.map_err(|e| {
+                let StoreError::Backend(e) = db(e) else {
+                    unreachable!("db() makes backend errors")
+                };
+                StoreError::Backend(format!("migration {version}: {e}"))
+            })?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES ($1)",
+                &[&version],
+            )
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn apply_async(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let now = now_ms();
+        let statements: Vec<(&'static str, Vec<Param>)> =
+            changes.iter().map(|c| statement(c, now)).collect();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        // Prepared once per connection (cached), before the pipeline.
+        let mut prepared = Vec::with_capacity(statements.len());
+        for (sql, _) in &statements {
+            prepared.push(tx.prepare_cached(sql).await.map_err(db)?);
+        }
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = statements
+            .iter()
+            .map(|(_, p)| p.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect())
+            .collect();
+        // Every statement is in flight at once: one round trip for the batch.
+        let answers = join_all(
+            prepared
+                .iter()
+                .zip(&params)
+                .map(|(stmt, params)| tx.query_one(stmt, params)),
+        )
+        .await;
+        for (change, answer) in changes.iter().zip(answers) {
+            let row = answer.map_err(db)?;
+            let changed: i64 = row.get(0);
+            let prior: Prior = match row.get::<_, Option<&str>>(1) {
+                None => None,
+                Some(state) => Some((
+                    TaskState::parse(state)
+                        .ok_or_else(|| backend(format!("unknown task state {state:?}")))?,
+                    attempt_of(row.get(2))?,
+                )),
+            };
+            // An error drops `tx`, which rolls the whole batch back.
+            judge(change, changed as u64, |_| Ok(prior))?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn recover_async(&self, groups: Option<&[String]>) -> Result<Recovery, StoreError> {
+        let groups: Option<Vec<String>> = groups.map(<[String]>::to_vec);
+        let mut client = self.client().await?;
+        // One snapshot for the whole recovery.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db)?;
+        let workers = tx
+            .query(
+                "SELECT id, groups, tags, token_hash, removed FROM workers
+                 WHERE $1::text[] IS NULL OR groups && $1 ORDER BY id",
+                &[&groups],
+            )
+            .await
+            .map_err(db)?;
+        let mut recovery = Recovery::default();
+        for r in workers {
+            let w = WorkerRecord {
+                id: r.get::<_, i64>(0) as u64,
+                groups: r.get(1),
+                tags: r.get(2),
+                token_hash: r.get(3),
+            };
+            if r.get::<_, bool>(4) {
+                recovery.removed_workers.push(w);
+            } else {
+                recovery.workers.push(w);
+            }
+        }
+        for r in tx
+            .query(
+                "SELECT id, hash, role, groups, created_ms FROM tokens WHERE NOT revoked
+                 ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(db)?
+        {
+            let role: String = r.get(2);
+            recovery.tokens.push(TokenRecord {
+                id: r.get::<_, i64>(0) as u64,
+                hash: r.get(1),
+                role: Role::parse(&role)
+                    .ok_or_else(|| backend(format!("unknown role {role:?}")))?,
+                groups: r.get(3),
+                created_ms: r.get(4),
+            });
+        }
+        recovery.tasks = tx
+            .query(
+                &format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('queued', 'running')
+                       AND ($1::text[] IS NULL OR grp = ANY($1))
+                     ORDER BY id"
+                ),
+                &[&groups],
+            )
+            .await
+            .map_err(db)?
+            .iter()
+            .map(task_row)
+            .collect::<Result<_, _>>()?;
+        let next = tx
+            .query_one(
+                "SELECT (SELECT COALESCE(MAX(id), 0) + 1 FROM tasks),
+                        (SELECT COALESCE(MAX(id), 0) + 1 FROM workers),
+                        (SELECT COALESCE(MAX(id), 0) + 1 FROM tokens),
+                        (SELECT COALESCE(MAX(value), 0) FROM meta WHERE name = 'boot')",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        recovery.next_task_id = next.get::<_, i64>(0) as u64;
+        recovery.next_worker_id = next.get::<_, i64>(1) as u64;
+        recovery.next_token_id = next.get::<_, i64>(2) as u64;
+        recovery.boot = next.get::<_, i64>(3) as u64;
+        tx.commit().await.map_err(db)?;
+        Ok(recovery)
+    }
+
+    /// Runs one read: `sql` with `params`, each row through `row`.
+    async fn read<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        row: impl Fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(db)?;
+        client
+            .query(&stmt, params)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(row)
+            .collect()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // A runtime may not be dropped where blocking is not allowed (the store can be
+        // dropped on an async worker): let its threads wind down on their own.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn attempt_of(v: i64) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| backend(format!("attempt {v} is out of range")))
+}
+
+fn task_row(r: &Row) -> Result<TaskRecord, StoreError> {
+    let state: String = r.get(5);
+    Ok(TaskRecord {
+        id: r.get::<_, i64>(0) as u64,
+        group: r.get(1),
+        tags: r.get(2),
+        priority: r.get(3),
+        payload: r.get(4),
+        state: TaskState::parse(&state)
+            .ok_or_else(|| backend(format!("unknown task state {state:?}")))?,
+        attempt: attempt_of(r.get(6))?,
+        worker: r.get::<_, Option<i64>>(7).map(|w| w as u64),
+        outcome: r.get(8),
+        submitted_ms: r.get(9),
+    })
+}
+
+/// The statement of `change` and its parameters.
+fn statement(change: &Change, now: i64) -> (&'static str, Vec<Param>) {
+    fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Param {
+        Box::new(v)
+    }
+    let id = |v: u64| p(v as i64);
+    let attempt = |v: u32| p(i64::from(v));
+    match change {
+        Change::Submit(t) => (
+            SUBMIT,
+            vec![
+                id(t.id),
+                p(t.group.clone()),
+                p(t.tags.clone()),
+                p(t.priority),
+                p(t.payload.clone()),
+                p(t.state.as_str()),
+                attempt(t.attempt),
+                p(t.worker.map(|w| w as i64)),
+                p(t.outcome.clone()),
+                p(t.submitted_ms),
+                p(now),
+            ],
+        ),
+        Change::Assign {
+            task,
+            worker,
+            attempt: a,
+        } => (ASSIGN, vec![id(*task), attempt(*a), id(*worker), p(now)]),
+        Change::Requeue {
+            task,
+            attempt: a,
+            worker,
+            why,
+        } => (
+            REQUEUE,
+            vec![
+                id(*task),
+                attempt(*a),
+                id(*worker),
+                p(AttemptEnd::Requeued(*why).as_str()),
+                p(now),
+            ],
+        ),
+        Change::Finish {
+            task,
+            attempt: a,
+            result,
+        } => (
+            END,
+            vec![
+                id(*task),
+                attempt(*a),
+                p(AttemptEnd::Finished.as_str()),
+                p(result.clone()),
+                p(now),
+                p(TaskState::Finished.as_str()),
+            ],
+        ),
+        Change::Fail {
+            task,
+            attempt: a,
+            message,
+        } => (
+            END,
+            vec![
+                id(*task),
+                attempt(*a),
+                p(AttemptEnd::Failed.as_str()),
+                p(Some(message.clone())),
+                p(now),
+                p(TaskState::Failed.as_str()),
+            ],
+        ),
+        Change::Cancel { task } => (CANCEL, vec![id(*task), p(now)]),
+        Change::Update {
+            task,
+            priority,
+            tags,
+        } => (
+            UPDATE,
+            vec![id(*task), p(*priority), p(tags.clone()), p(now)],
+        ),
+        Change::AddWorker(w) => (
+            ADD_WORKER,
+            vec![
+                id(w.id),
+                p(w.groups.clone()),
+                p(w.tags.clone()),
+                p(w.token_hash.clone()),
+            ],
+        ),
+        Change::RemoveWorker { worker } => (REMOVE_WORKER, vec![id(*worker)]),
+        Change::AddToken(t) => (
+            ADD_TOKEN,
+            vec![
+                id(t.id),
+                p(t.hash.clone()),
+                p(t.role.as_str()),
+                p(t.groups.clone()),
+                p(t.created_ms),
+            ],
+        ),
+        Change::RevokeToken { id: token } => (REVOKE_TOKEN, vec![id(*token)]),
+        Change::Remember {
+            key,
+            expired_before_ms,
+        } => (
+            REMEMBER,
+            vec![
+                id(key.scope),
+                p(key.key.clone()),
+                p(key.fingerprint.clone()),
+                p(key.ids.iter().map(|&i| i as i64).collect::<Vec<i64>>()),
+                p(key.created_ms),
+                p(*expired_before_ms),
+            ],
+        ),
+        Change::ForgetKeys { before_ms } => (FORGET_KEYS, vec![p(*before_ms)]),
+        Change::Boot { boot } => (BOOT, vec![id(*boot)]),
+    }
+}
+
+impl Store for PgStore {
+    fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        self.block_on(self.apply_async(changes))
+    }
+
+    fn recover_groups(&self, groups: Option<&[String]>) -> Result<Recovery, StoreError> {
+        self.block_on(self.recover_async(groups))
+    }
+
+    fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
+        let rows = self.block_on(self.read(&sql, &[&(id as i64)], task_row))?;
+        Ok(rows.into_iter().next())
+    }
+
+    fn tasks(&self, ids: &[u64]) -> Result<Vec<TaskRecord>, StoreError> {
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)");
+        self.block_on(self.read(&sql, &[&ids], task_row))
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS} FROM tasks
+             WHERE id > $1 AND ($2::text IS NULL OR state = $2) AND ($3::text IS NULL OR grp = $3)
+               AND ($5::text[] IS NULL OR grp = ANY($5))
+             ORDER BY id LIMIT $4"
+        );
+        let after = i64::try_from(filter.after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        let state = filter.state.map(TaskState::as_str);
+        self.block_on(self.read(
+            &sql,
+            &[&after, &state, &filter.group, &limit, &filter.within],
+            task_row,
+        ))
+    }
+
+    fn attempt(&self, task: u64, attempt: u32) -> Result<Option<AttemptRecord>, StoreError> {
+        let rows = self.block_on(self.read(
+            "SELECT worker, ended, outcome FROM attempts WHERE task = $1 AND attempt = $2",
+            &[&(task as i64), &i64::from(attempt)],
+            |r| {
+                Ok(AttemptRecord {
+                    task,
+                    attempt,
+                    worker: r.get::<_, i64>(0) as u64,
+                    ended: AttemptEnd::parse(r.get(1)),
+                    outcome: r.get(2),
+                })
+            },
+        ))?;
+        Ok(rows.into_iter().next())
+    }
+
+    fn key(&self, scope: u64, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let rows = self.block_on(self.read(
+            "SELECT fingerprint, ids, created_ms FROM keys WHERE scope = $1 AND key = $2",
+            &[&(scope as i64), &key],
+            |r| {
+                Ok(KeyRecord {
+                    scope,
+                    key: key.to_string(),
+                    fingerprint: r.get(0),
+                    ids: r
+                        .get::<_, Vec<i64>>(1)
+                        .into_iter()
+                        .map(|i| i as u64)
+                        .collect(),
+                    created_ms: r.get(2),
+                })
+            },
+        ))?;
+        Ok(rows.into_iter().next())
+    }
+
+    fn reserve(&self, kind: IdKind, n: u64) -> Result<Range<u64>, StoreError> {
+        // Above every stored id and every earlier reservation; the counter's row lock orders
+        // concurrent reservations, by this coordinator or any other.
+        macro_rules! reserve {
+            ($counter:literal, $table:literal) => {
+                concat!(
+                    "INSERT INTO meta (name, value) VALUES ('",
+                    $counter,
+                    "',
+                         (SELECT COALESCE(MAX(id), 0) + 1 FROM ",
+                    $table,
+                    ") + $1)
+                     ON CONFLICT (name) DO UPDATE SET value = GREATEST(meta.value,
+                         (SELECT COALESCE(MAX(id), 0) + 1 FROM ",
+                    $table,
+                    ")) + $1
+                     RETURNING value"
+                )
+            };
+        }
+        let sql = match kind {
+            IdKind::Task => reserve!("next_task", "tasks"),
+            IdKind::Worker => reserve!("next_worker", "workers"),
+            IdKind::Token => reserve!("next_token", "tokens"),
+        };
+        let n = i64::try_from(n).map_err(backend)?;
+        let end = self.block_on(self.read(sql, &[&n], |r| Ok(r.get::<_, i64>(0))))?;
+        let end = end
+            .into_iter()
+            .next()
+            .ok_or_else(|| backend("a reservation returned no row"))?;
+        Ok((end - n) as u64..end as u64)
+    }
+}
