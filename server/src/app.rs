@@ -377,7 +377,7 @@ impl App {
     /// the coordinator ([`App::poison`]).
     pub async fn commit_decided(&self, changes: Vec<Change>) -> Result<(), ApiError> {
         self.writer.commit(changes).await.map_err(|e| {
-            if !matches!(e, StoreError::Backend(_)) {
+            if !matches!(e, StoreError::Backend(_) | StoreError::Fenced(_)) {
                 // The store's fencing refused what the dispatcher decided: a bug, not an outage.
                 tracing::error!(error = %e, "the store refused a decided change");
             }

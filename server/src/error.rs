@@ -259,7 +259,7 @@ impl From<StoreError> for ApiError {
         let (status, kind) = match &e {
             StoreError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorKind::NotFound),
             StoreError::Conflict(_) => (StatusCode::CONFLICT, ErrorKind::Conflict),
-            StoreError::Backend(_) | StoreError::Locked(_) => (
+            StoreError::Backend(_) | StoreError::Locked(_) | StoreError::Fenced(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorKind::StorageUnavailable,
             ),

@@ -9,8 +9,8 @@
 //! never fails its neighbours. The store applies each batch atomically, so a caller's changes
 //! are all durable or none are.
 //!
-//! A storage failure (`StoreError::Backend`: an I/O error, a full disk) marks the writer
-//! failed, before any caller of that batch is answered; [`Writer::failure`] tells, and
+//! A storage failure (`StoreError::Backend`: an I/O error, a full disk; or
+//! `StoreError::Fenced`: the coordinator lost a group's lease) marks the writer failed, before any caller of that batch is answered; [`Writer::failure`] tells, and
 //! [`Writer::failed`] waits for it. The coordinator stops on it (see `App::poison`). Conflicts
 //! and missing rows are answers, not failures.
 //!
@@ -206,9 +206,9 @@ async fn run(
             .fetch_max(size as u64, Ordering::Relaxed);
         // Mark the failure before answering anyone, so a caller that sees its own answer also
         // sees the failure of any change committed with or before it.
-        if let Some(Err(StoreError::Backend(e))) = results
+        if let Some(Err(StoreError::Backend(e) | StoreError::Fenced(e))) = results
             .iter()
-            .find(|r| matches!(r, Err(StoreError::Backend(_))))
+            .find(|r| matches!(r, Err(StoreError::Backend(_) | StoreError::Fenced(_))))
         {
             let failed = writer.failure.send_if_modified(|f| {
                 let first = f.is_none();

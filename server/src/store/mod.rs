@@ -25,6 +25,7 @@
 //! One coordinator owns a SQLite store at a time: it locks its data directory.
 
 mod handle;
+pub mod leases;
 mod postgres;
 mod rules;
 mod sqlite;
@@ -380,6 +381,10 @@ pub enum StoreError {
     /// Another coordinator owns the store (its data directory is locked).
     #[error("{0}")]
     Locked(String),
+    /// The batch writes for a group whose lease this coordinator no longer holds (another
+    /// coordinator took it, or it expired). Nothing was written.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// Which tasks `Store::list` returns: those with an id above `after`, in id order, optionally

@@ -30,11 +30,14 @@ use std::ops::Range;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::sync::Arc;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::future::join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::leases::{self, slot_of, Fence, Lease, SlotOwner};
 use super::rules::{judge, Prior};
 use super::{
     AttemptEnd, AttemptRecord, Change, IdKind, KeyRecord, ListFilter, Recovery, Role, Store,
@@ -43,7 +46,10 @@ use super::{
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`. Never edit one that has
 /// shipped; add the next.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[V1, leases::MIGRATION];
+
+/// Tasks, workers, attempts, keys, tokens and counters.
+const V1: &str = "
 CREATE TABLE tasks (
     id           BIGINT  PRIMARY KEY,
     grp          TEXT    NOT NULL,
@@ -95,7 +101,7 @@ CREATE TABLE tokens (
     created_ms BIGINT  NOT NULL,
     revoked    BOOLEAN NOT NULL DEFAULT false
 );
-"];
+";
 
 /// The advisory lock key that serialises migrations ("switchyd" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7377_6974_6368_7964;
@@ -200,6 +206,8 @@ type Param = Box<dyn ToSql + Sync + Send>;
 /// PostgreSQL. See the module docs.
 pub struct PgStore {
     pool: Pool,
+    /// The leases every write is checked against (none: the store is not shared).
+    fence: Option<Arc<Fence>>,
     /// Drives the pool's connections; blocking calls wait on it. `None` only while dropping.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -269,10 +277,19 @@ impl PgStore {
         };
         let store = Self {
             pool,
+            fence: None,
             runtime: Some(runtime),
         };
         store.block_on(store.migrate())?;
         Ok(store)
+    }
+
+    /// This store, with every write batch fenced by the leases `fence` holds (see
+    /// [`leases`]): a batch that touches a slot not held under its current epoch is refused
+    /// with [`StoreError::Fenced`] and writes nothing.
+    pub fn fenced(mut self, fence: Arc<Fence>) -> Self {
+        self.fence = Some(fence);
+        self
     }
 
     /// Waits for `f` on the calling thread. The store's runtime drives the connections and
@@ -305,6 +322,17 @@ impl PgStore {
         )
         .await
         .map_err(db)?;
+        let encoding: String = tx
+            .query_one("SHOW server_encoding", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        if encoding != "UTF8" {
+            // Slots hash a group's UTF-8 bytes, in SQL as in the coordinator.
+            return Err(StoreError::Backend(format!(
+                "the database's encoding is {encoding}; Switchyard needs UTF8"
+            )));
+        }
         let current: i32 = tx
             .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
             .await
@@ -341,6 +369,40 @@ impl PgStore {
             changes.iter().map(|c| statement(c, now)).collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
+        // The fence goes first in the pipeline, so it runs (and locks) before any write.
+        let fence = match &self.fence {
+            Some(fence) => {
+                let (slots, tasks) = touched(changes);
+                let declare = tx.prepare_cached(leases::DECLARE).await.map_err(db)?;
+                let check = tx.prepare_cached(leases::FENCE_CHECK).await.map_err(db)?;
+                let held = fence.epochs();
+                let declaration = fence.declaration();
+                Some((
+                    fence.coordinator(),
+                    held,
+                    declare,
+                    check,
+                    declaration,
+                    slots,
+                    tasks,
+                ))
+            }
+            None => None,
+        };
+        let fenced = async {
+            match &fence {
+                Some((_, _, declare, check, declaration, slots, tasks)) => {
+                    let (declared, rows) = futures_util::future::join(
+                        tx.query_one(declare, &[declaration]),
+                        tx.query(check, &[slots, tasks]),
+                    )
+                    .await;
+                    declared.map_err(db)?;
+                    Ok(Some(rows.map_err(db)?))
+                }
+                None => Ok(None),
+            }
+        };
         // Prepared once per connection (cached), before the pipeline.
         let mut prepared = Vec::with_capacity(statements.len());
         for (sql, _) in &statements {
@@ -351,13 +413,33 @@ impl PgStore {
             .map(|(_, p)| p.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect())
             .collect();
         // Every statement is in flight at once: one round trip for the batch.
-        let answers = join_all(
-            prepared
-                .iter()
-                .zip(&params)
-                .map(|(stmt, params)| tx.query_one(stmt, params)),
+        let (fenced, answers) = futures_util::future::join(
+            fenced,
+            join_all(
+                prepared
+                    .iter()
+                    .zip(&params)
+                    .map(|(stmt, params)| tx.query_one(stmt, params)),
+            ),
         )
         .await;
+        if let (Some((me, held, ..)), Some(rows)) = (&fence, fenced?) {
+            for row in rows {
+                let slot: i32 = row.get(0);
+                let owner: Option<i64> = row.get(1);
+                let epoch: i64 = row.get(2);
+                let unexpired: bool = row.get(3);
+                let mine = held.get(slot as usize).copied().unwrap_or(0);
+                if owner != Some(*me) || epoch != mine || mine == 0 || !unexpired {
+                    // Dropping `tx` rolls back what the pipeline wrote.
+                    return Err(StoreError::Fenced(format!(
+                        "slot {slot}'s lease is no longer this coordinator's (held under epoch \
+                         {mine}; now epoch {epoch} of coordinator {owner:?}, {})",
+                        if unexpired { "unexpired" } else { "expired" }
+                    )));
+                }
+            }
+        }
         for (change, answer) in changes.iter().zip(answers) {
             let row = answer.map_err(db)?;
             let changed: i64 = row.get(0);
@@ -485,6 +567,145 @@ impl Drop for PgStore {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
+    }
+}
+
+/// The slots a batch names directly (its submissions' groups; slot 0 for pruning keys) and
+/// the ids of the tasks it names, whose slots the fence check looks up.
+fn touched(changes: &[Change]) -> (Vec<i32>, Vec<i64>) {
+    let mut slots = Vec::new();
+    let mut tasks = Vec::new();
+    for change in changes {
+        match change {
+            Change::Submit(t) => slots.push(slot_of(&t.group) as i32),
+            Change::ForgetKeys { .. } => slots.push(0),
+            Change::Assign { task, .. }
+            | Change::Requeue { task, .. }
+            | Change::Finish { task, .. }
+            | Change::Fail { task, .. }
+            | Change::Cancel { task }
+            | Change::Update { task, .. } => tasks.push(*task as i64),
+            // Workers, tokens and starts are the cluster's, not a group's; keys are fenced
+            // with the submission they are committed with.
+            Change::AddWorker(_)
+            | Change::RemoveWorker { .. }
+            | Change::AddToken(_)
+            | Change::RevokeToken { .. }
+            | Change::Remember { .. }
+            | Change::Boot { .. } => {}
+        }
+    }
+    slots.sort_unstable();
+    slots.dedup();
+    (slots, tasks)
+}
+
+/// Milliseconds of `d`, as the lease statements take them.
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn lease_rows(rows: Vec<Row>) -> Vec<Lease> {
+    rows.iter()
+        .map(|r| Lease {
+            slot: r.get::<_, i32>(0) as usize,
+            epoch: r.get(1),
+        })
+        .collect()
+}
+
+/// Group ownership (see [`leases`]): every call is one statement, decided by the database's
+/// clock.
+impl PgStore {
+    /// Registers a coordinator reachable at `address`, alive for `ttl`; returns its id (never
+    /// reused).
+    pub fn join(&self, address: &str, ttl: Duration) -> Result<i64, StoreError> {
+        let rows = self.block_on(self.read(leases::JOIN, &[&address, &millis(ttl)], |r| {
+            Ok(r.get::<_, i64>(0))
+        }))?;
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| backend("joining returned no row"))
+    }
+
+    /// Keeps coordinator `me` alive and renews the leases among `held` it still holds, for
+    /// `ttl`; returns those it renewed (the others are lost), or `None` if `me` is no longer
+    /// alive (it expired or left; it must join again).
+    pub fn renew(
+        &self,
+        me: i64,
+        held: &[Lease],
+        ttl: Duration,
+    ) -> Result<Option<Vec<Lease>>, StoreError> {
+        let slots: Vec<i32> = held.iter().map(|l| l.slot as i32).collect();
+        let epochs: Vec<i64> = held.iter().map(|l| l.epoch).collect();
+        let ttl = millis(ttl);
+        self.block_on(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let alive = tx
+                .query(leases::HEARTBEAT, &[&me, &ttl])
+                .await
+                .map_err(db)?;
+            if alive.is_empty() {
+                return Ok(None);
+            }
+            let renewed = tx
+                .query(leases::RENEW, &[&me, &slots, &epochs, &ttl])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(Some(lease_rows(renewed)))
+        })
+    }
+
+    /// Takes up to `n` free or expired slots for `me`, each under a new epoch, for `ttl`.
+    pub fn acquire(&self, me: i64, n: usize, ttl: Duration) -> Result<Vec<Lease>, StoreError> {
+        let n = n as i64;
+        self.block_on(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(leases::ACQUIRE, &[&me, &n, &millis(ttl)])
+                .await
+                .map_err(db)?;
+            Ok(lease_rows(rows))
+        })
+    }
+
+    /// Gives up `leases` (those `me` still holds); returns the slots released.
+    pub fn release(&self, me: i64, leases: &[Lease]) -> Result<Vec<usize>, StoreError> {
+        let slots: Vec<i32> = leases.iter().map(|l| l.slot as i32).collect();
+        let epochs: Vec<i64> = leases.iter().map(|l| l.epoch).collect();
+        self.block_on(self.read(leases::RELEASE, &[&me, &slots, &epochs], |r| {
+            Ok(r.get::<_, i32>(0) as usize)
+        }))
+    }
+
+    /// Coordinator `me` leaves: it renews nothing more.
+    pub fn leave(&self, me: i64) -> Result<(), StoreError> {
+        self.block_on(async {
+            let client = self.client().await?;
+            client.execute(leases::LEAVE, &[&me]).await.map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Each slot's live owner and its address.
+    pub fn owners(&self) -> Result<Vec<SlotOwner>, StoreError> {
+        self.block_on(self.read(leases::OWNERS, &[], |r| {
+            let id: Option<i64> = r.get(1);
+            let address: Option<String> = r.get(2);
+            Ok(SlotOwner {
+                slot: r.get::<_, i32>(0) as usize,
+                owner: id.zip(address),
+            })
+        }))
+    }
+
+    /// How many coordinators are alive.
+    pub fn live_coordinators(&self) -> Result<usize, StoreError> {
+        let n = self.block_on(self.read(leases::LIVE, &[], |r| Ok(r.get::<_, i64>(0))))?;
+        Ok(n.into_iter().next().unwrap_or(0) as usize)
     }
 }
 
