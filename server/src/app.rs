@@ -37,7 +37,9 @@ use crate::ids::Ids;
 use crate::input;
 use crate::liveness::{reap, Leases};
 use crate::metrics::Metrics;
+use crate::ownership::{self, Keeper};
 use crate::recovery::recover;
+use crate::store::leases::Fence;
 use crate::store::{
     Change, PgStore, Role, SqliteStore, Store, StoreError, StoreHandle, TokenRecord,
 };
@@ -54,6 +56,12 @@ pub struct Settings {
     pub max_payload: usize,
     /// A worker silent for longer than this is declared dead.
     pub lease_timeout: Duration,
+    /// On PostgreSQL: how long a coordinator's hold on its groups lasts without renewal (it
+    /// renews five times per lease; another coordinator may take the groups once it lapses).
+    pub group_lease: Duration,
+    /// On PostgreSQL: wait for as long as it takes for another coordinator's group leases to
+    /// lapse, then serve (a standby), instead of refusing to start.
+    pub standby: bool,
     /// Most tasks in one batch submission.
     pub max_batch: usize,
     /// Largest request body, in bytes.
@@ -102,6 +110,9 @@ impl Settings {
         if self.lease_timeout.is_zero() {
             return Err("--lease-timeout must be above 0".into());
         }
+        if self.group_lease < Duration::from_millis(100) {
+            return Err("--group-lease must be at least 0.1 seconds".into());
+        }
         if let Some(t) = &self.admin_token {
             if t.trim().len() < MIN_ADMIN_TOKEN {
                 return Err(format!(
@@ -123,6 +134,8 @@ impl Default for Settings {
             max_fetch: 256,
             max_payload: 1 << 20,
             lease_timeout: Duration::from_secs(15),
+            group_lease: Duration::from_millis(2500),
+            standby: false,
             max_batch: 1000,
             max_body: 16 << 20,
             max_wait: Duration::from_secs(30),
@@ -199,17 +212,47 @@ impl App {
         Self::open_store(Arc::new(store), config, limits).await
     }
 
-    /// Opens the PostgreSQL store at `url` (migrating its schema), then [`App::open_store`].
+    /// Opens the PostgreSQL store at `url` (migrating its schema), joins it as a coordinator
+    /// reachable at `address` and takes its groups' leases (see [`crate::ownership`]), then
+    /// [`App::open_store`] with every write fenced by those leases. The coordinator stops if
+    /// it loses them; awaiting [`Opened::writer`] also gives them up.
     pub async fn open_postgres(
         url: &str,
+        address: &str,
         config: Config,
         limits: Settings,
     ) -> Result<Opened, StartError> {
-        let url = url.to_string();
-        let store = tokio::task::spawn_blocking(move || PgStore::open(&url))
-            .await
-            .map_err(|e| format!("opening the store panicked: {e}"))??;
-        Self::open_store(Arc::new(store), config, limits).await
+        let (url, address, ttl) = (url.to_string(), address.to_string(), limits.group_lease);
+        // A restart after a crash waits for the old leases to expire; a standby for ever.
+        let patience = (!limits.standby).then_some(ttl + ttl / 2);
+        let (store, keeper) = tokio::task::spawn_blocking(move || {
+            let fence = Arc::new(Fence::default());
+            let store = Arc::new(PgStore::open(&url)?.fenced(fence.clone()));
+            let keeper = Keeper::start(store.clone(), fence, &address, ttl, patience)?;
+            Ok::<_, StoreError>((store, Arc::new(keeper)))
+        })
+        .await
+        .map_err(|e| format!("opening the store panicked: {e}"))??;
+        let opened = match Self::open_store(store, config, limits).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || keeper.stop()).await;
+                return Err(e);
+            }
+        };
+        let app = Arc::downgrade(&opened.app);
+        tokio::spawn(ownership::keep(keeper.clone(), move |reason| {
+            if let Some(app) = app.upgrade() {
+                app.poison(reason);
+            }
+        }));
+        // Once the writer has drained, nothing more is written: give the leases up.
+        let writer = opened.writer;
+        let writer = tokio::spawn(async move {
+            let _ = writer.await;
+            let _ = tokio::task::spawn_blocking(move || keeper.stop()).await;
+        });
+        Ok(Opened { writer, ..opened })
     }
 
     /// Recovers `store`'s state into a dispatcher with `config`, settles the admin token and

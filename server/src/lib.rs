@@ -42,6 +42,7 @@ pub mod listener;
 pub mod liveness;
 pub mod metrics;
 pub mod operations;
+pub mod ownership;
 pub mod recovery;
 pub mod store;
 pub mod sync;

@@ -187,6 +187,15 @@ struct ServeArgs {
     /// Weight of a running task in a worker's load (balanced modes).
     #[arg(long, env = "SWITCHYARD_RUNNING_WEIGHT", default_value_t = 1.0)]
     running_weight: f64,
+    /// On PostgreSQL: seconds a coordinator's hold on its groups lasts without renewal (it
+    /// renews five times per lease; after a crash, a restart waits this long for the old hold
+    /// to lapse).
+    #[arg(long, env = "SWITCHYARD_GROUP_LEASE", default_value_t = 2.5)]
+    group_lease: f64,
+    /// On PostgreSQL: if another coordinator serves the database, wait until its group leases
+    /// lapse (it stops or dies) and then serve, instead of refusing to start.
+    #[arg(long, env = "SWITCHYARD_STANDBY")]
+    standby: bool,
     /// Seconds of silence after which a worker is declared dead and its tasks redistributed.
     #[arg(long, env = "SWITCHYARD_LEASE_TIMEOUT", default_value_t = 15.0)]
     lease_timeout: f64,
@@ -428,6 +437,8 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         max_fetch: args.max_fetch,
         max_payload: args.max_payload,
         lease_timeout: seconds(args.lease_timeout, "--lease-timeout", false)?,
+        group_lease: seconds(args.group_lease, "--group-lease", false)?,
+        standby: args.standby,
         max_batch: args.max_batch,
         max_body: args.max_body,
         max_wait: seconds(args.max_wait, "--max-wait", true)?,
@@ -438,12 +449,20 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         max_connections: args.max_connections,
         shutdown_grace: seconds(args.shutdown_grace, "--shutdown-grace", true)?,
     };
+    let listener = tokio::net::TcpListener::bind(&args.bind)
+        .await
+        .map_err(|e| format!("binding {}: {e}", args.bind))?;
+    // Other coordinators and clients reach this one at the address it listens on.
+    let address = listener
+        .local_addr()
+        .map_err(|e| format!("binding {}: {e}", args.bind))?
+        .to_string();
     let Opened {
         app,
         writer,
         new_admin_token,
     } = match &args.database_url {
-        Some(url) => App::open_postgres(url, config, limits).await?,
+        Some(url) => App::open_postgres(url, &address, config, limits).await?,
         None => App::open(&args.data_dir, config, limits).await?,
     };
     if let Some(token) = new_admin_token {
@@ -453,9 +472,6 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
              Keep it, for example: export SWITCHYARD_TOKEN={token}\n"
         );
     }
-    let listener = tokio::net::TcpListener::bind(&args.bind)
-        .await
-        .map_err(|e| format!("binding {}: {e}", args.bind))?;
     let stopped = serve(listener, app.clone(), stop_signal()).await?;
     if stopped.dropped > 0 {
         eprintln!(

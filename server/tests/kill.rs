@@ -119,8 +119,8 @@ async fn a_fetch_recorded_before_a_crash_and_never_received_comes_back_as_a_new_
 /// Starts `switchyard serve` on `dir` and waits for it to end; returns its status and log.
 fn serve_until_exit(dir: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .args(common::store_args(dir))
         .args(args)
         .output()
         .expect("the binary runs");
@@ -131,26 +131,34 @@ fn serve_until_exit(dir: &Path, args: &[&str]) -> (std::process::ExitStatus, Str
 }
 
 #[test]
-fn a_second_coordinator_on_a_data_directory_in_use_refuses_to_start() {
-    if common::pg::enabled() {
-        // The data directory's lock is the SQLite store's; coordinators sharing a PostgreSQL
-        // database share its groups by lease (tests/cluster.rs).
-        return;
-    }
+fn a_second_coordinator_on_a_store_in_use_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut first, _) = start(dir.path());
+    let (mut first, addr) = start(dir.path());
     let (status, log) = serve_until_exit(dir.path(), &["--admin-token", common::ADMIN]);
     assert!(!status.success(), "{log}");
-    assert!(
-        log.contains("in use by coordinator process") && log.contains(&first.id().to_string()),
-        "the refusal names the holder: {log}"
-    );
-    // The lock dies with its process, however it ends.
+    if common::pg::enabled() {
+        // On PostgreSQL the groups' leases are held: the refusal names the holder's address.
+        assert!(
+            log.contains("is served by coordinator") && log.contains(&addr.to_string()),
+            "the refusal names the holder: {log}"
+        );
+    } else {
+        // On SQLite the data directory is locked: the refusal names the holder's process.
+        assert!(
+            log.contains("in use by coordinator process") && log.contains(&first.id().to_string()),
+            "the refusal names the holder: {log}"
+        );
+    }
+    // The lock (or lease) dies with its process, however it ends: a restart after SIGKILL
+    // starts (on PostgreSQL, once the old leases lapse).
     first.kill().unwrap();
     first.wait().unwrap();
     let (mut again, _) = start(dir.path());
     again.kill().unwrap();
     again.wait().unwrap();
+    if common::pg::enabled() {
+        return;
+    }
     // The directory and the database are the owner's alone.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -170,6 +178,7 @@ fn bad_flags_are_refused_at_start_with_the_flag_named() {
         (&["--admin-token", "short"][..], "at least 32"),
         (&["--shards", "0"][..], "shards"),
         (&["--rebalance-ratio", "0.5"][..], "rebalance_ratio"),
+        (&["--group-lease", "0.01"][..], "--group-lease"),
     ] {
         let mut all = args.to_vec();
         if !args.contains(&"--admin-token") {

@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::pg::{query, TestDatabase};
+use common::pg::{install_audit, query, violations, TestDatabase};
 use switchyard_server::store::leases::{slot_of, Fence, Lease, SLOTS};
 use switchyard_server::store::{Change, PgStore, Store, StoreError, TaskRecord, TaskState};
 
@@ -63,56 +63,6 @@ impl Coordinator {
         }
         got
     }
-}
-
-/// Installs the fencing audit: every committed row written to `tasks`, `attempts` or
-/// (deleted from) `keys` is checked against the lease of its slot, as the writing transaction
-/// declared it (`switchyard.fence`); a write with no declaration, by another coordinator than
-/// the owner, or under another epoch is recorded in `fencing_violations`.
-fn install_audit(url: &str) {
-    query(
-        url,
-        r#"
-CREATE TABLE fencing_violations (
-    at timestamptz NOT NULL DEFAULT clock_timestamp(), tbl text, slot int, declared text,
-    owner bigint, epoch bigint
-);
-CREATE FUNCTION audit_fence() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    declared text := current_setting('switchyard.fence', true);
-    s int;
-    l record;
-BEGIN
-    IF TG_TABLE_NAME = 'tasks' THEN
-        s := NEW.slot;
-    ELSIF TG_TABLE_NAME = 'attempts' THEN
-        SELECT t.slot INTO s FROM tasks t WHERE t.id = NEW.task;
-    ELSE
-        s := 0;
-    END IF;
-    SELECT owner, epoch INTO l FROM leases WHERE slot = s;
-    IF declared IS NULL OR declared = ''
-       OR split_part(declared, ':', 1)::bigint IS DISTINCT FROM l.owner
-       OR (string_to_array(split_part(declared, ':', 2), ',')::bigint[])[s + 1] <> l.epoch THEN
-        INSERT INTO fencing_violations (tbl, slot, declared, owner, epoch)
-        VALUES (TG_TABLE_NAME, s, declared, l.owner, l.epoch);
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE TRIGGER audit_tasks AFTER INSERT OR UPDATE ON tasks
-    FOR EACH ROW EXECUTE FUNCTION audit_fence();
-CREATE TRIGGER audit_attempts AFTER INSERT OR UPDATE ON attempts
-    FOR EACH ROW EXECUTE FUNCTION audit_fence();
-CREATE TRIGGER audit_keys AFTER DELETE ON keys
-    FOR EACH ROW EXECUTE FUNCTION audit_fence();
-"#,
-    );
-}
-
-fn violations(url: &str) -> usize {
-    query(url, "SELECT count(*) FROM fencing_violations")[0]
-        .parse()
-        .unwrap()
 }
 
 #[test]

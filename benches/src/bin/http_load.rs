@@ -10,7 +10,8 @@
 //! Without `--server` it starts a coordinator in this process, on a fresh data directory (the
 //! embedded SQLite store with `synchronous = FULL`, so every acknowledgement waits for an
 //! fsync, shared by group commit). With `--server URL --token ADMIN` it drives an external one
-//! (this is how `flamegraphs/record.sh http` profiles the server alone).
+//! (this is how `flamegraphs/record.sh http` profiles the server alone). With `--database-url`
+//! the in-process coordinator runs on that PostgreSQL database instead.
 //!
 //! Phases: `/health` (the floor); single submissions; batch submissions; workers draining half
 //! the tasks with a fetch and a report per task, and the other half with a fetch and one batched
@@ -62,6 +63,10 @@ struct Args {
     /// Placement of the in-process coordinator: fanout or least-loaded.
     #[arg(long, default_value = "least-loaded")]
     mode: String,
+    /// Run the in-process coordinator on this PostgreSQL database (empty, or left by an
+    /// earlier run: it is used as is) instead of a fresh SQLite data directory.
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
 /// One keep-alive HTTP/1.1 connection.
@@ -183,7 +188,7 @@ async fn run(args: Args) {
             (authority.to_string(), token, None)
         }
         None => {
-            let (addr, server) = in_process(&args.mode).await;
+            let (addr, server) = in_process(&args.mode, args.database_url.as_deref()).await;
             (
                 addr,
                 "sy_bench_admin_token_for_the_load_generator".to_string(),
@@ -393,7 +398,7 @@ fn report(args: &Args, phases: &[Phase]) {
 }
 
 /// Starts a coordinator in this process on a fresh data directory; returns its address.
-async fn in_process(mode: &str) -> (String, InProcess) {
+async fn in_process(mode: &str, database_url: Option<&str>) -> (String, InProcess) {
     use switchyard::{Config, Mode, Strategy};
     let mode = match mode {
         "fanout" => Mode::Fanout,
@@ -406,18 +411,17 @@ async fn in_process(mode: &str) -> (String, InProcess) {
         max_batch: 10_000,
         ..Default::default()
     };
-    let opened = switchyard_server::app::App::open(
-        dir.path(),
-        Config {
-            mode,
-            ..Config::default()
-        },
-        settings,
-    )
-    .await
-    .unwrap();
+    let config = Config {
+        mode,
+        ..Config::default()
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
+    let opened = match database_url {
+        Some(url) => switchyard_server::app::App::open_postgres(url, &addr, config, settings).await,
+        None => switchyard_server::app::App::open(dir.path(), config, settings).await,
+    }
+    .unwrap();
     tokio::spawn(switchyard_server::api::serve(
         listener,
         opened.app,

@@ -166,6 +166,7 @@ pub fn test_settings() -> Settings {
         max_fetch: 16,
         max_payload: 64,
         lease_timeout: Duration::from_secs(30),
+        group_lease: Duration::from_secs(1),
         max_batch: 3,
         max_body: 4096,
         max_wait: Duration::from_secs(5),
@@ -179,7 +180,7 @@ pub fn test_settings() -> Settings {
 /// suite runs on PostgreSQL (`SWITCHYARD_TEST_STORE=postgres`), on `dir`'s database.
 pub async fn start_with(dir: &Path, config: Config, settings: Settings) -> Server {
     let opened = match pg::database_for(dir) {
-        Some(url) => App::open_postgres(&url, config, settings).await,
+        Some(url) => App::open_postgres(&url, "127.0.0.1:0", config, settings).await,
         None => App::open(dir, config, settings).await,
     };
     serve_opened(opened.unwrap()).await
@@ -239,18 +240,29 @@ pub fn spawn_binary_at(dir: &Path, bind: &str, args: &[&str]) -> (Spawned, Socke
 /// The arguments of `serve` on `dir` at `bind` with the [`ADMIN`] token (on `dir`'s database
 /// when the suite runs on PostgreSQL: see [`start_with`]).
 pub fn serve_args(dir: &Path, bind: &str) -> Vec<String> {
-    let store = match pg::database_for(dir) {
-        Some(url) => ["--database-url".to_string(), url],
-        None => [
-            "--data-dir".to_string(),
-            dir.to_str().expect("a UTF-8 temporary path").to_string(),
-        ],
-    };
     ["serve", "--bind", bind, "--admin-token", ADMIN]
         .map(String::from)
         .into_iter()
-        .chain(store)
+        .chain(store_args(dir))
         .collect()
+}
+
+/// The arguments that put a coordinator's store at `dir`: its data directory, or on
+/// PostgreSQL its database (with a short group lease: a restart after a SIGKILL waits for
+/// it to lapse).
+pub fn store_args(dir: &Path) -> Vec<String> {
+    match pg::database_for(dir) {
+        Some(url) => vec![
+            "--database-url".into(),
+            url,
+            "--group-lease".into(),
+            "1".into(),
+        ],
+        None => vec![
+            "--data-dir".into(),
+            dir.to_str().expect("a UTF-8 temporary path").into(),
+        ],
+    }
 }
 
 /// A process a test started: killed and reaped when dropped, so a failing test (a panic before

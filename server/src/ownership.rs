@@ -1,0 +1,164 @@
+//! Group ownership on a shared PostgreSQL store: the lease keeper.
+//!
+//! A coordinator on PostgreSQL joins the `coordinators` table, takes the leases of the slots
+//! it serves (see [`crate::store::leases`]) and keeps them: it renews every `ttl / 5`, and
+//! stops serving — the writer is marked failed, so the coordinator stops like on a storage
+//! failure — as soon as it cannot be sure it still owns them:
+//! - a renewal returns fewer leases than it holds (another coordinator took one, or it
+//!   expired in the database), or says the coordinator itself expired;
+//! - no renewal has succeeded for `ttl - ttl / 5` by its own monotonic clock (the database is
+//!   unreachable, or the process was paused): it stops before the database could give the
+//!   leases to anyone else. The database's fence refuses its writes after that anyway.
+//!
+//! Today a coordinator takes every slot: one coordinator serves a database at a time. A second
+//! one waits for the leases (a restart after a crash waits for the old ones to expire) and
+//! refuses to start if they stay held — or, started with `--standby`, waits for as long as it
+//! takes and serves once they lapse: failover by lease. On a clean stop a coordinator gives its
+//! leases up at once, so a standby takes over without waiting for them to expire.
+
+use std::time::{Duration, Instant};
+
+use crate::store::leases::{Fence, Lease, SLOTS};
+use crate::store::{PgStore, StoreError};
+use crate::sync::{Arc, Mutex};
+
+/// How a coordinator holds its groups' leases (see the module docs).
+pub struct Keeper {
+    store: Arc<PgStore>,
+    fence: Arc<Fence>,
+    me: i64,
+    ttl: Duration,
+    held: Mutex<Vec<Lease>>,
+}
+
+impl Keeper {
+    /// Joins the store as a coordinator reachable at `address` and takes every slot, waiting
+    /// up to `patience` (`None`: for as long as it takes — a standby) for leases another
+    /// coordinator still holds; refuses if they stay held. Blocking.
+    pub fn start(
+        store: Arc<PgStore>,
+        fence: Arc<Fence>,
+        address: &str,
+        ttl: Duration,
+        patience: Option<Duration>,
+    ) -> Result<Self, StoreError> {
+        let me = store.join(address, ttl)?;
+        fence.set_coordinator(me);
+        let keeper = Self {
+            store,
+            fence,
+            me,
+            ttl,
+            held: Mutex::new(Vec::new()),
+        };
+        let deadline = patience.map(|p| Instant::now() + p);
+        loop {
+            keeper.renew()?;
+            let missing = SLOTS - keeper.held.lock().len();
+            if missing == 0 {
+                return Ok(keeper);
+            }
+            for lease in keeper.store.acquire(me, missing, ttl)? {
+                keeper.fence.set(lease.slot, lease.epoch);
+                keeper.held.lock().push(lease);
+            }
+            if keeper.held.lock().len() == SLOTS {
+                return Ok(keeper);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let owners = keeper.store.owners()?;
+                let other = owners
+                    .iter()
+                    .find_map(|o| o.owner.as_ref().filter(|(id, _)| *id != me))
+                    .map_or("another coordinator".to_string(), |(id, address)| {
+                        format!("coordinator {id} at {address}")
+                    });
+                keeper.stop();
+                return Err(StoreError::Locked(format!(
+                    "the database is served by {other}, whose group leases are held; \
+                     stop it first (one coordinator serves a database at a time)"
+                )));
+            }
+            std::thread::sleep(ttl / 10);
+        }
+    }
+
+    /// The coordinator's id.
+    pub fn id(&self) -> i64 {
+        self.me
+    }
+
+    /// The lease time.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Renews the leases held; an error if any was lost (and then none is kept). Blocking.
+    pub fn renew(&self) -> Result<(), StoreError> {
+        let held = self.held.lock().clone();
+        let lost = |why: String| {
+            for l in &held {
+                self.fence.set(l.slot, 0);
+            }
+            self.held.lock().clear();
+            Err(StoreError::Fenced(why))
+        };
+        match self.store.renew(self.me, &held, self.ttl)? {
+            None => lost(format!(
+                "coordinator {} expired in the database (no renewal for the lease time)",
+                self.me
+            )),
+            Some(renewed) if renewed.len() < held.len() => lost(format!(
+                "coordinator {} lost {} of its {} group leases",
+                self.me,
+                held.len() - renewed.len(),
+                held.len()
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Gives up every lease and leaves (a clean stop: another coordinator may take the groups
+    /// at once). Blocking; failures are logged, since the leases expire anyway.
+    pub fn stop(&self) {
+        let held = std::mem::take(&mut *self.held.lock());
+        for l in &held {
+            self.fence.set(l.slot, 0);
+        }
+        if let Err(e) = self
+            .store
+            .release(self.me, &held)
+            .and_then(|_| self.store.leave(self.me))
+        {
+            tracing::warn!(error = %e, "giving up the group leases failed; they expire");
+        }
+    }
+}
+
+/// Renews `keeper`'s leases every `ttl / 5` until `halt` is called or a renewal shows the
+/// leases lost, or none succeeded for `ttl - ttl / 5` by this process's clock; then calls
+/// `halt` with the reason.
+pub async fn keep(keeper: Arc<Keeper>, halt: impl Fn(String) + Send + 'static) {
+    let ttl = keeper.ttl();
+    let period = ttl / 5;
+    let mut valid_until = Instant::now() + ttl - period;
+    loop {
+        tokio::time::sleep(period).await;
+        let sent = Instant::now();
+        let k = keeper.clone();
+        let renewed = tokio::task::spawn_blocking(move || k.renew()).await;
+        match renewed {
+            Ok(Ok(())) => valid_until = Lease::valid_for(sent, ttl, period),
+            Ok(Err(e @ StoreError::Fenced(_))) => return halt(e.to_string()),
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the group leases failed"),
+            Err(e) => tracing::warn!(error = %e, "renewing the group leases panicked"),
+        }
+        if Instant::now() >= valid_until {
+            return halt(format!(
+                "the group leases could not be renewed for {:?}; another coordinator may \
+                 take them",
+                ttl - period
+            ));
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Group leases with real processes on PostgreSQL.
+//! - Fencing: a coordinator paused (SIGSTOP) past its group lease, while another takes the
+//!   groups over and serves them, makes no write once it wakes (SIGCONT) — the requests that
+//!   reached it meanwhile are refused — and stops itself. A fencing audit (a trigger recording
+//!   every committed write made under an epoch that is no longer current) records none.
+//! - Failover: a standby serves the groups once the active coordinator is SIGKILLed (within
+//!   the lease) or SIGTERMed (at once: it gives its leases up).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pg::{install_audit, query, violations, TestDatabase};
+use common::{call_as, spawn_serving, Spawned, ADMIN};
+use serde_json::json;
+
+fn coordinator(db: &TestDatabase) -> (Spawned, std::net::SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command.args([
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--admin-token",
+        ADMIN,
+        "--database-url",
+        &db.url,
+        "--group-lease",
+        "1",
+    ]);
+    spawn_serving(command)
+}
+
+fn signal(child: &Spawned, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_child(child);
+    rustix::process::kill_process(pid, signal).unwrap();
+}
+
+async fn submit(addr: std::net::SocketAddr, n: u32) -> (u16, serde_json::Value) {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| json!({"group": "g", "payload": i}))
+        .collect();
+    call_as(
+        addr,
+        Some(ADMIN),
+        "POST",
+        "/v1/tasks/batch",
+        Some(&json!({ "tasks": tasks }).to_string()),
+    )
+    .await
+}
+
+fn stored_tasks(db: &TestDatabase) -> usize {
+    query(&db.url, "SELECT count(*) FROM tasks")[0]
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_coordinator_makes_no_write_after_its_groups_moved() {
+    let db = TestDatabase::new();
+    let (mut a, a_addr) = coordinator(&db);
+    install_audit(&db.url);
+    let (st, body) = submit(a_addr, 10).await;
+    assert_eq!(st, 201, "{body}");
+
+    // Paused past its lease: its groups lapse, and b takes them over and serves them.
+    signal(&a, rustix::process::Signal::STOP);
+    let paused = Instant::now();
+    let (mut b, b_addr) = coordinator(&db);
+    assert!(
+        paused.elapsed() >= Duration::from_millis(900),
+        "b waited for a's leases to lapse ({:?})",
+        paused.elapsed()
+    );
+    let (st, body) = submit(b_addr, 5).await;
+    assert_eq!(st, 201, "{body}");
+    let (st, body) = call_as(b_addr, Some(ADMIN), "GET", "/v1/stats", None).await;
+    assert_eq!(st, 200, "{body}");
+
+    // A request reaches a while it is paused; a wakes up to it.
+    let late = tokio::spawn(submit(a_addr, 3));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&a, rustix::process::Signal::CONT);
+    let (st, body) = tokio::time::timeout(Duration::from_secs(10), late)
+        .await
+        .expect("a answers once it wakes")
+        .unwrap();
+    assert_eq!(st, 503, "a write after the groups moved is refused: {body}");
+    // a stops itself: it cannot prove it owns its groups.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = a.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a kept running after losing its groups"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+
+    assert_eq!(stored_tasks(&db), 15, "a's late submission wrote nothing");
+    assert_eq!(violations(&db.url), 0);
+    // b still serves, and everything acknowledged is there.
+    let (st, stats) = call_as(b_addr, Some(ADMIN), "GET", "/v1/stats", None).await;
+    assert_eq!(st, 200, "{stats}");
+    b.kill().unwrap();
+    b.wait().unwrap();
+}
+
+/// A standby on the same database: it waits for the active coordinator's leases and serves
+/// once they lapse. Returns it (on a thread, since it serves only then) and when it served.
+fn standby(db: &TestDatabase) -> std::thread::JoinHandle<(Spawned, std::net::SocketAddr, Instant)> {
+    let url = db.url.clone();
+    std::thread::spawn(move || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        command.args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--admin-token",
+            ADMIN,
+            "--database-url",
+            &url,
+            "--group-lease",
+            "1",
+            "--standby",
+        ]);
+        let (child, addr) = spawn_serving(command);
+        (child, addr, Instant::now())
+    })
+}
+
+/// The live tasks a coordinator holds.
+async fn live_tasks(addr: std::net::SocketAddr) -> u64 {
+    let (st, stats) = call_as(addr, Some(ADMIN), "GET", "/v1/stats", None).await;
+    assert_eq!(st, 200, "{stats}");
+    stats["tasks"].as_u64().unwrap_or_else(|| panic!("{stats}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_serves_the_groups_once_the_active_coordinator_dies_or_stops() {
+    let db = TestDatabase::new();
+    let (mut a, a_addr) = coordinator(&db);
+    let (st, body) = submit(a_addr, 10).await;
+    assert_eq!(st, 201, "{body}");
+    let s = standby(&db);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !s.is_finished(),
+        "the standby waits while a holds the leases"
+    );
+
+    // SIGKILL: the standby serves within the lease (1 s) and a recovery.
+    let killed = Instant::now();
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let (mut s, s_addr, served) = s.join().unwrap();
+    let failover = served - killed;
+    eprintln!("failover after SIGKILL: {failover:?} (group lease 1 s)");
+    assert!(failover < Duration::from_secs(5), "{failover:?}");
+    assert_eq!(
+        live_tasks(s_addr).await,
+        10,
+        "every acknowledged task is served again"
+    );
+
+    // SIGTERM: the leases are given up at once, so the next standby need not wait for them.
+    let next = standby(&db);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = Instant::now();
+    common::terminate(&s);
+    let (mut next, next_addr, served) = next.join().unwrap();
+    let handoff = served - stopped;
+    eprintln!("handoff after SIGTERM: {handoff:?} (group lease 1 s)");
+    assert!(handoff < Duration::from_secs(5), "{handoff:?}");
+    assert!(s.wait().unwrap().success());
+    assert_eq!(live_tasks(next_addr).await, 10);
+    next.kill().unwrap();
+    next.wait().unwrap();
+}
