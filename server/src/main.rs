@@ -433,7 +433,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
             max_classes: args.max_classes,
         },
     };
-    let limits = Settings {
+    let mut limits = Settings {
         max_fetch: args.max_fetch,
         max_payload: args.max_payload,
         lease_timeout: seconds(args.lease_timeout, "--lease-timeout", false)?,
@@ -449,7 +449,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         max_connections: args.max_connections,
         shutdown_grace: seconds(args.shutdown_grace, "--shutdown-grace", true)?,
     };
-    let listener = tokio::net::TcpListener::bind(&args.bind)
+    let mut listener = tokio::net::TcpListener::bind(&args.bind)
         .await
         .map_err(|e| format!("binding {}: {e}", args.bind))?;
     // Other coordinators and clients reach this one at the address it listens on.
@@ -457,34 +457,77 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         .local_addr()
         .map_err(|e| format!("binding {}: {e}", args.bind))?
         .to_string();
-    let Opened {
-        app,
-        writer,
-        new_admin_token,
-    } = match &args.database_url {
-        Some(url) => App::open_postgres(url, &address, config, limits).await?,
-        None => App::open(&args.data_dir, config, limits).await?,
-    };
-    if let Some(token) = new_admin_token {
-        // Printed once: only its hash is stored.
-        eprintln!(
-            "\nThe admin token (shown only now; only its hash is stored):\n\n    {token}\n\n\
-             Keep it, for example: export SWITCHYARD_TOKEN={token}\n"
-        );
-    }
-    let stopped = serve(listener, app.clone(), stop_signal()).await?;
-    if stopped.dropped > 0 {
-        eprintln!(
-            "switchyard: {} connections were still open after --shutdown-grace: dropped",
-            stopped.dropped
-        );
-    }
-    let poisoned = app.poisoned();
-    // Drain the writer: drop the last handles, then wait for it to commit what is queued.
-    drop(app);
-    writer.await?;
-    match poisoned {
-        Some(reason) => Err(format!("stopped: {reason}; restart to recover from the store").into()),
-        None => Ok(()),
+    let mut restarts = 0u64;
+    loop {
+        let Opened {
+            app,
+            writer,
+            new_admin_token,
+        } = match &args.database_url {
+            Some(url) => loop {
+                let opening = App::open_postgres(url, &address, config.clone(), limits.clone());
+                let opened = tokio::select! {
+                    opened = opening => opened,
+                    () = stop_signal() => {
+                        // Nothing was served or decided: nothing to drain. (An opening
+                        // waiting for leases blocks a thread the runtime would wait for.)
+                        std::process::exit(0);
+                    }
+                };
+                match opened {
+                    Ok(opened) => break opened,
+                    // After a failure the database may still be away: wait until it answers.
+                    Err(e) if restarts > 0 => {
+                        tracing::warn!(error = %e, "opening the database failed; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = stop_signal() => return Ok(()),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            },
+            None => App::open(&args.data_dir, config.clone(), limits.clone()).await?,
+        };
+        if let Some(token) = new_admin_token {
+            // Printed once: only its hash is stored.
+            eprintln!(
+                "\nThe admin token (shown only now; only its hash is stored):\n\n    {token}\n\n\
+                 Keep it, for example: export SWITCHYARD_TOKEN={token}\n"
+            );
+        }
+        let stopped = serve(listener, app.clone(), stop_signal()).await?;
+        if stopped.dropped > 0 {
+            eprintln!(
+                "switchyard: {} connections were still open after --shutdown-grace: dropped",
+                stopped.dropped
+            );
+        }
+        let poisoned = app.poisoned();
+        // Drain the writer: drop the last handles, then wait for it to commit what is queued.
+        drop(app);
+        writer.await?;
+        let Some(reason) = poisoned else {
+            return Ok(());
+        };
+        if args.database_url.is_none() {
+            return Err(format!("stopped: {reason}; restart to recover from the store").into());
+        }
+        // On PostgreSQL the coordinator recovers by itself, as a restart would: it rebuilds
+        // everything from the database once it answers again, after waiting (as a standby)
+        // for its groups' leases.
+        restarts += 1;
+        tracing::error!(%reason, restarts, "stopped serving; recovering from the database");
+        limits.standby = true;
+        listener = loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = stop_signal() => return Ok(()),
+            }
+            match tokio::net::TcpListener::bind(&address).await {
+                Ok(listener) => break listener,
+                Err(e) => tracing::warn!(error = %e, %address, "binding again failed; retrying"),
+            }
+        };
     }
 }

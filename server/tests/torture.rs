@@ -10,19 +10,23 @@
 //! - no (task, attempt) was handed out twice, and no task finished twice;
 //! - nothing is left running.
 //!
+//! Its PostgreSQL form kills the coordinator's database connections instead
+//! (`pg_terminate_backend`): the coordinator stops serving and recovers by itself, with the same
+//! checks at the end.
+//!
 //! Submissions go on until the last kill. `SWITCHYARD_TORTURE_KILLS` sets the number of kills
-//! (10 by default: about 15 seconds); the figures are printed at the end (`--nocapture`).
+//! (10 by default: about 15 seconds; half as many connection kills); the figures are printed
+//! at the end (`--nocapture`).
 
 mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{spawn_binary_at, Spawned, ADMIN};
+use common::{Spawned, ADMIN};
 use hyper::Method;
 use serde_json::json;
 use switchyard_server::client::{Client, ClientError};
@@ -48,16 +52,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-/// The coordinator on `dir` at `addr`; SIGKILLed when dropped.
-fn start(dir: &Path, addr: &str) -> Spawned {
-    let (child, _) = spawn_binary_at(
-        dir,
-        addr,
-        &["--mode", "least-loaded", "--lease-timeout", "3"],
-    );
-    child
 }
 
 /// What the clients saw.
@@ -235,20 +229,63 @@ fn free_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// What the torture does to the coordinator, `strikes` times.
+enum Fault {
+    /// SIGKILL it and restart it on the same store and port.
+    Sigkill { dir: tempfile::TempDir },
+    /// Kill every connection it has to its PostgreSQL database (`pg_terminate_backend`); it
+    /// stops serving and recovers by itself.
+    KillConnections { db: common::pg::TestDatabase },
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_under_load_lose_nothing_and_hand_out_nothing_twice() {
     let kills = env_or("SWITCHYARD_TORTURE_KILLS", 10);
+    let dir = tempfile::tempdir().unwrap();
+    torture(Fault::Sigkill { dir }, kills).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connections_killed_under_load_lose_nothing_and_hand_out_nothing_twice() {
+    // Always on PostgreSQL (its own database), whichever store the suite runs on.
+    let kills = env_or("SWITCHYARD_TORTURE_KILLS", 10).div_ceil(2);
+    let db = common::pg::TestDatabase::new();
+    torture(Fault::KillConnections { db }, kills).await;
+}
+
+/// Starts the coordinator the torture strikes, on the fault's store, at `addr`.
+fn coordinator(fault: &Fault, addr: &str) -> Spawned {
+    let args = match fault {
+        Fault::Sigkill { dir } => common::serve_args(dir.path(), addr),
+        Fault::KillConnections { db } => ["serve", "--bind", addr, "--admin-token", ADMIN]
+            .map(String::from)
+            .into_iter()
+            .chain(["--database-url".into(), db.url.clone()])
+            .chain(["--group-lease", "1"].map(String::from))
+            .collect(),
+    };
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command
+        .args(args)
+        .args(["--mode", "least-loaded", "--lease-timeout", "3"]);
+    common::spawn_serving(command).0
+}
+
+async fn torture(fault: Fault, kills: u64) {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
         | 1;
-    eprintln!("torture: seed {seed}, {kills} kills");
+    let what = match &fault {
+        Fault::Sigkill { .. } => "SIGKILLs",
+        Fault::KillConnections { .. } => "database connection kills",
+    };
+    eprintln!("torture: seed {seed}, {kills} {what}");
     let mut rng = Rng(seed);
-    let dir = tempfile::tempdir().unwrap();
     let addr = free_port().to_string();
     let url = format!("http://{addr}");
-    let mut coordinator = start(dir.path(), &addr);
+    let mut coordinator = coordinator(&fault, &addr);
     let seen = Arc::new(Seen::default());
     seen.submitting.store(true, Relaxed);
     let clients: Vec<_> = (0..2)
@@ -261,16 +298,30 @@ async fn sigkills_under_load_lose_nothing_and_hand_out_nothing_twice() {
     let started = Instant::now();
     for k in 0..kills {
         tokio::time::sleep(Duration::from_millis(200 + rng.below(1000))).await;
-        drop(coordinator); // SIGKILL, then reaped
-                           // Sometimes the restart comes at once, sometimes after a pause.
-        tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
-        let dir = dir.path().to_path_buf();
-        let a = addr.clone();
-        coordinator = tokio::task::spawn_blocking(move || start(&dir, &a))
-            .await
-            .unwrap();
+        match &fault {
+            Fault::Sigkill { .. } => {
+                drop(coordinator); // SIGKILL, then reaped
+                                   // Sometimes the restart comes at once, sometimes after a pause.
+                tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+                // (On a thread of its own: on PostgreSQL it waits for the old leases to lapse.)
+                let a = addr.clone();
+                let fault = &fault;
+                coordinator = tokio::task::block_in_place(|| self::coordinator(fault, &a));
+            }
+            Fault::KillConnections { db } => {
+                common::pg::admin(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                    db.name
+                ));
+                assert!(
+                    coordinator.try_wait().unwrap().is_none(),
+                    "the coordinator exited instead of recovering"
+                );
+            }
+        }
         if k % 10 == 9 {
-            eprintln!("torture: {} kills in {:.1?}", k + 1, started.elapsed());
+            eprintln!("torture: {} {what} in {:.1?}", k + 1, started.elapsed());
         }
     }
     seen.submitting.store(false, Relaxed);
@@ -281,7 +332,16 @@ async fn sigkills_under_load_lose_nothing_and_hand_out_nothing_twice() {
     let admin = Client::new(&url, Some(ADMIN.to_string())).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let store = loop {
-        let tasks = all_tasks(&admin).await.unwrap();
+        // (A coordinator recovering from killed connections refuses connections for a moment.)
+        let tasks = match all_tasks(&admin).await {
+            Ok(tasks) => tasks,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("torture: reading the tasks: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => panic!("reading the tasks: {e}"),
+        };
         let live = tasks.values().filter(|(s, _)| s != "finished").count();
         if live == 0 || Instant::now() > deadline {
             break tasks;
@@ -295,6 +355,12 @@ async fn sigkills_under_load_lose_nothing_and_hand_out_nothing_twice() {
     let stats = admin.call(Method::GET, "/v1/stats", None).await.unwrap();
     let metrics = admin.text("/metrics").await.unwrap();
     drop(coordinator);
+    if let Fault::KillConnections { db } = &fault {
+        // How often it stopped serving and recovered (each recovery joins anew).
+        let starts = common::pg::query(&db.url, "SELECT count(*) FROM coordinators");
+        eprintln!("torture: the coordinator started {} times", starts[0]);
+    }
+    drop(fault);
 
     let acked = seen.acked.lock().unwrap().clone();
     let finished = seen.finished.lock().unwrap().clone();
@@ -330,7 +396,7 @@ async fn sigkills_under_load_lose_nothing_and_hand_out_nothing_twice() {
         .unwrap_or("switchyard_not_held_requeued_total ?")
         .to_string();
     eprintln!(
-        "torture figures: kills {kills}, acknowledged {}, finished {}, deliveries {delivered} \
+        "torture figures: {what} {kills}, acknowledged {}, finished {}, deliveries {delivered} \
          ({redelivered} as attempt 2 or later), submit retries {}, dropped replies {}, reports refused {}, duplicates (submissions {}, \
          deliveries {}, finishes {}), stuck {}, missing {}, in {:.1?}; last start: {not_held}",
         acked.len(),
