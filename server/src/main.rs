@@ -484,7 +484,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
                             () = stop_signal() => return Ok(()),
                         }
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
             },
             None => App::open(&args.data_dir, config.clone(), limits.clone()).await?,

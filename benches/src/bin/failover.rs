@@ -1,0 +1,214 @@
+//! Failover time on PostgreSQL: how long after the active coordinator is stopped a standby
+//! serves its groups again, measured as a worker sees it — from the signal to the first fetch
+//! that hands the worker a task queued before the signal.
+//!
+//! ```text
+//! cargo build --release
+//! cargo run --release -p switchyard-benches --bin failover -- [--rounds 20] [--group-lease 2.5]
+//! ```
+//!
+//! Each round starts a standby (`serve --standby`) beside the active coordinator, queues a
+//! task, then SIGKILLs the active one (even rounds) or SIGTERMs it (odd rounds: a graceful
+//! handoff, which gives the leases up at once), and times the worker's fetches against the
+//! standby until one returns the task. The standby is the next round's active coordinator. It
+//! uses the release binary, a fresh database on the PostgreSQL server at `--postgres` (created
+//! and dropped with `psql`), loopback ports, and prints a Markdown table.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hyper::Method;
+use serde_json::json;
+use switchyard_server::client::Client;
+
+#[derive(Parser)]
+struct Args {
+    /// The coordinator binary.
+    #[arg(long, default_value = "target/release/switchyard")]
+    binary: String,
+    /// A database on the PostgreSQL server to create the bench's database from.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    postgres: String,
+    /// Failovers to time (half SIGKILL, half SIGTERM).
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// The coordinators' `--group-lease`, in seconds (the default is the coordinator's own).
+    #[arg(long, default_value_t = 2.5)]
+    group_lease: f64,
+}
+
+const ADMIN: &str = "sy_bench_admin_token_for_the_failover_bench";
+
+fn psql(url: &str, sql: &str) {
+    let status = Command::new("psql")
+        .args([url, "-q", "-c", sql])
+        .status()
+        .expect("psql runs");
+    assert!(status.success(), "psql {sql}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A coordinator process, killed when dropped.
+struct Coordinator {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn coordinator(args: &Args, url: &str, port: u16, standby: bool) -> Coordinator {
+    let mut command = Command::new(&args.binary);
+    command
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .args(["--admin-token", ADMIN, "--database-url", url])
+        .args(["--group-lease", &args.group_lease.to_string()])
+        .args(["--mode", "least-loaded"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if standby {
+        command.arg("--standby");
+    }
+    Coordinator {
+        child: command.spawn().expect("the coordinator binary starts"),
+        port,
+    }
+}
+
+fn signal(child: &Child, signal: i32) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn until_serving(port: u16) {
+    let client = Client::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::time::timeout(Duration::from_millis(500), client.text("/health"))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        assert!(Instant::now() < deadline, "the coordinator did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let name = format!("switchyard_failover_{}", std::process::id());
+    psql(&args.postgres, &format!("DROP DATABASE IF EXISTS {name}"));
+    psql(&args.postgres, &format!("CREATE DATABASE {name}"));
+    let root = args.postgres.rsplit_once('/').unwrap().0;
+    let url = format!("{root}/{name}");
+
+    let ports = [free_port(), free_port()];
+    let mut active = coordinator(&args, &url, ports[0], false);
+    until_serving(active.port).await;
+    let admin = |port: u16| Client::new(&format!("http://127.0.0.1:{port}"), Some(ADMIN.into()));
+    let registered = admin(active.port)
+        .unwrap()
+        .call(Method::POST, "/v1/workers", Some(&json!({"groups": ["g"]})))
+        .await
+        .unwrap();
+    let worker = registered["id"].as_u64().unwrap();
+    let token = registered["token"].as_str().unwrap().to_string();
+
+    let (mut killed, mut terminated) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let port = ports[(round + 1) % 2];
+        let standby = coordinator(&args, &url, port, true);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let task = admin(active.port)
+            .unwrap()
+            .call(Method::POST, "/v1/tasks", Some(&json!({"group": "g"})))
+            .await
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap();
+        let graceful = round % 2 == 1;
+        let started = Instant::now();
+        signal(&active.child, if graceful { 15 } else { 9 });
+        let me = Client::new(&format!("http://127.0.0.1:{port}"), Some(token.clone())).unwrap();
+        let fetch = format!("/v1/workers/{worker}/fetch");
+        let took = loop {
+            let got = tokio::time::timeout(
+                Duration::from_secs(2),
+                me.call(Method::POST, &fetch, Some(&json!({"max": 1, "wait_ms": 0}))),
+            )
+            .await;
+            if let Ok(Ok(got)) = got {
+                if let Some(t) = got["tasks"].as_array().and_then(|t| t.first()) {
+                    assert_eq!(t["id"].as_u64(), Some(task), "{got}");
+                    let took = started.elapsed();
+                    let report = json!({"attempt": t["attempt"], "outcome": "finished"});
+                    me.call(
+                        Method::POST,
+                        &format!("/v1/workers/{worker}/tasks/{task}/report"),
+                        Some(&report),
+                    )
+                    .await
+                    .unwrap();
+                    break took;
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "no failover");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        eprintln!(
+            "round {round}: {} → served again in {took:.2?}",
+            if graceful { "SIGTERM" } else { "SIGKILL" }
+        );
+        if graceful {
+            terminated.push(took);
+        } else {
+            killed.push(took);
+        }
+        let _ = active.child.wait();
+        active = standby;
+    }
+    drop(active);
+    psql(
+        &args.postgres,
+        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    );
+
+    println!(
+        "| stop (group lease {} s) | failovers | p50 | p99 | max |",
+        args.group_lease
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (what, mut times) in [("SIGKILL", killed), ("SIGTERM (handoff)", terminated)] {
+        if times.is_empty() {
+            continue;
+        }
+        times.sort();
+        println!(
+            "| {what} | {} | {:.2?} | {:.2?} | {:.2?} |",
+            times.len(),
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            times[times.len() - 1]
+        );
+    }
+}
