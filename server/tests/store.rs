@@ -725,6 +725,71 @@ fn a_recovery_can_be_limited_to_some_groups<B: Backend>() {
     assert!(s.recover_groups(Some(&[])).unwrap().tasks.is_empty());
 }
 
+fn changes_of_one_kind_in_a_row_are_judged_one_by_one<B: Backend>() {
+    // Backends may apply a row of changes of one kind together (PostgreSQL does); each is
+    // still judged alone, in order, and one refusal rolls the whole batch back.
+    let (_dir, s) = store::<B>();
+    s.apply(&[
+        Change::AddWorker(worker(1)),
+        Change::Submit(task(1)),
+        Change::Submit(task(2)),
+        Change::Submit(task(3)),
+    ])
+    .unwrap();
+    let twice = s.apply(&[Change::Submit(task(4)), Change::Submit(task(4))]);
+    assert!(matches!(twice, Err(StoreError::Conflict(_))), "{twice:?}");
+    assert!(s.task(4).unwrap().is_none(), "rolled back with its batch");
+    let assign = |task, attempt| Change::Assign {
+        task,
+        worker: 1,
+        attempt,
+    };
+    // The same task twice in a row: the higher attempt wins, as in any order.
+    s.apply(&[assign(1, 1), assign(2, 1), assign(1, 2)])
+        .unwrap();
+    assert_eq!(state(&*s, 1), (TaskState::Running, 2, Some(1), None));
+    assert_eq!(state(&*s, 2).1, 1);
+    // A stale assignment in a row of good ones refuses the batch.
+    let stale = s.apply(&[assign(3, 1), assign(2, 1)]);
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    assert_eq!(state(&*s, 3), (TaskState::Queued, 0, None, None));
+    // Finishes and failures in a row; a report of a superseded attempt refuses its batch.
+    let finish = |task, attempt| Change::Finish {
+        task,
+        attempt,
+        result: Some(format!("r{task}")),
+    };
+    let stale = s.apply(&[finish(2, 1), finish(1, 1)]);
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    assert_eq!(state(&*s, 2).0, TaskState::Running);
+    s.apply(&[
+        finish(1, 2),
+        Change::Fail {
+            task: 2,
+            attempt: 1,
+            message: "no".into(),
+        },
+    ])
+    .unwrap();
+    assert_eq!(
+        state(&*s, 1),
+        (TaskState::Finished, 2, Some(1), Some("r1".into()))
+    );
+    assert_eq!(
+        state(&*s, 2),
+        (TaskState::Failed, 1, Some(1), Some("no".into()))
+    );
+    let ended = |task, attempt| s.attempt(task, attempt).unwrap().unwrap().ended;
+    assert_eq!(ended(1, 2), Some(AttemptEnd::Finished));
+    assert_eq!(ended(2, 1), Some(AttemptEnd::Failed));
+    // A missing task in a row is not found.
+    let missing = s.apply(&[assign(3, 1), assign(99, 1)]);
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+}
+
 /// Runs every conformance test against a backend.
 macro_rules! conformance {
     ($backend:ident: $ty:ty) => {
@@ -799,6 +864,11 @@ macro_rules! conformance {
             #[test]
             fn reserved_ids_are_fresh_disjoint_and_durable() {
                 super::reserved_ids_are_fresh_disjoint_and_durable::<$ty>()
+            }
+
+            #[test]
+            fn changes_of_one_kind_in_a_row_are_judged_one_by_one() {
+                super::changes_of_one_kind_in_a_row_are_judged_one_by_one::<$ty>()
             }
 
             #[test]

@@ -3,12 +3,21 @@
 //!
 //! # Shape
 //! - **One transaction per batch, one round trip per batch.** `apply` opens a transaction and
-//!   sends every change's statement at once (tokio-postgres pipelines the queries that are in
-//!   flight together on a connection), then reads the answers in order. Each change is one
-//!   guarded statement that also returns the task's state *before* it (a data-modifying CTE
-//!   and the query around it see the same snapshot), so judging a statement that changed
-//!   nothing ([`judge`]) needs no second round trip. A batch of 500 changes costs three round
-//!   trips (begin, the pipeline, commit), not 500.
+//!   sends every statement at once (tokio-postgres pipelines the queries that are in flight
+//!   together on a connection), then reads the answers in order.
+//! - **A statement per run, not per change.** Consecutive submissions, assignments or reports
+//!   (on distinct tasks) are one statement over arrays (`unnest`); a statement costs far more
+//!   than a row (3,200 submissions: about 450 ms as 3,200 statements, 60–100 ms as one).
+//!   Every other change is a statement of its own.
+//! - **Guarded statements that say what they found.** Each statement answers, per change, how
+//!   many rows it changed and the task's state and attempt *before* it (a data-modifying CTE
+//!   and the query around it see the same snapshot), so judging a change that changed nothing
+//!   ([`judge`]) needs no second round trip.
+//! - **Why tokio-postgres (with deadpool), not sqlx**: a transaction's statements can be
+//!   pipelined. Measured here: a batch of 512 cancels (512 statements) commits in about 44 ms
+//!   pipelined against 87–120 ms awaited one by one, which is what a driver that runs a
+//!   connection's queries one at a time (sqlx, the synchronous `postgres` crate) does. It also
+//!   builds without macros or a TLS stack.
 //! - **Prepared statements**, cached per connection by the pool.
 //! - **A pool of connections** (`deadpool-postgres`) driven by the store's own small runtime,
 //!   so the store's blocking methods work from any thread (see `PgStore::block_on`), and a
@@ -129,15 +138,41 @@ macro_rules! on_other {
     };
 }
 
-const SUBMIT: &str = on_other!(
-    "INSERT INTO tasks (id, grp, tags, priority, payload, state, attempt, worker, outcome,
-                        submitted_ms, updated_ms)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING RETURNING 1"
-);
-const ASSIGN: &str = on_task!(
-    "u AS (UPDATE tasks SET state = 'running', attempt = $2, worker = $3, updated_ms = $4
-           WHERE id = $1 AND state IN ('queued', 'running') AND attempt < $2 RETURNING 1)"
-);
+/// A run of submissions in one statement (rows from arrays; tags as JSON text, since a run's
+/// tag lists differ in length): per submission, in order, whether it was inserted. One
+/// statement per run, not per task: a statement costs far more than a row.
+const SUBMIT_RUN: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::integer[], $5::bytea[],
+                         $6::text[], $7::bigint[], $8::bigint[], $9::text[], $10::bigint[])
+        WITH ORDINALITY
+        AS i(id, grp, tags, priority, payload, state, attempt, worker, outcome, submitted_ms, n)
+), inserted AS (
+    INSERT INTO tasks (id, grp, tags, priority, payload, state, attempt, worker, outcome,
+                       submitted_ms, updated_ms)
+    SELECT id, grp, ARRAY(SELECT jsonb_array_elements_text(tags::jsonb)), priority, payload,
+           state, attempt, worker, outcome, submitted_ms, $11
+    FROM input ORDER BY n
+    ON CONFLICT DO NOTHING RETURNING id
+)
+SELECT (inserted.id IS NOT NULL)::integer::bigint, NULL::text, NULL::bigint
+FROM input LEFT JOIN inserted ON inserted.id = input.id ORDER BY input.n";
+/// A run of assignments in one statement: per assignment, in order, whether it applied, and
+/// the task's state and attempt before it (the outer query sees the statement's snapshot,
+/// from before the update).
+const ASSIGN_RUN: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) WITH ORDINALITY
+        AS i(id, attempt, worker, n)
+), u AS (
+    UPDATE tasks t SET state = 'running', attempt = i.attempt, worker = i.worker,
+                       updated_ms = $4
+    FROM input i
+    WHERE t.id = i.id AND t.state IN ('queued', 'running') AND t.attempt < i.attempt
+    RETURNING t.id
+)
+SELECT (u.id IS NOT NULL)::integer::bigint, t.state, t.attempt
+FROM input i LEFT JOIN tasks t ON t.id = i.id LEFT JOIN u ON u.id = i.id ORDER BY i.n";
 /// The attempt's end is recorded even when the requeue is superseded (the first end stands).
 const REQUEUE: &str = on_task!(
     "a AS (INSERT INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
@@ -146,14 +181,26 @@ const REQUEUE: &str = on_task!(
            WHERE id = $1 AND state IN ('queued', 'running')
              AND (attempt < $2 OR (attempt = $2 AND state = 'running')) RETURNING 1)"
 );
-/// Finish or fail running attempt `$2`: the end is recorded from the row before it changes.
-const END: &str = on_task!(
-    "a AS (INSERT INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
-           SELECT id, attempt, worker, $3, $4, $5 FROM tasks
-           WHERE id = $1 AND state = 'running' AND attempt = $2 ON CONFLICT DO NOTHING), ",
-    "u AS (UPDATE tasks SET state = $6, outcome = $4, updated_ms = $5
-           WHERE id = $1 AND state = 'running' AND attempt = $2 RETURNING 1)"
-);
+/// A run of reports (finish or fail running attempt `attempt`) in one statement: each end is
+/// recorded from the task's row before it changes. Answers as [`ASSIGN_RUN`].
+const END_RUN: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+        WITH ORDINALITY AS i(id, attempt, ended, outcome, state, n)
+), a AS (
+    INSERT INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
+    SELECT t.id, t.attempt, t.worker, i.ended, i.outcome, $6
+    FROM input i JOIN tasks t ON t.id = i.id
+    WHERE t.state = 'running' AND t.attempt = i.attempt
+    ON CONFLICT DO NOTHING
+), u AS (
+    UPDATE tasks t SET state = i.state, outcome = i.outcome, updated_ms = $6
+    FROM input i
+    WHERE t.id = i.id AND t.state = 'running' AND t.attempt = i.attempt
+    RETURNING t.id
+)
+SELECT (u.id IS NOT NULL)::integer::bigint, t.state, t.attempt
+FROM input i LEFT JOIN tasks t ON t.id = i.id LEFT JOIN u ON u.id = i.id ORDER BY i.n";
 const CANCEL: &str = on_task!(
     "a AS (INSERT INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
            SELECT id, attempt, worker, 'cancelled', NULL, $2 FROM tasks
@@ -365,8 +412,7 @@ impl PgStore {
 
     async fn apply_async(&self, changes: &[Change]) -> Result<(), StoreError> {
         let now = now_ms();
-        let statements: Vec<(&'static str, Vec<Param>)> =
-            changes.iter().map(|c| statement(c, now)).collect();
+        let statements = units(changes, now)?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         // The fence goes first in the pipeline, so it runs (and locks) before any write.
@@ -419,7 +465,7 @@ impl PgStore {
                 prepared
                     .iter()
                     .zip(&params)
-                    .map(|(stmt, params)| tx.query_one(stmt, params)),
+                    .map(|(stmt, params)| tx.query(stmt, params)),
             ),
         )
         .await;
@@ -440,8 +486,19 @@ impl PgStore {
                 }
             }
         }
-        for (change, answer) in changes.iter().zip(answers) {
-            let row = answer.map_err(db)?;
+        // Each statement answers one row per change it applied, in order.
+        let mut rows = Vec::with_capacity(changes.len());
+        for answer in answers {
+            rows.extend(answer.map_err(db)?);
+        }
+        if rows.len() != changes.len() {
+            return Err(backend(format!(
+                "{} changes were answered with {} rows",
+                changes.len(),
+                rows.len()
+            )));
+        }
+        for (change, row) in changes.iter().zip(rows) {
             let changed: i64 = row.get(0);
             let prior: Prior = match row.get::<_, Option<&str>>(1) {
                 None => None,
@@ -730,7 +787,161 @@ fn task_row(r: &Row) -> Result<TaskRecord, StoreError> {
     })
 }
 
-/// The statement of `change` and its parameters.
+/// The kinds of change applied in runs: consecutive changes of one kind, on distinct tasks,
+/// are one statement (a statement costs far more than a row).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Run {
+    Submit,
+    Assign,
+    End,
+}
+
+fn run_of(change: &Change) -> Option<(Run, u64)> {
+    match change {
+        Change::Submit(t) => Some((Run::Submit, t.id)),
+        Change::Assign { task, .. } => Some((Run::Assign, *task)),
+        Change::Finish { task, .. } | Change::Fail { task, .. } => Some((Run::End, *task)),
+        _ => None,
+    }
+}
+
+/// The statements of a batch, in order, each with its parameters: runs of submissions,
+/// assignments and reports ([`SUBMIT_RUN`], [`ASSIGN_RUN`], [`END_RUN`]), and one statement
+/// for each other change ([`statement`]). Every statement answers one row per change.
+fn units(changes: &[Change], now: i64) -> Result<Vec<(&'static str, Vec<Param>)>, StoreError> {
+    let mut units = Vec::new();
+    let mut i = 0;
+    while i < changes.len() {
+        let Some((kind, _)) = run_of(&changes[i]) else {
+            units.push(statement(&changes[i], now));
+            i += 1;
+            continue;
+        };
+        // A task appears once per run: one statement changes a row at most once.
+        let mut ids = std::collections::HashSet::new();
+        let len = changes[i..]
+            .iter()
+            .take_while(|c| run_of(c).is_some_and(|(k, id)| k == kind && ids.insert(id)))
+            .count();
+        let run = &changes[i..i + len];
+        i += len;
+        units.push(match kind {
+            Run::Submit => submit_run(run, now)?,
+            Run::Assign => assign_run(run, now),
+            Run::End => end_run(run, now),
+        });
+    }
+    Ok(units)
+}
+
+fn submit_run(run: &[Change], now: i64) -> Result<(&'static str, Vec<Param>), StoreError> {
+    let run: Vec<&TaskRecord> = run
+        .iter()
+        .filter_map(|c| match c {
+            Change::Submit(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    let tags = run
+        .iter()
+        .map(|t| serde_json::to_string(&t.tags).map_err(backend))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((
+        SUBMIT_RUN,
+        vec![
+            Box::new(run.iter().map(|t| t.id as i64).collect::<Vec<_>>()) as Param,
+            Box::new(run.iter().map(|t| t.group.clone()).collect::<Vec<_>>()),
+            Box::new(tags),
+            Box::new(run.iter().map(|t| t.priority).collect::<Vec<_>>()),
+            Box::new(run.iter().map(|t| t.payload.clone()).collect::<Vec<_>>()),
+            Box::new(run.iter().map(|t| t.state.as_str()).collect::<Vec<_>>()),
+            Box::new(run.iter().map(|t| i64::from(t.attempt)).collect::<Vec<_>>()),
+            Box::new(
+                run.iter()
+                    .map(|t| t.worker.map(|w| w as i64))
+                    .collect::<Vec<_>>(),
+            ),
+            Box::new(run.iter().map(|t| t.outcome.clone()).collect::<Vec<_>>()),
+            Box::new(run.iter().map(|t| t.submitted_ms).collect::<Vec<_>>()),
+            Box::new(now),
+        ],
+    ))
+}
+
+fn assign_run(run: &[Change], now: i64) -> (&'static str, Vec<Param>) {
+    let (mut ids, mut attempts, mut workers) = (Vec::new(), Vec::new(), Vec::new());
+    for c in run {
+        if let Change::Assign {
+            task,
+            worker,
+            attempt,
+        } = c
+        {
+            ids.push(*task as i64);
+            attempts.push(i64::from(*attempt));
+            workers.push(*worker as i64);
+        }
+    }
+    (
+        ASSIGN_RUN,
+        vec![
+            Box::new(ids),
+            Box::new(attempts),
+            Box::new(workers),
+            Box::new(now),
+        ],
+    )
+}
+
+fn end_run(run: &[Change], now: i64) -> (&'static str, Vec<Param>) {
+    let (mut ids, mut attempts, mut ends, mut outcomes, mut states) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for c in run {
+        let (task, attempt, end, outcome, state) = match c {
+            Change::Finish {
+                task,
+                attempt,
+                result,
+            } => (
+                task,
+                attempt,
+                AttemptEnd::Finished,
+                result.clone(),
+                TaskState::Finished,
+            ),
+            Change::Fail {
+                task,
+                attempt,
+                message,
+            } => (
+                task,
+                attempt,
+                AttemptEnd::Failed,
+                Some(message.clone()),
+                TaskState::Failed,
+            ),
+            _ => continue,
+        };
+        ids.push(*task as i64);
+        attempts.push(i64::from(*attempt));
+        ends.push(end.as_str());
+        outcomes.push(outcome);
+        states.push(state.as_str());
+    }
+    (
+        END_RUN,
+        vec![
+            Box::new(ids) as Param,
+            Box::new(attempts),
+            Box::new(ends),
+            Box::new(outcomes),
+            Box::new(states),
+            Box::new(now),
+        ],
+    )
+}
+
+/// The statement of a change not applied in runs (see [`units`]) and its parameters.
 fn statement(change: &Change, now: i64) -> (&'static str, Vec<Param>) {
     fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Param {
         Box::new(v)
@@ -738,27 +949,9 @@ fn statement(change: &Change, now: i64) -> (&'static str, Vec<Param>) {
     let id = |v: u64| p(v as i64);
     let attempt = |v: u32| p(i64::from(v));
     match change {
-        Change::Submit(t) => (
-            SUBMIT,
-            vec![
-                id(t.id),
-                p(t.group.clone()),
-                p(t.tags.clone()),
-                p(t.priority),
-                p(t.payload.clone()),
-                p(t.state.as_str()),
-                attempt(t.attempt),
-                p(t.worker.map(|w| w as i64)),
-                p(t.outcome.clone()),
-                p(t.submitted_ms),
-                p(now),
-            ],
-        ),
-        Change::Assign {
-            task,
-            worker,
-            attempt: a,
-        } => (ASSIGN, vec![id(*task), attempt(*a), id(*worker), p(now)]),
+        Change::Submit(_) | Change::Assign { .. } | Change::Finish { .. } | Change::Fail { .. } => {
+            unreachable!("applied in runs (`units`)")
+        }
         Change::Requeue {
             task,
             attempt: a,
@@ -772,36 +965,6 @@ fn statement(change: &Change, now: i64) -> (&'static str, Vec<Param>) {
                 id(*worker),
                 p(AttemptEnd::Requeued(*why).as_str()),
                 p(now),
-            ],
-        ),
-        Change::Finish {
-            task,
-            attempt: a,
-            result,
-        } => (
-            END,
-            vec![
-                id(*task),
-                attempt(*a),
-                p(AttemptEnd::Finished.as_str()),
-                p(result.clone()),
-                p(now),
-                p(TaskState::Finished.as_str()),
-            ],
-        ),
-        Change::Fail {
-            task,
-            attempt: a,
-            message,
-        } => (
-            END,
-            vec![
-                id(*task),
-                attempt(*a),
-                p(AttemptEnd::Failed.as_str()),
-                p(Some(message.clone())),
-                p(now),
-                p(TaskState::Failed.as_str()),
             ],
         ),
         Change::Cancel { task } => (CANCEL, vec![id(*task), p(now)]),
