@@ -417,3 +417,26 @@ fn running_lists_a_workers_current_assignments_in_claim_order() {
         assert_eq!(d.running(W1), Err(Error::UnknownWorker(W1)));
     }
 }
+
+#[test]
+fn the_tasks_of_some_groups_are_listed_whatever_their_phase() {
+    for config in [Config::default(), Config::balanced(Strategy::LeastLoaded)] {
+        let d = Dispatcher::new(config).unwrap();
+        d.register(W1, &["a", "b"], NO_TAGS).unwrap();
+        d.submit(TaskSpec::new(1, "a")).unwrap();
+        d.submit(TaskSpec::new(2, "b")).unwrap();
+        d.submit(TaskSpec::new(3, "a")).unwrap();
+        d.submit(TaskSpec::new(4, "c")).unwrap(); // parked: no worker serves c
+        d.submit(TaskSpec::new(5, "a")).unwrap();
+        d.cancel(TaskId(5)).unwrap(); // ended: not listed
+        let running = fetched(&d, W1, 1);
+        assert_eq!(running.len(), 1);
+        let mut a = d.tasks_in_groups(|g| g == "a");
+        a.sort();
+        assert_eq!(a, [TaskId(1), TaskId(3)], "queued and running alike");
+        let mut not_a = d.tasks_in_groups(|g| g != "a");
+        not_a.sort();
+        assert_eq!(not_a, [TaskId(2), TaskId(4)], "parked too");
+        assert!(d.tasks_in_groups(|_| false).is_empty());
+    }
+}

@@ -162,3 +162,114 @@ pub async fn keep(keeper: Arc<Keeper>, halt: impl Fn(String) + Send + 'static) {
         }
     }
 }
+
+/// What a coordinator does about its share of the slots on a keeper tick (see [`plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Take up to this many free or expired slots.
+    Acquire(usize),
+    /// Give up this many slots (a clean handoff: after their writes drain).
+    Release(usize),
+    /// Keep what it holds.
+    Hold,
+}
+
+/// The balancing rule for several coordinators sharing the slots, decided by each one from
+/// what the `leases` and `coordinators` tables say: it `holds` slots, `free` slots are free or
+/// expired, `live` coordinators are alive (itself included), and the least-loaded of them
+/// holds `least`.
+///
+/// - Availability first: free slots are taken up to the fair share `⌈SLOTS / live⌉`, and by
+///   a coordinator holding the fewest even beyond it, so no slot stays unserved.
+/// - A coordinator above the fair share gives the excess up; one above `⌊SLOTS / live⌋`
+///   gives one up while another holds less than that (a newcomer). Releases stop once the
+///   counts differ by at most one, so ownership does not move back and forth.
+pub fn plan(holds: usize, free: usize, live: usize, least: usize) -> Plan {
+    let live = live.max(1);
+    let high = SLOTS.div_ceil(live);
+    let low = SLOTS / live;
+    if free > 0 {
+        if holds < high {
+            return Plan::Acquire(free.min(high - holds));
+        }
+        if holds <= least {
+            return Plan::Acquire(1);
+        }
+        return Plan::Hold;
+    }
+    if holds > high {
+        return Plan::Release(holds - high);
+    }
+    if holds > low && least < low {
+        return Plan::Release(1);
+    }
+    Plan::Hold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Coordinators applying `plan` in turn, one tick each per round; returns the rounds
+    /// until every slot is held and the counts differ by at most one.
+    fn settle(held: &mut [usize]) -> usize {
+        for round in 1..=20 {
+            for me in 0..held.len() {
+                let free = SLOTS - held.iter().sum::<usize>();
+                let least = *held.iter().min().unwrap();
+                match plan(held[me], free, held.len(), least) {
+                    Plan::Acquire(n) => held[me] += n.min(free),
+                    Plan::Release(n) => held[me] -= n,
+                    Plan::Hold => {}
+                }
+            }
+            let (max, min) = (*held.iter().max().unwrap(), *held.iter().min().unwrap());
+            if held.iter().sum::<usize>() == SLOTS && max - min <= 1 {
+                return round;
+            }
+        }
+        panic!("no settling: {held:?}");
+    }
+
+    #[test]
+    fn one_coordinator_takes_every_slot() {
+        let mut held = [0];
+        assert_eq!(settle(&mut held), 1);
+        assert_eq!(held, [SLOTS]);
+    }
+
+    #[test]
+    fn a_newcomer_gets_a_fair_share_and_ownership_then_stays_put() {
+        let mut held = [SLOTS, 0];
+        settle(&mut held);
+        assert_eq!(held, [32, 32]);
+        let mut held = [32, 32, 0];
+        settle(&mut held);
+        let mut sorted = held;
+        sorted.sort();
+        assert_eq!(sorted, [21, 21, 22]);
+        // Settled: nobody moves.
+        for me in 0..3 {
+            let least = *held.iter().min().unwrap();
+            assert_eq!(plan(held[me], 0, 3, least), Plan::Hold, "{held:?}");
+        }
+    }
+
+    #[test]
+    fn the_slots_of_a_dead_coordinator_are_taken_by_the_others() {
+        // Three held 21, 21, 22; the third died: its 22 slots are free, two are live.
+        let mut held = [21, 21];
+        assert_eq!(plan(21, 22, 2, 21), Plan::Acquire(11));
+        settle(&mut held);
+        assert_eq!(held, [32, 32]);
+    }
+
+    #[test]
+    fn free_slots_are_taken_even_past_the_fair_share_when_counts_are_stale() {
+        // A dead coordinator still counted as live: the fair share is too small, but the
+        // least-loaded takes a free slot anyway.
+        assert_eq!(plan(22, 5, 3, 22), Plan::Acquire(1));
+        assert_eq!(plan(23, 5, 3, 22), Plan::Hold);
+        assert_eq!(plan(0, 0, 1, 0), Plan::Hold);
+    }
+}

@@ -71,6 +71,22 @@ impl Dispatcher {
         Ok(placement)
     }
 
+    /// The live tasks whose group `pick` accepts, in no particular order (a coordinator that
+    /// gives up some groups finds their tasks with it). A snapshot: a task submitted or ended
+    /// meanwhile may be missing or listed.
+    pub fn tasks_in_groups(&self, pick: impl Fn(&str) -> bool) -> Vec<TaskId> {
+        self.index
+            .entries()
+            .into_iter()
+            .filter(|&(id, slot)| {
+                self.lock_slot(id, slot).is_some_and(|l| {
+                    !matches!(l.st.phase, Phase::Gone) && pick(&l.st.class.group_name)
+                })
+            })
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// A snapshot of a live task, or `None` if no live task has this id.
     pub fn get(&self, task: TaskId) -> Option<TaskInfo> {
         let l = self.lock_task(task).ok()?;
