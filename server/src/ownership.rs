@@ -10,6 +10,10 @@
 //!   unreachable, or the process was paused): it stops before the database could give the
 //!   leases to anyone else. The database's fence refuses its writes after that anyway.
 //!
+//! For several coordinators serving at once, [`Keeper::join`] and [`Keeper::tick`] share the
+//! slots by the rule [`plan`] (tested at the store with three keepers: a newcomer gets a fair
+//! share, a dead one's slots are taken over); the coordinator does not use them yet.
+//!
 //! Today a coordinator takes every slot: one coordinator serves a database at a time. A second
 //! one waits for the leases (a restart after a crash waits for the old ones to expire) and
 //! refuses to start if they stay held — or, started with `--standby`, waits for as long as it
@@ -81,6 +85,84 @@ impl Keeper {
             }
             std::thread::sleep(ttl / 10);
         }
+    }
+
+    /// Joins the store as a coordinator reachable at `address`, holding nothing yet: its
+    /// share comes with [`Keeper::tick`]. Blocking.
+    pub fn join(
+        store: Arc<PgStore>,
+        fence: Arc<Fence>,
+        address: &str,
+        ttl: Duration,
+    ) -> Result<Self, StoreError> {
+        let me = store.join(address, ttl)?;
+        fence.set_coordinator(me);
+        Ok(Self {
+            store,
+            fence,
+            me,
+            ttl,
+            held: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &PgStore {
+        &self.store
+    }
+
+    /// The leases held.
+    pub fn held(&self) -> Vec<Lease> {
+        self.held.lock().clone()
+    }
+
+    /// One balancing step among several coordinators: renews, then follows [`plan`] with what
+    /// the database says now. Slots acquired are held (and fenced by) at once; slots to give
+    /// up are only named: the caller stops serving them, lets their writes drain, then calls
+    /// [`Keeper::release`]. Blocking.
+    pub fn tick(&self) -> Result<Step, StoreError> {
+        self.renew()?;
+        let owners = self.store.owners()?;
+        let live = self.store.live_coordinators()?;
+        let mut counts = std::collections::HashMap::<i64, usize>::new();
+        let mut free = 0;
+        for o in &owners {
+            match &o.owner {
+                Some((id, _)) => *counts.entry(*id).or_default() += 1,
+                None => free += 1,
+            }
+        }
+        let holds = self.held.lock().len();
+        // A live coordinator that holds nothing does not appear among the owners.
+        let least = if counts.len() < live {
+            0
+        } else {
+            counts.values().copied().min().unwrap_or(0)
+        };
+        Ok(match plan(holds, free, live, least) {
+            Plan::Acquire(n) => {
+                let got = self.store.acquire(self.me, n, self.ttl)?;
+                for l in &got {
+                    self.fence.set(l.slot, l.epoch);
+                }
+                self.held.lock().extend(got.iter().copied());
+                Step::Gained(got)
+            }
+            Plan::Release(n) => {
+                let held = self.held.lock();
+                Step::Release(held.iter().rev().take(n).copied().collect())
+            }
+            Plan::Hold => Step::Hold,
+        })
+    }
+
+    /// Gives up `leases` (named by [`Step::Release`], no longer served). Blocking.
+    pub fn release(&self, leases: &[Lease]) -> Result<(), StoreError> {
+        for l in leases {
+            self.fence.set(l.slot, 0);
+        }
+        self.held.lock().retain(|h| !leases.contains(h));
+        self.store.release(self.me, leases).map(drop)
     }
 
     /// The coordinator's id.
@@ -161,6 +243,17 @@ pub async fn keep(keeper: Arc<Keeper>, halt: impl Fn(String) + Send + 'static) {
             ));
         }
     }
+}
+
+/// What a keeper tick did, or asks of the coordinator (see [`Keeper::tick`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// These slots were acquired: load their groups, then serve them.
+    Gained(Vec<Lease>),
+    /// Stop serving these slots, let their writes drain, then [`Keeper::release`] them.
+    Release(Vec<Lease>),
+    /// Nothing to do.
+    Hold,
 }
 
 /// What a coordinator does about its share of the slots on a keeper tick (see [`plan`]).

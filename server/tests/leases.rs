@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::pg::{install_audit, query, violations, TestDatabase};
+use switchyard_server::ownership::{Keeper, Step};
 use switchyard_server::store::leases::{slot_of, Fence, Lease, SLOTS};
 use switchyard_server::store::{Change, PgStore, Store, StoreError, TaskRecord, TaskState};
 
@@ -243,4 +244,59 @@ fn two_stores_stealing_slots_while_they_write_never_write_under_a_stale_epoch() 
         .parse()
         .unwrap();
     assert_eq!(rows, written as usize, "every refused batch wrote nothing");
+}
+
+/// Ticks every keeper once per round, giving up at once what a tick names (nothing is served
+/// here), until every slot is held and the counts differ by at most one; returns the counts.
+fn balance(keepers: &[&Keeper]) -> Vec<usize> {
+    for _ in 0..20 {
+        for k in keepers {
+            if let Step::Release(leases) = k.tick().unwrap() {
+                k.release(&leases).unwrap();
+            }
+        }
+        let counts: Vec<usize> = keepers.iter().map(|k| k.held().len()).collect();
+        let (max, min) = (*counts.iter().max().unwrap(), *counts.iter().min().unwrap());
+        if counts.iter().sum::<usize>() == SLOTS && max - min <= 1 {
+            return counts;
+        }
+    }
+    let counts: Vec<usize> = keepers.iter().map(|k| k.held().len()).collect();
+    panic!("the keepers did not settle: {counts:?}");
+}
+
+#[test]
+fn keepers_share_the_slots_take_a_newcomer_in_and_take_over_a_dead_one() {
+    let db = TestDatabase::new();
+    let ttl = Duration::from_millis(600);
+    let keeper = |address: &str| {
+        let fence = Arc::new(Fence::default());
+        let store = Arc::new(PgStore::open(&db.url).unwrap().fenced(fence.clone()));
+        Keeper::join(store, fence, address, ttl).unwrap()
+    };
+    let a = keeper("http://a");
+    assert_eq!(balance(&[&a]), [SLOTS]);
+    // b arrives: a gives half up, b takes it.
+    let b = keeper("http://b");
+    assert_eq!(balance(&[&a, &b]), [32, 32]);
+    // c arrives: each gives up its excess.
+    let c = keeper("http://c");
+    let mut counts = balance(&[&a, &b, &c]);
+    counts.sort();
+    assert_eq!(counts, [21, 21, 22]);
+    // No slot has two holders, and each holder's leases are its own.
+    let owners = a.store().owners().unwrap();
+    for k in [&a, &b, &c] {
+        for l in k.held() {
+            assert_eq!(owners[l.slot].owner.as_ref().map(|o| o.0), Some(k.id()));
+        }
+    }
+    // c dies (stops renewing): once its leases lapse, a and b take its slots.
+    let deadline = std::time::Instant::now() + ttl * 3;
+    while std::time::Instant::now() < deadline {
+        a.tick().unwrap();
+        b.tick().unwrap();
+        std::thread::sleep(ttl / 5);
+    }
+    assert_eq!(balance(&[&a, &b]), [32, 32]);
 }
