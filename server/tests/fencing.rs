@@ -16,20 +16,18 @@ use common::pg::{install_audit, query, violations, TestDatabase};
 use common::{call_as, spawn_serving, Spawned, ADMIN};
 use serde_json::json;
 
-fn coordinator(db: &TestDatabase) -> (Spawned, std::net::SocketAddr) {
+/// `switchyard serve` on `url` with a 1 s group lease, then `extra`.
+fn serve_on(url: &str, extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
-    command.args([
-        "serve",
-        "--bind",
-        "127.0.0.1:0",
-        "--admin-token",
-        ADMIN,
-        "--database-url",
-        &db.url,
-        "--group-lease",
-        "1",
-    ]);
-    spawn_serving(command)
+    command
+        .args(["serve", "--bind", "127.0.0.1:0", "--admin-token", ADMIN])
+        .args(["--database-url", url, "--group-lease", "1"])
+        .args(extra);
+    command
+}
+
+fn coordinator(db: &TestDatabase) -> (Spawned, std::net::SocketAddr) {
+    spawn_serving(serve_on(&db.url, &[]))
 }
 
 fn signal(child: &Spawned, signal: rustix::process::Signal) {
@@ -124,20 +122,7 @@ async fn a_paused_coordinator_makes_no_write_after_its_groups_moved() {
 fn standby(db: &TestDatabase) -> std::thread::JoinHandle<(Spawned, std::net::SocketAddr, Instant)> {
     let url = db.url.clone();
     std::thread::spawn(move || {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
-        command.args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--admin-token",
-            ADMIN,
-            "--database-url",
-            &url,
-            "--group-lease",
-            "1",
-            "--standby",
-        ]);
-        let (child, addr) = spawn_serving(command);
+        let (child, addr) = spawn_serving(serve_on(&url, &["--standby"]));
         (child, addr, Instant::now())
     })
 }

@@ -214,25 +214,6 @@ fn state_of(tx: &Connection, task: u64) -> Result<Prior, StoreError> {
     .transpose()
 }
 
-/// Records how running `attempt` of `task` ended, from the task's row before it changes and
-/// only if it runs that attempt (`end` finished or failed, with its outcome).
-fn record_end(
-    tx: &Connection,
-    task: u64,
-    attempt: u32,
-    end: AttemptEnd,
-    outcome: Option<&str>,
-    now: i64,
-) -> rusqlite::Result<usize> {
-    exec(
-        tx,
-        "INSERT OR IGNORE INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
-             SELECT id, attempt, worker, ?3, ?4, ?5 FROM tasks
-             WHERE id = ?1 AND state = 'running' AND attempt = ?2",
-        params![task as i64, attempt, end.as_str(), outcome, now],
-    )
-}
-
 /// Ends running `attempt` of `task` as `state` (finished or failed) with its outcome; returns
 /// the rows changed.
 fn end_attempt(
@@ -247,7 +228,14 @@ fn end_attempt(
         TaskState::Finished => AttemptEnd::Finished,
         _ => AttemptEnd::Failed,
     };
-    record_end(tx, task, attempt, end, outcome, now)?;
+    // Recorded from the task's row before it changes, and only if it runs that attempt.
+    exec(
+        tx,
+        "INSERT OR IGNORE INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
+             SELECT id, attempt, worker, ?3, ?4, ?5 FROM tasks
+             WHERE id = ?1 AND state = 'running' AND attempt = ?2",
+        params![task as i64, attempt, end.as_str(), outcome, now],
+    )?;
     exec(
         tx,
         "UPDATE tasks SET state = ?3, outcome = ?4, updated_ms = ?5
