@@ -50,6 +50,10 @@ pub fn slot_of(group: &str) -> usize {
 
 /// What this coordinator holds: its id and the epoch of each slot it owns (0: not owned).
 /// Shared by the lease keeper, which changes it, and the store, which fences by it.
+///
+/// The id is `Relaxed`: it is set once, when the coordinator joins, before the store writes
+/// anything (the keeper joins before the store is handed to the writer); nothing else is
+/// published through it. The epochs are behind a lock.
 #[derive(Debug)]
 pub struct Fence {
     coordinator: AtomicU64,
