@@ -43,7 +43,7 @@ use crate::store::leases::Fence;
 use crate::store::{
     Change, PgStore, Role, SqliteStore, Store, StoreError, StoreHandle, TokenRecord,
 };
-use crate::sync::{Arc, Weak};
+use crate::sync::{Arc, Mutex, Weak};
 use crate::wakeups::Wakeups;
 use crate::writer::Writer;
 
@@ -176,6 +176,10 @@ pub struct Opened {
     pub new_admin_token: Option<String>,
 }
 
+/// Where the lease keeper's halt goes: the app once it exists, else the reason, kept until it
+/// does (see `App::open_postgres`).
+type HaltTarget = (Option<Weak<App>>, Option<String>);
+
 /// Why the coordinator could not start (a store, configuration or recovery failure).
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -233,6 +237,27 @@ impl App {
         })
         .await
         .map_err(|e| format!("opening the store panicked: {e}"))??;
+        // Renewal starts now, not after recovery (which may take longer than a lease). Until
+        // the app exists, a halt is kept and stops the app as soon as it does.
+        let target: Arc<Mutex<HaltTarget>> = Default::default();
+        let (alive, halt) = (target.clone(), target.clone());
+        tokio::spawn(ownership::keep(
+            keeper.clone(),
+            move || {
+                alive
+                    .lock()
+                    .0
+                    .as_ref()
+                    .is_none_or(|app| app.strong_count() > 0)
+            },
+            move |reason| {
+                let mut target = halt.lock();
+                match target.0.as_ref().and_then(Weak::upgrade) {
+                    Some(app) => app.poison(reason),
+                    None => target.1 = Some(reason),
+                }
+            },
+        ));
         let opened = match Self::open_store(store, config, limits).await {
             Ok(opened) => opened,
             Err(e) => {
@@ -240,12 +265,14 @@ impl App {
                 return Err(e);
             }
         };
-        let app = Arc::downgrade(&opened.app);
-        tokio::spawn(ownership::keep(keeper.clone(), move |reason| {
-            if let Some(app) = app.upgrade() {
-                app.poison(reason);
-            }
-        }));
+        let early = {
+            let mut target = target.lock();
+            target.0 = Some(Arc::downgrade(&opened.app));
+            target.1.take()
+        };
+        if let Some(reason) = early {
+            opened.app.poison(reason);
+        }
         // Once the writer has drained, nothing more is written: give the leases up.
         let writer = opened.writer;
         let writer = tokio::spawn(async move {

@@ -193,7 +193,8 @@ struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_GROUP_LEASE", default_value_t = 2.5)]
     group_lease: f64,
     /// On PostgreSQL: if another coordinator serves the database, wait until its group leases
-    /// lapse (it stops or dies) and then serve, instead of refusing to start.
+    /// lapse (it stops or dies) and then serve, instead of refusing to start; it also retries
+    /// until the database answers.
     #[arg(long, env = "SWITCHYARD_STANDBY")]
     standby: bool,
     /// Seconds of silence after which a worker is declared dead and its tasks redistributed.
@@ -398,6 +399,22 @@ async fn stop_signal() {
     tracing::info!("stop signal received");
 }
 
+/// A stop signal (Ctrl-C or SIGTERM), listened for once for the life of `serve`: a signal that
+/// arrives between two waits (while the writer drains, say) is not lost.
+fn stop_requests() -> tokio::sync::watch::Receiver<bool> {
+    let (requested, requests) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop_signal().await;
+        let _ = requested.send(true);
+    });
+    requests
+}
+
+/// Resolves once a stop has been requested (at once if it already has).
+async fn stop_requested(mut requests: tokio::sync::watch::Receiver<bool>) {
+    let _ = requests.wait_for(|stop| *stop).await;
+}
+
 /// The longest duration any flag takes: a year.
 const LONGEST: f64 = 365.0 * 24.0 * 3600.0;
 
@@ -457,6 +474,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         .local_addr()
         .map_err(|e| format!("binding {}: {e}", args.bind))?
         .to_string();
+    let stop = stop_requests();
     let mut restarts = 0u64;
     loop {
         let Opened {
@@ -468,7 +486,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
                 let opening = App::open_postgres(url, &address, config.clone(), limits.clone());
                 let opened = tokio::select! {
                     opened = opening => opened,
-                    () = stop_signal() => {
+                    () = stop_requested(stop.clone()) => {
                         // Nothing was served or decided: nothing to drain. (An opening
                         // waiting for leases blocks a thread the runtime would wait for.)
                         std::process::exit(0);
@@ -477,11 +495,11 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
                 match opened {
                     Ok(opened) => break opened,
                     // After a failure the database may still be away: wait until it answers.
-                    Err(e) if restarts > 0 => {
+                    Err(e) if restarts > 0 || limits.standby => {
                         tracing::warn!(error = %e, "opening the database failed; retrying");
                         tokio::select! {
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            () = stop_signal() => return Ok(()),
+                            () = stop_requested(stop.clone()) => return Ok(()),
                         }
                     }
                     Err(e) => return Err(e),
@@ -496,7 +514,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
                  Keep it, for example: export SWITCHYARD_TOKEN={token}\n"
             );
         }
-        let stopped = serve(listener, app.clone(), stop_signal()).await?;
+        let stopped = serve(listener, app.clone(), stop_requested(stop.clone())).await?;
         if stopped.dropped > 0 {
             eprintln!(
                 "switchyard: {} connections were still open after --shutdown-grace: dropped",
@@ -513,6 +531,10 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         if args.database_url.is_none() {
             return Err(format!("stopped: {reason}; restart to recover from the store").into());
         }
+        if *stop.borrow() {
+            // Asked to stop as well: stop, and let the next start recover.
+            return Err(format!("stopped: {reason}").into());
+        }
         // On PostgreSQL the coordinator recovers by itself, as a restart would: it rebuilds
         // everything from the database once it answers again, after waiting (as a standby)
         // for its groups' leases.
@@ -522,7 +544,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         listener = loop {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = stop_signal() => return Ok(()),
+                () = stop_requested(stop.clone()) => return Ok(()),
             }
             match tokio::net::TcpListener::bind(&address).await {
                 Ok(listener) => break listener,

@@ -33,6 +33,9 @@ pub struct Keeper {
     me: i64,
     ttl: Duration,
     held: Mutex<Vec<Lease>>,
+    /// When the statement of the last successful renewal (or acquisition) was sent: the
+    /// leases may be used until `Lease::valid_for` of it.
+    renewed_at: Mutex<Instant>,
 }
 
 impl Keeper {
@@ -46,31 +49,36 @@ impl Keeper {
         ttl: Duration,
         patience: Option<Duration>,
     ) -> Result<Self, StoreError> {
-        let me = store.join(address, ttl)?;
-        fence.set_coordinator(me);
-        let keeper = Self {
-            store,
-            fence,
-            me,
-            ttl,
-            held: Mutex::new(Vec::new()),
-        };
+        let keeper = Self::join(store, fence, address, ttl)?;
         let deadline = patience.map(|p| Instant::now() + p);
+        // On any failure, give up what was taken rather than let it lapse.
+        let failed = |e: StoreError| {
+            keeper.stop();
+            e
+        };
         loop {
-            keeper.renew()?;
+            let sent = Instant::now();
+            keeper.renew().map_err(failed)?;
             let missing = SLOTS - keeper.held.lock().len();
             if missing == 0 {
                 return Ok(keeper);
             }
-            for lease in keeper.store.acquire(me, missing, ttl)? {
+            // Acquired after `sent`, so valid at least as long as the renewal.
+            for lease in keeper
+                .store
+                .acquire(keeper.me, missing, ttl)
+                .map_err(failed)?
+            {
                 keeper.fence.set(lease.slot, lease.epoch);
                 keeper.held.lock().push(lease);
             }
+            *keeper.renewed_at.lock() = sent;
             if keeper.held.lock().len() == SLOTS {
                 return Ok(keeper);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                let owners = keeper.store.owners()?;
+                let me = keeper.me;
+                let owners = keeper.store.owners().map_err(failed)?;
                 let other = owners
                     .iter()
                     .find_map(|o| o.owner.as_ref().filter(|(id, _)| *id != me))
@@ -103,6 +111,7 @@ impl Keeper {
             me,
             ttl,
             held: Mutex::new(Vec::new()),
+            renewed_at: Mutex::new(Instant::now()),
         })
     }
 
@@ -177,12 +186,12 @@ impl Keeper {
 
     /// Renews the leases held; an error if any was lost (and then none is kept). Blocking.
     pub fn renew(&self) -> Result<(), StoreError> {
+        let sent = Instant::now();
         let held = self.held.lock().clone();
         let lost = |why: String| {
-            for l in &held {
+            for l in std::mem::take(&mut *self.held.lock()) {
                 self.fence.set(l.slot, 0);
             }
-            self.held.lock().clear();
             Err(StoreError::Fenced(why))
         };
         match self.store.renew(self.me, &held, self.ttl)? {
@@ -196,8 +205,17 @@ impl Keeper {
                 held.len() - renewed.len(),
                 held.len()
             )),
-            Some(_) => Ok(()),
+            Some(_) => {
+                *self.renewed_at.lock() = sent;
+                Ok(())
+            }
         }
+    }
+
+    /// Until when, by this process's clock, the leases held may be used: the lease time from
+    /// the last successful renewal's sending, less `margin`.
+    pub fn valid_until(&self, margin: Duration) -> Instant {
+        Lease::valid_for(*self.renewed_at.lock(), self.ttl, margin)
     }
 
     /// Gives up every lease and leaves (a clean stop: another coordinator may take the groups
@@ -207,40 +225,54 @@ impl Keeper {
         for l in &held {
             self.fence.set(l.slot, 0);
         }
-        if let Err(e) = self
-            .store
-            .release(self.me, &held)
-            .and_then(|_| self.store.leave(self.me))
-        {
-            tracing::warn!(error = %e, "giving up the group leases failed; they expire");
+        // Leave even if the release fails: a coordinator that left renews nothing more.
+        for result in [
+            self.store.release(self.me, &held).map(drop),
+            self.store.leave(self.me),
+        ] {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "giving up the group leases failed; they expire");
+            }
         }
     }
 }
 
-/// Renews `keeper`'s leases every `ttl / 5` until `halt` is called or a renewal shows the
-/// leases lost, or none succeeded for `ttl - ttl / 5` by this process's clock; then calls
-/// `halt` with the reason.
-pub async fn keep(keeper: Arc<Keeper>, halt: impl Fn(String) + Send + 'static) {
+/// Renews `keeper`'s leases every `ttl / 5` while `alive` says the coordinator runs. Calls
+/// `halt` with the reason, and ends, when a renewal shows the leases lost, or when none has
+/// succeeded for `ttl - ttl / 5` by this process's clock — checked while a renewal is still
+/// waiting, too (a database that stopped answering must not keep a coordinator serving).
+pub async fn keep(
+    keeper: Arc<Keeper>,
+    alive: impl Fn() -> bool + Send + 'static,
+    halt: impl Fn(String) + Send + 'static,
+) {
     let ttl = keeper.ttl();
     let period = ttl / 5;
-    let mut valid_until = Instant::now() + ttl - period;
+    let expired = || {
+        format!(
+            "the group leases could not be renewed for {:?}; another coordinator may take them",
+            ttl - period
+        )
+    };
     loop {
         tokio::time::sleep(period).await;
-        let sent = Instant::now();
-        let k = keeper.clone();
-        let renewed = tokio::task::spawn_blocking(move || k.renew()).await;
-        match renewed {
-            Ok(Ok(())) => valid_until = Lease::valid_for(sent, ttl, period),
-            Ok(Err(e @ StoreError::Fenced(_))) => return halt(e.to_string()),
-            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the group leases failed"),
-            Err(e) => tracing::warn!(error = %e, "renewing the group leases panicked"),
+        if !alive() {
+            return;
         }
-        if Instant::now() >= valid_until {
-            return halt(format!(
-                "the group leases could not be renewed for {:?}; another coordinator may \
-                 take them",
-                ttl - period
-            ));
+        let valid_until = keeper.valid_until(period);
+        let k = keeper.clone();
+        let renewal = tokio::task::spawn_blocking(move || k.renew());
+        tokio::select! {
+            renewed = renewal => match renewed {
+                Ok(Ok(())) => {}
+                Ok(Err(e @ StoreError::Fenced(_))) => return halt(e.to_string()),
+                Ok(Err(e)) => tracing::warn!(error = %e, "renewing the group leases failed"),
+                Err(e) => tracing::warn!(error = %e, "renewing the group leases panicked"),
+            },
+            () = tokio::time::sleep_until(valid_until.into()) => return halt(expired()),
+        }
+        if Instant::now() >= keeper.valid_until(period) {
+            return halt(expired());
         }
     }
 }

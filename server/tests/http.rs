@@ -179,6 +179,16 @@ async fn every_error_is_a_json_4xx() {
             .await,
         ),
         (
+            400,
+            "bad_request",
+            post(
+                a,
+                &format!("/v1/workers/{w}/tasks/{t}/report"),
+                json!({"attempt": 1, "outcome": "finished", "result": "a\u{0}b"}),
+            )
+            .await,
+        ),
+        (
             405,
             "method_not_allowed",
             call(a, "GET", "/v1/workers", None).await,

@@ -293,6 +293,17 @@ fn check_text(app: &App, r: &Report) -> Result<(), ApiError> {
             app.limits.max_payload
         )));
     }
+    // PostgreSQL's text cannot hold U+0000: refused here, for every store, rather than
+    // failing the store's commit.
+    if [&r.result, &r.message]
+        .into_iter()
+        .flatten()
+        .any(|t| t.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            "the result or message contains a NUL character (U+0000)",
+        ));
+    }
     Ok(())
 }
 

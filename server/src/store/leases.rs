@@ -21,8 +21,8 @@
 //! # The fence
 //! A store with a [`Fence`] checks, inside every write transaction and before any write, that
 //! it still holds each slot the batch touches (the slots of submitted tasks' groups, of the
-//! tasks named by id, and slot 0 for pruning idempotency keys): the lease rows are read `FOR
-//! SHARE`, so an acquisition (an `UPDATE` of those rows) waits until the batch commits, and a
+//! tasks named by id, and slot 0 for pruning idempotency keys and for the cluster's own rows:
+//! workers, tokens, keys, starts): the lease rows are read `FOR SHARE`, so an acquisition (an `UPDATE` of those rows) waits until the batch commits, and a
 //! batch that starts after an acquisition sees it and is refused with
 //! [`StoreError::Fenced`](super::StoreError::Fenced). Every write of a group's data is
 //! therefore ordered before the next owner's acquisition, or refused. The transaction also

@@ -299,6 +299,17 @@ impl PgStore {
             config.connect_timeout(Duration::from_secs(5));
         }
         config.application_name("switchyard");
+        // A coordinator cut off in the middle of a transaction must not keep its row locks
+        // (the lease rows it read `FOR SHARE`): the server ends a session idle inside a
+        // transaction after 2 s, well within a lease (ours never idle there: a batch's
+        // statements are all sent before its answers are read). Keepalives find a dead peer.
+        let options = format!(
+            "{} -c idle_in_transaction_session_timeout=2000",
+            config.get_options().unwrap_or("")
+        );
+        config.options(options.trim());
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(5));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("switchyard-postgres")
@@ -627,7 +638,8 @@ impl Drop for PgStore {
     }
 }
 
-/// The slots a batch names directly (its submissions' groups; slot 0 for pruning keys) and
+/// The slots a batch names directly (its submissions' groups; slot 0 for pruning keys and for
+/// the cluster's rows) and
 /// the ids of the tasks it names, whose slots the fence check looks up.
 fn touched(changes: &[Change]) -> (Vec<i32>, Vec<i64>) {
     let mut slots = Vec::new();
@@ -642,14 +654,15 @@ fn touched(changes: &[Change]) -> (Vec<i32>, Vec<i64>) {
             | Change::Fail { task, .. }
             | Change::Cancel { task }
             | Change::Update { task, .. } => tasks.push(*task as i64),
-            // Workers, tokens and starts are the cluster's, not a group's; keys are fenced
-            // with the submission they are committed with.
+            // Workers, tokens, keys and starts are the cluster's, not a group's: fenced by
+            // slot 0, so a deposed coordinator cannot write them either. (With several
+            // coordinators serving at once this must become "any slot still held".)
             Change::AddWorker(_)
             | Change::RemoveWorker { .. }
             | Change::AddToken(_)
             | Change::RevokeToken { .. }
             | Change::Remember { .. }
-            | Change::Boot { .. } => {}
+            | Change::Boot { .. } => slots.push(0),
         }
     }
     slots.sort_unstable();
