@@ -166,7 +166,8 @@ pub fn test_settings() -> Settings {
         max_fetch: 16,
         max_payload: 64,
         lease_timeout: Duration::from_secs(30),
-        group_lease: Duration::from_secs(1),
+        // Long enough that renewals delayed by a loaded CI machine never lapse it.
+        group_lease: Duration::from_secs(3),
         max_batch: 3,
         max_body: 4096,
         max_wait: Duration::from_secs(5),
@@ -248,15 +249,15 @@ pub fn serve_args(dir: &Path, bind: &str) -> Vec<String> {
 }
 
 /// The arguments that put a coordinator's store at `dir`: its data directory, or on
-/// PostgreSQL its database (with a short group lease: a restart after a SIGKILL waits for
-/// it to lapse).
+/// PostgreSQL its database (with a 2 s group lease: a restart after a SIGKILL waits for it to
+/// lapse, and a loaded machine must not delay a renewal past it).
 pub fn store_args(dir: &Path) -> Vec<String> {
     match pg::database_for(dir) {
         Some(url) => vec![
             "--database-url".into(),
             url,
             "--group-lease".into(),
-            "1".into(),
+            "2".into(),
         ],
         None => vec![
             "--data-dir".into(),
