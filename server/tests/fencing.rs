@@ -23,7 +23,7 @@ fn serve_on(url: &str, extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command
         .args(["serve", "--bind", "127.0.0.1:0", "--admin-token", ADMIN])
-        .args(["--database-url", url, "--group-lease", "1"])
+        .args(["--database-url", url, "--group-lease", "2"])
         .args(extra);
     command
 }
@@ -171,7 +171,7 @@ async fn a_standby_serves_the_groups_once_the_active_coordinator_dies_or_stops()
     a.wait().unwrap();
     let (mut s, s_addr, served) = s.join().unwrap();
     let failover = served - killed;
-    eprintln!("failover after SIGKILL: {failover:?} (group lease 1 s)");
+    eprintln!("failover after SIGKILL: {failover:?} (group lease 2 s)");
     assert!(failover < Duration::from_secs(5), "{failover:?}");
     assert_eq!(
         live_tasks(s_addr).await,
@@ -186,7 +186,7 @@ async fn a_standby_serves_the_groups_once_the_active_coordinator_dies_or_stops()
     common::terminate(&s);
     let (mut next, next_addr, served) = next.join().unwrap();
     let handoff = served - stopped;
-    eprintln!("handoff after SIGTERM: {handoff:?} (group lease 1 s)");
+    eprintln!("handoff after SIGTERM: {handoff:?} (group lease 2 s)");
     assert!(handoff < Duration::from_secs(5), "{handoff:?}");
     assert!(s.wait().unwrap().success());
     assert_eq!(live_tasks(next_addr).await, 10);

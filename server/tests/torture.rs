@@ -261,7 +261,7 @@ fn coordinator(fault: &Fault, addr: &str) -> Spawned {
             .map(String::from)
             .into_iter()
             .chain(["--database-url".into(), db.url.clone()])
-            .chain(["--group-lease", "1"].map(String::from))
+            .chain(["--group-lease", "2"].map(String::from))
             .collect(),
     };
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
