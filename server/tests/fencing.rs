@@ -18,7 +18,7 @@ use hyper::Method;
 use serde_json::json;
 use switchyard_server::client::{Client, ClientError};
 
-/// `switchyard serve` on `url` with a 1 s group lease, then `extra`.
+/// `switchyard serve` on `url` with a 2 s group lease, then `extra`.
 fn serve_on(url: &str, extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command
@@ -165,7 +165,7 @@ async fn a_standby_serves_the_groups_once_the_active_coordinator_dies_or_stops()
         "the standby waits while a holds the leases"
     );
 
-    // SIGKILL: the standby serves within the lease (1 s) and a recovery.
+    // SIGKILL: the standby serves within the lease (2 s) and a recovery.
     let killed = Instant::now();
     a.kill().unwrap();
     a.wait().unwrap();
