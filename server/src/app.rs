@@ -39,6 +39,7 @@ use crate::liveness::{reap, Leases};
 use crate::metrics::Metrics;
 use crate::ownership::{self, Keeper};
 use crate::recovery::recover;
+use crate::sharing::{self, Share};
 use crate::store::leases::Fence;
 use crate::store::{
     Change, PgStore, Role, SqliteStore, Store, StoreError, StoreHandle, TokenRecord,
@@ -62,6 +63,9 @@ pub struct Settings {
     /// On PostgreSQL: wait for as long as it takes for another coordinator's group leases to
     /// lapse, then serve (a standby), instead of refusing to start.
     pub standby: bool,
+    /// On PostgreSQL: serve a share of the groups alongside the database's other coordinators
+    /// (see [`crate::sharing`]), rather than all of them alone.
+    pub shared: bool,
     /// Most tasks in one batch submission.
     pub max_batch: usize,
     /// Largest request body, in bytes.
@@ -136,6 +140,7 @@ impl Default for Settings {
             lease_timeout: Duration::from_secs(15),
             group_lease: Duration::from_millis(2500),
             standby: false,
+            shared: false,
             max_batch: 1000,
             max_body: 16 << 20,
             max_wait: Duration::from_secs(30),
@@ -163,6 +168,8 @@ pub struct App {
     pub(crate) deliveries: Deliveries,
     /// The configured limits on new input (the dispatcher's may be wider: see [`crate::input`]).
     pub(crate) input_limits: Limits,
+    /// With `--shared`: the slots this coordinator serves (see [`crate::sharing`]).
+    pub(crate) share: Option<Arc<Share>>,
 }
 
 /// What [`App::open`] returns.
@@ -189,11 +196,19 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Runs `step` to the end on its own task, even if the request awaiting it is cancelled.
-/// See the module docs.
+/// Runs `step` to the end on its own task, even if the request awaiting it is cancelled, and
+/// admitted by `app` ([`App::admit`]: with a share of the groups, no slot changes hands while
+/// it runs). See the module docs.
 pub async fn detach<T: Send + 'static>(
+    app: &App,
     step: impl Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
+    let admitted = app.admit().await;
+    let step = async move {
+        let done = step.await;
+        drop(admitted);
+        done
+    };
     tokio::spawn(step).await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "a request step panicked");
         Err(ApiError::internal(
@@ -237,27 +252,7 @@ impl App {
         })
         .await
         .map_err(|e| format!("opening the store panicked: {e}"))??;
-        // Renewal starts now, not after recovery (which may take longer than a lease). Until
-        // the app exists, a halt is kept and stops the app as soon as it does.
-        let target: Arc<Mutex<HaltTarget>> = Default::default();
-        let (alive, halt) = (target.clone(), target.clone());
-        tokio::spawn(ownership::keep(
-            keeper.clone(),
-            move || {
-                alive
-                    .lock()
-                    .0
-                    .as_ref()
-                    .is_none_or(|app| app.strong_count() > 0)
-            },
-            move |reason| {
-                let mut target = halt.lock();
-                match target.0.as_ref().and_then(Weak::upgrade) {
-                    Some(app) => app.poison(reason),
-                    None => target.1 = Some(reason),
-                }
-            },
-        ));
+        let target = keep_leases(keeper.clone());
         let opened = match Self::open_store(store, config, limits).await {
             Ok(opened) => opened,
             Err(e) => {
@@ -265,33 +260,79 @@ impl App {
                 return Err(e);
             }
         };
-        let early = {
-            let mut target = target.lock();
-            target.0 = Some(Arc::downgrade(&opened.app));
-            target.1.take()
-        };
-        if let Some(reason) = early {
-            opened.app.poison(reason);
+        Ok(adopt_halt(opened, &target, keeper))
+    }
+
+    /// Opens the PostgreSQL store at `url` and joins it as one of several coordinators serving
+    /// it at once, reachable at `address` (`serve --shared`; see [`crate::sharing`]): it serves
+    /// the groups of the slots it gains, and hands slots over as coordinators come and go.
+    /// Returns once the first balancing step is done (alone, it then serves every group).
+    pub async fn open_shared(
+        url: &str,
+        address: &str,
+        config: Config,
+        limits: Settings,
+    ) -> Result<Opened, StartError> {
+        limits.validate()?;
+        let (url, at, ttl) = (url.to_string(), address.to_string(), limits.group_lease);
+        let (store, keeper, state) = tokio::task::spawn_blocking(move || {
+            let fence = Arc::new(Fence::default());
+            let store = Arc::new(PgStore::open(&url)?.fenced(fence.clone()));
+            let keeper = Keeper::join(store.clone(), fence, &at, ttl)?;
+            // Tokens, ids and the last start; tasks come with the slots.
+            let state = store.recover_slots(&[]).inspect_err(|_| keeper.stop())?;
+            Ok::<_, StoreError>((store, Arc::new(keeper), state))
+        })
+        .await
+        .map_err(|e| format!("opening the store panicked: {e}"))??;
+        let target = keep_leases(keeper.clone());
+        let share = Arc::new(Share::new(
+            keeper.clone(),
+            store.clone(),
+            address.to_string(),
+        ));
+        let opened =
+            match Self::open_recovered(store, state, config, limits, Some(share.clone())).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    let _ = tokio::task::spawn_blocking(move || keeper.stop()).await;
+                    return Err(e);
+                }
+            };
+        let opened = adopt_halt(opened, &target, keeper);
+        if let Err(e) = opened.app.rebalance(&share).await {
+            tracing::warn!(error = ?e, "the first balancing step failed; retrying");
         }
-        // Once the writer has drained, nothing more is written: give the leases up.
-        let writer = opened.writer;
-        let writer = tokio::spawn(async move {
-            let _ = writer.await;
-            let _ = tokio::task::spawn_blocking(move || keeper.stop()).await;
-        });
-        Ok(Opened { writer, ..opened })
+        tokio::spawn(sharing::balance(
+            Arc::downgrade(&opened.app),
+            share,
+            ttl / 5,
+        ));
+        Ok(opened)
     }
 
     /// Recovers `store`'s state into a dispatcher with `config`, settles the admin token and
     /// starts the writer and the reaper.
     pub async fn open_store(
         store: Arc<dyn Store>,
-        mut config: Config,
+        config: Config,
         limits: Settings,
     ) -> Result<Opened, StartError> {
         limits.validate()?;
+        let state = StoreHandle::new(store.clone()).recover().await?;
+        Self::open_recovered(store, state, config, limits, None).await
+    }
+
+    /// [`App::open_store`] from `state`, read from `store`; with `share`, serving only the
+    /// share's slots (none at first: they come with [`App::gain`]).
+    async fn open_recovered(
+        store: Arc<dyn Store>,
+        state: crate::store::Recovery,
+        mut config: Config,
+        limits: Settings,
+        share: Option<Arc<Share>>,
+    ) -> Result<Opened, StartError> {
         let handle = StoreHandle::new(store.clone());
-        let state = handle.recover().await?;
         // Limits bound new input; what is stored loads whatever they are now.
         let input_limits = config.limits.clone();
         config.limits = input::widened(&input_limits, &state);
@@ -303,11 +344,18 @@ impl App {
         let metrics = Metrics::new();
         let (writer, writer_task) =
             Writer::spawn_observed(store.clone(), 65_536, 4_096, metrics.writer());
-        // This start's number: delivery ids of this start are above every earlier start's.
-        let boot = state.boot + 1;
-        let mut first = recovered.requeued.clone();
-        first.push(Change::Boot { boot });
-        writer.commit(first).await?;
+        let boot = match &share {
+            // Workers register anew with each coordinator: its id (never reused) suffices.
+            Some(share) => share.keeper().id() as u64,
+            None => {
+                // This start's number: delivery ids of this start are above every earlier one's.
+                let boot = state.boot + 1;
+                let mut first = recovered.requeued.clone();
+                first.push(Change::Boot { boot });
+                writer.commit(first).await?;
+                boot
+            }
+        };
         tracing::info!(
             workers = recovered.workers,
             queued = recovered.queued,
@@ -348,6 +396,7 @@ impl App {
             metrics,
             deliveries: Deliveries::new(boot),
             input_limits,
+            share,
         });
         // The reaper holds only a weak reference, so dropping the app still drains the writer.
         tokio::spawn(reap(Arc::downgrade(&app), app.leases.timeout() / 4));
@@ -488,6 +537,51 @@ impl App {
     }
 }
 
+/// Starts renewing `keeper`'s leases now, not after recovery (which may take longer than a
+/// lease). Until the app exists, a halt is kept, and stops the app as soon as it does
+/// ([`adopt_halt`]).
+fn keep_leases(keeper: Arc<Keeper>) -> Arc<Mutex<HaltTarget>> {
+    let target: Arc<Mutex<HaltTarget>> = Default::default();
+    let (alive, halt) = (target.clone(), target.clone());
+    tokio::spawn(ownership::keep(
+        keeper,
+        move || {
+            alive
+                .lock()
+                .0
+                .as_ref()
+                .is_none_or(|app| app.strong_count() > 0)
+        },
+        move |reason| {
+            let mut target = halt.lock();
+            match target.0.as_ref().and_then(Weak::upgrade) {
+                Some(app) => app.poison(reason),
+                None => target.1 = Some(reason),
+            }
+        },
+    ));
+    target
+}
+
+/// Points the lease keeper's halt at the opened app (applying one that came early), and makes
+/// the writer's end give the leases up: once it has drained, nothing more is written.
+fn adopt_halt(opened: Opened, target: &Mutex<HaltTarget>, keeper: Arc<Keeper>) -> Opened {
+    let early = {
+        let mut target = target.lock();
+        target.0 = Some(Arc::downgrade(&opened.app));
+        target.1.take()
+    };
+    if let Some(reason) = early {
+        opened.app.poison(reason);
+    }
+    let writer = opened.writer;
+    let writer = tokio::spawn(async move {
+        let _ = writer.await;
+        let _ = tokio::task::spawn_blocking(move || keeper.stop()).await;
+    });
+    Opened { writer, ..opened }
+}
+
 /// Forgets idempotency keys older than the window, once a minute, until the app is dropped.
 /// (A lookup ignores an expired key anyway; this keeps the table small.)
 async fn forget_keys(app: Weak<App>) {
@@ -535,7 +629,17 @@ async fn settle_admin_token(
         created_ms: now_ms(),
     };
     changes.push(Change::AddToken(record.clone()));
-    writer.commit(changes).await?;
+    match writer.commit(changes).await {
+        Ok(()) => {}
+        // Coordinators sharing a database, started together with the same token: another one
+        // stored it first (its hash is unique), and the token sync brings it here.
+        Err(StoreError::Conflict(e)) if limits.shared && generated.is_none() => {
+            tracing::info!(%e, "admin token set by another coordinator");
+            tokens.retain(|t| t.role != Role::Admin);
+            return Ok((tokens, None));
+        }
+        Err(e) => return Err(e.into()),
+    }
     tokens.retain(|t| t.role != Role::Admin);
     tokens.push(record);
     tracing::info!(

@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::store::{Role, TokenRecord};
-use crate::sync::{Arc, RwLock};
+use crate::sync::{Arc, AtomicU64, Ordering, RwLock};
 
 /// A new random token, as shown to its owner (`sy_` and 64 hex digits).
 pub fn generate() -> String {
@@ -92,20 +92,50 @@ impl Caller {
 #[derive(Debug, Default)]
 pub struct Keyring {
     by_hash: RwLock<HashMap<String, Caller>>,
+    /// Counts the changes made here (under `by_hash`'s write lock), so a sync from the store
+    /// read before one of them is not applied over it. Relaxed: read and bumped under the lock.
+    generation: AtomicU64,
 }
 
 impl Keyring {
     /// Adds (or replaces) the caller behind `hash`.
     pub fn insert(&self, hash: String, caller: Caller) {
-        self.by_hash.write().insert(hash, caller);
+        let mut map = self.by_hash.write();
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        map.insert(hash, caller);
+    }
+
+    /// The count of changes made here so far: pass it to [`Keyring::sync_users`] with tokens
+    /// read after it.
+    pub fn generation(&self) -> u64 {
+        let _map = self.by_hash.read();
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Revokes the user token `id`; returns whether it existed.
     pub fn revoke(&self, id: u64) -> bool {
         let mut map = self.by_hash.write();
+        self.generation.fetch_add(1, Ordering::Relaxed);
         let before = map.len();
         map.retain(|_, c| !matches!(c, Caller::User(t) if t.id == id));
         map.len() != before
+    }
+
+    /// Makes `tokens` the user tokens in force (another coordinator of the same database may
+    /// have added or revoked some); worker tokens are kept. Skipped if a token changed here
+    /// since `generation` (then `tokens`, read after it, may predate that change).
+    pub fn sync_users(&self, tokens: Vec<TokenRecord>, generation: u64) {
+        let mut map = self.by_hash.write();
+        if self.generation.load(Ordering::Relaxed) != generation {
+            return;
+        }
+        let wanted: std::collections::HashSet<u64> = tokens.iter().map(|t| t.id).collect();
+        map.retain(|_, c| !matches!(c, Caller::User(t) if !wanted.contains(&t.id)));
+        for t in tokens {
+            if !matches!(map.get(&t.hash), Some(Caller::User(known)) if known.id == t.id) {
+                map.insert(t.hash.clone(), Caller::User(Arc::new(t)));
+            }
+        }
     }
 
     /// The user tokens, by id.

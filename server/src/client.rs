@@ -3,6 +3,7 @@
 //! dominate anyway). Plain `http://` only: put a TLS-terminating proxy in front of a remote
 //! coordinator.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -24,13 +25,41 @@ pub enum ClientError {
         kind: String,
         /// The body's `message` field.
         message: String,
+        /// For a misdirected request (421): each group of the request and the address of the
+        /// coordinator serving it (`None`: none right now).
+        owners: Option<BTreeMap<String, Option<String>>>,
     },
     /// The server could not be reached, or did not answer in time or in JSON.
     #[error("{0}")]
     Transport(String),
 }
 
+/// Most 421 answers one call follows (ownership may move while it is sent).
+const MAX_REDIRECTS: usize = 3;
+
 impl ClientError {
+    /// For a 421: each group's owner (`None`: none right now).
+    pub fn owners(&self) -> Option<&BTreeMap<String, Option<String>>> {
+        match self {
+            ClientError::Api {
+                status: 421,
+                owners,
+                ..
+            } => owners.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// For a 421 whose groups are all served by one coordinator: its address.
+    fn single_owner(&self) -> Option<String> {
+        let owners = self.owners()?;
+        let distinct: BTreeSet<&Option<String>> = owners.values().collect();
+        match distinct.into_iter().collect::<Vec<_>>()[..] {
+            [Some(owner)] => Some(owner.clone()),
+            _ => None,
+        }
+    }
+
     /// The HTTP status, if the server answered.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -73,8 +102,41 @@ impl Client {
         })
     }
 
-    /// Sends one request; returns the JSON body of a 2xx answer.
+    /// This client's coordinator address (`host:port`).
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// The same client, sent to the coordinator at `server` instead.
+    pub fn at(&self, server: &str) -> Result<Self, ClientError> {
+        Ok(Self {
+            timeout: self.timeout,
+            ..Self::new(server, self.token.clone())?
+        })
+    }
+
+    /// Sends one request; returns the JSON body of a 2xx answer. A request misdirected to a
+    /// coordinator that does not serve its groups (421) is sent again to the one that does,
+    /// when a single one serves them all (nothing was done by the first); otherwise the 421
+    /// is returned, with `owners`, for the caller to split the request.
     pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let mut answered = self.call_here(method.clone(), path, body).await;
+        for _ in 0..MAX_REDIRECTS {
+            let Some(owner) = answered.as_ref().err().and_then(ClientError::single_owner) else {
+                break;
+            };
+            answered = self.at(&owner)?.call_here(method.clone(), path, body).await;
+        }
+        answered
+    }
+
+    /// [`Client::call`] without following a 421.
+    pub async fn call_here(
         &self,
         method: Method,
         path: &str,
@@ -97,6 +159,7 @@ impl Client {
             status,
             kind: field("error"),
             message: field("message"),
+            owners: serde_json::from_value(json["owners"].clone()).ok(),
         })
     }
 

@@ -254,13 +254,18 @@ pub async fn reconcile(
         );
         app.metrics.not_held.increment(lost.len() as u64);
         let a = app.clone();
-        detach(async move { give_back(&a, worker, &lost, Requeued::NotHeld).await }).await?;
+        detach(app, async move {
+            give_back(&a, worker, &lost, Requeued::NotHeld).await
+        })
+        .await?;
     }
     Ok(revoked)
 }
 
 /// Claims up to `max` of `worker`'s tasks and records the assignments (see the module docs).
 pub async fn deliver(app: Arc<App>, worker: u64, max: usize) -> Result<Delivered, ApiError> {
+    // Admitted from the claim until the assignments are recorded (see `crate::sharing`).
+    let admitted = app.admit().await;
     let (got, delivery) = app.deliveries.claim(&app, worker, max)?;
     app.leases.renew(worker);
     if got.is_empty() {
@@ -281,6 +286,7 @@ pub async fn deliver(app: Arc<App>, worker: u64, max: usize) -> Result<Delivered
             );
             let _ = give_back(&app, worker, &tasks, Requeued::NotHeld).await;
         }
+        drop(admitted);
     });
     delivered.await.unwrap_or_else(|_| {
         Err(ApiError::internal(
@@ -586,7 +592,7 @@ pub async fn reports(
     reports: Vec<Report>,
 ) -> Result<Vec<Result<Taken, ApiError>>, ApiError> {
     let a = app.clone();
-    detach(async move {
+    detach(app, async move {
         let mut changes = Vec::with_capacity(reports.len());
         let mut decided = Vec::with_capacity(reports.len());
         for r in reports {

@@ -70,6 +70,9 @@ pub enum ErrorKind {
     TaskEnded,
     /// Only a queued task can change; this one is running (409, with its `state`).
     NotQueued,
+    /// Another coordinator serves (some of) the request's groups (421, with `owners`): send it
+    /// there (split by owner, if they differ). An owner `null` has none right now: retry soon.
+    Misdirected,
 }
 
 /// An API error: a status and a message.
@@ -80,7 +83,12 @@ pub struct ApiError {
     message: String,
     /// The task's state, when the refusal is about a task in the wrong state.
     state: Option<TaskState>,
+    /// Where each group is served, for a misdirected request.
+    owners: Option<Owners>,
 }
+
+/// Each group's coordinator address (`None`: none serves it right now).
+pub type Owners = std::collections::BTreeMap<String, Option<String>>;
 
 impl ApiError {
     /// A 400 with `message`.
@@ -203,7 +211,31 @@ impl ApiError {
             kind,
             message: message.into(),
             state: None,
+            owners: None,
         }
+    }
+
+    /// What happened, for people.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// A 421: these groups are served elsewhere (`owners`, every group of the request).
+    pub fn misdirected(owners: Owners) -> Self {
+        let elsewhere: Vec<String> = owners
+            .iter()
+            .map(|(g, o)| format!("{g:?} at {}", o.as_deref().unwrap_or("no coordinator yet")))
+            .collect();
+        let mut e = Self::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            ErrorKind::Misdirected,
+            format!(
+                "this coordinator does not serve every group of the request: {}",
+                elsewhere.join(", ")
+            ),
+        );
+        e.owners = Some(owners);
+        e
     }
 }
 
@@ -218,6 +250,10 @@ pub struct ErrorBody {
     /// cancel of a finished task, or a report of a cancelled one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<TaskState>,
+    /// For a misdirected request (421): each group of the request and the address of the
+    /// coordinator serving it (`null`: none right now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owners: Option<Owners>,
 }
 
 impl IntoResponse for ApiError {
@@ -226,6 +262,7 @@ impl IntoResponse for ApiError {
             error: self.kind,
             message: self.message,
             state: self.state,
+            owners: self.owners,
         };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {

@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod operations;
 pub mod ownership;
 pub mod recovery;
+pub mod sharing;
 pub mod store;
 pub mod sync;
 pub mod wakeups;

@@ -164,6 +164,7 @@ pub async fn serve(
 /// discard the answer.
 async fn refuse(mut stream: TcpStream) {
     let body = serde_json::to_string(&ErrorBody {
+        owners: None,
         error: ErrorKind::TooManyConnections,
         message: "the coordinator is at its connection limit (--max-connections); retry shortly"
             .into(),

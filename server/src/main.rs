@@ -195,8 +195,17 @@ struct ServeArgs {
     /// On PostgreSQL: if another coordinator serves the database, wait until its group leases
     /// lapse (it stops or dies) and then serve, instead of refusing to start; it also retries
     /// until the database answers.
-    #[arg(long, env = "SWITCHYARD_STANDBY")]
+    #[arg(long, env = "SWITCHYARD_STANDBY", conflicts_with = "shared")]
     standby: bool,
+    /// On PostgreSQL: serve a share of the groups alongside the database's other coordinators
+    /// (each started with --shared); requests for another coordinator's groups are answered
+    /// 421 with its address, and a dead coordinator's groups are taken over within the lease.
+    #[arg(long, env = "SWITCHYARD_SHARED", requires = "database_url")]
+    shared: bool,
+    /// The address other coordinators' clients are sent to for this one's groups (with
+    /// --shared; default: the address it listens on).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
     /// Seconds of silence after which a worker is declared dead and its tasks redistributed.
     #[arg(long, env = "SWITCHYARD_LEASE_TIMEOUT", default_value_t = 15.0)]
     lease_timeout: f64,
@@ -370,7 +379,6 @@ async fn run(command: Command) -> Result<(), Error> {
                 return Err("--wait must be a number of seconds, 0 or more".into());
             }
             let options = WorkOptions {
-                server: args.conn.server.clone(),
                 groups: args.groups,
                 tags: args.tags,
                 command: args.command,
@@ -378,7 +386,13 @@ async fn run(command: Command) -> Result<(), Error> {
                 wait: Duration::from_secs_f64(args.wait),
                 tasks: args.tasks,
             };
-            let summary = work(&args.conn.client()?, &options, stop_signal()).await?;
+            let registrars = args
+                .conn
+                .server
+                .split(',')
+                .map(|server| Client::new(server.trim(), args.conn.token.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let summary = work(&registrars, &options, stop_signal()).await?;
             eprintln!(
                 "switchyard work: {} finished, {} failed, {} reports refused, {} revoked",
                 summary.finished, summary.failed, summary.refused, summary.revoked
@@ -456,6 +470,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         lease_timeout: seconds(args.lease_timeout, "--lease-timeout", false)?,
         group_lease: seconds(args.group_lease, "--group-lease", false)?,
         standby: args.standby,
+        shared: args.shared,
         max_batch: args.max_batch,
         max_body: args.max_body,
         max_wait: seconds(args.max_wait, "--max-wait", true)?,
@@ -470,10 +485,11 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         .await
         .map_err(|e| format!("binding {}: {e}", args.bind))?;
     // Other coordinators and clients reach this one at the address it listens on.
-    let address = listener
+    let bound = listener
         .local_addr()
         .map_err(|e| format!("binding {}: {e}", args.bind))?
         .to_string();
+    let address = args.advertise.clone().unwrap_or_else(|| bound.clone());
     let stop = stop_requests();
     let mut restarts = 0u64;
     loop {
@@ -483,7 +499,16 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
             new_admin_token,
         } = match &args.database_url {
             Some(url) => loop {
-                let opening = App::open_postgres(url, &address, config.clone(), limits.clone());
+                let opening = async {
+                    match limits.shared {
+                        true => {
+                            App::open_shared(url, &address, config.clone(), limits.clone()).await
+                        }
+                        false => {
+                            App::open_postgres(url, &address, config.clone(), limits.clone()).await
+                        }
+                    }
+                };
                 let opened = tokio::select! {
                     opened = opening => opened,
                     () = stop_requested(stop.clone()) => {
@@ -540,15 +565,15 @@ async fn serve_command(args: ServeArgs) -> Result<(), Error> {
         // for its groups' leases.
         restarts += 1;
         tracing::error!(%reason, restarts, "stopped serving; recovering from the database");
-        limits.standby = true;
+        limits.standby = !limits.shared;
         listener = loop {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 () = stop_requested(stop.clone()) => return Ok(()),
             }
-            match tokio::net::TcpListener::bind(&address).await {
+            match tokio::net::TcpListener::bind(&bound).await {
                 Ok(listener) => break listener,
-                Err(e) => tracing::warn!(error = %e, %address, "binding again failed; retrying"),
+                Err(e) => tracing::warn!(error = %e, %bound, "binding again failed; retrying"),
             }
         };
     }

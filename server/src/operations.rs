@@ -19,7 +19,7 @@ use switchyard::{TaskId, TaskSpec, TaskStatus, WorkerId};
 use crate::app::{detach, now_ms, App};
 use crate::auth::{self, Caller};
 use crate::error::ApiError;
-use crate::store::{Change, KeyRecord, Requeued, Role, TaskRecord, TokenRecord, WorkerRecord};
+use crate::store::{Change, KeyRecord, Role, TaskRecord, TokenRecord, WorkerRecord};
 use crate::sync::Arc;
 
 /// A submission's idempotency key and the fingerprint of its content.
@@ -38,7 +38,7 @@ impl App {
         decide: impl FnOnce(&App) -> Result<(T, Vec<Change>), ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let app = self.clone();
-        detach(async move {
+        detach(self, async move {
             let (decision, changes) = decide(&app)?;
             app.commit_decided(changes).await?;
             Ok(decision)
@@ -47,14 +47,17 @@ impl App {
     }
 
     /// Commits `changes`, then runs `publish` (hands what they created to the dispatcher or
-    /// the keyring): recorded, then published. See the module docs.
+    /// the keyring): recorded, then published. See the module docs. With a share of the groups
+    /// (`--shared`), every one of `groups` must be served here, or nothing is done (421).
     pub(crate) async fn recorded_first<T: Send + 'static>(
         self: &Arc<Self>,
+        groups: Vec<String>,
         changes: Vec<Change>,
         publish: impl FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let app = self.clone();
-        detach(async move {
+        detach(self, async move {
+            app.check_served(&groups)?;
             app.writer.commit(changes).await?;
             publish(&app)
         })
@@ -72,6 +75,10 @@ impl App {
         tasks: Vec<(TaskSpec, TaskRecord)>,
     ) -> Result<Option<Vec<u64>>, ApiError> {
         let ids: Vec<u64> = tasks.iter().map(|(s, _)| s.id.0).collect();
+        let groups = match self.share {
+            Some(_) => tasks.iter().map(|(_, r)| r.group.clone()).collect(),
+            None => Vec::new(),
+        };
         let (specs, mut changes): (Vec<_>, Vec<_>) = tasks
             .into_iter()
             .map(|(spec, record)| (spec, Change::Submit(record)))
@@ -90,7 +97,9 @@ impl App {
             });
         }
         let committed = self
-            .recorded_first(changes, move |app| Ok(app.dispatcher.submit_many(specs)?))
+            .recorded_first(groups, changes, move |app| {
+                Ok(app.dispatcher.submit_many(specs)?)
+            })
             .await;
         match (committed, keyed) {
             // Another request with the same key committed first: answer with its ids.
@@ -105,11 +114,24 @@ impl App {
 
     /// Cancels a task wherever it is (a running one is revoked from its worker).
     pub async fn cancel(self: &Arc<Self>, task: u64) -> Result<switchyard::Cancelled, ApiError> {
-        self.decided(move |app| {
-            let outcome = app.dispatcher.cancel(TaskId(task))?;
-            Ok((outcome, vec![Change::Cancel { task }]))
-        })
-        .await
+        let cancelled = self
+            .decided(move |app| {
+                let outcome = app.dispatcher.cancel(TaskId(task))?;
+                Ok((outcome, vec![Change::Cancel { task }]))
+            })
+            .await;
+        self.or_elsewhere(task, cancelled).await
+    }
+
+    /// `result`, or, if it says the task is unknown here, the 421 naming its owner when
+    /// another coordinator serves it (see [`App::elsewhere`]).
+    async fn or_elsewhere<T>(&self, task: u64, result: Result<T, ApiError>) -> Result<T, ApiError> {
+        match result {
+            Err(e) if e.kind() == crate::error::ErrorKind::UnknownTask => {
+                Err(self.elsewhere(task, e).await)
+            }
+            other => other,
+        }
     }
 
     /// Changes a queued task's priority and/or tags; it is placed afresh.
@@ -119,18 +141,20 @@ impl App {
         priority: Option<i32>,
         tags: Option<Vec<String>>,
     ) -> Result<TaskStatus, ApiError> {
-        self.decided(move |app| {
-            let placement = app
-                .dispatcher
-                .update(TaskId(task), priority, tags.as_deref())?;
-            let change = Change::Update {
-                task,
-                priority,
-                tags,
-            };
-            Ok((placement, vec![change]))
-        })
-        .await
+        let updated = self
+            .decided(move |app| {
+                let placement = app
+                    .dispatcher
+                    .update(TaskId(task), priority, tags.as_deref())?;
+                let change = Change::Update {
+                    task,
+                    priority,
+                    tags,
+                };
+                Ok((placement, vec![change]))
+            })
+            .await;
+        self.or_elsewhere(task, updated).await
     }
 
     /// Registers a worker serving `groups` with `tags` (validated); returns its id and token.
@@ -148,12 +172,17 @@ impl App {
             tags: tags.clone(),
             token_hash: token_hash.clone(),
         };
-        self.recorded_first(vec![Change::AddWorker(record)], move |app| {
-            app.keyring.insert(token_hash, Caller::Worker(id));
-            app.dispatcher.register(WorkerId(id), &groups, &tags)?;
-            app.leases.renew(id);
-            Ok(())
-        })
+        self.check_served(&groups)?;
+        self.recorded_first(
+            groups.clone(),
+            vec![Change::AddWorker(record)],
+            move |app| {
+                app.keyring.insert(token_hash, Caller::Worker(id));
+                app.dispatcher.register(WorkerId(id), &groups, &tags)?;
+                app.leases.renew(id);
+                Ok(())
+            },
+        )
         .await?;
         Ok((id, token))
     }
@@ -162,20 +191,7 @@ impl App {
     /// its tasks, and records that durably. Returns how many running tasks were requeued.
     pub async fn remove_worker(self: &Arc<Self>, worker: u64) -> Result<usize, ApiError> {
         self.decided(move |app| {
-            app.leases.forget(worker);
-            let departure = app.dispatcher.unregister(WorkerId(worker))?;
-            app.deliveries.forget(worker);
-            let mut changes = vec![Change::RemoveWorker { worker }];
-            for r in &departure.tasks {
-                if let switchyard::Was::Running(attempt) = r.was {
-                    changes.push(Change::Requeue {
-                        task: r.task.0,
-                        attempt,
-                        worker,
-                        why: Requeued::WorkerGone,
-                    });
-                }
-            }
+            let changes = app.unregister(worker)?;
             Ok((changes.len() - 1, changes))
         })
         .await
@@ -195,11 +211,15 @@ impl App {
             created_ms: now_ms(),
         });
         let published = record.clone();
-        self.recorded_first(vec![Change::AddToken((*record).clone())], move |app| {
-            app.keyring
-                .insert(published.hash.clone(), Caller::User(published));
-            Ok(())
-        })
+        self.recorded_first(
+            Vec::new(),
+            vec![Change::AddToken((*record).clone())],
+            move |app| {
+                app.keyring
+                    .insert(published.hash.clone(), Caller::User(published));
+                Ok(())
+            },
+        )
         .await?;
         Ok((record, token))
     }
@@ -215,7 +235,7 @@ impl App {
             }
             Some(_) => {}
         }
-        self.recorded_first(vec![Change::RevokeToken { id }], move |app| {
+        self.recorded_first(Vec::new(), vec![Change::RevokeToken { id }], move |app| {
             app.keyring.revoke(id);
             Ok(())
         })

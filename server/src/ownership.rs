@@ -10,19 +10,19 @@
 //!   unreachable, or the process was paused): it stops before the database could give the
 //!   leases to anyone else. The database's fence refuses its writes after that anyway.
 //!
-//! For several coordinators serving at once, [`Keeper::join`] and [`Keeper::tick`] share the
-//! slots by the rule [`plan`] (tested at the store with three keepers: a newcomer gets a fair
-//! share, a dead one's slots are taken over); the coordinator does not use them yet.
+//! Several coordinators serving at once (`serve --shared`, see [`crate::sharing`]) join with
+//! [`Keeper::join`] and share the slots by the rule [`plan`], one [`Keeper::balance`] step at a
+//! time: a newcomer gets a fair share, a dead one's slots are taken over.
 //!
-//! Today a coordinator takes every slot: one coordinator serves a database at a time. A second
-//! one waits for the leases (a restart after a crash waits for the old ones to expire) and
+//! Without `--shared`, a coordinator takes every slot: one coordinator serves a database at a
+//! time. A second one waits for the leases (a restart after a crash waits for the old ones to expire) and
 //! refuses to start if they stay held — or, started with `--standby`, waits for as long as it
 //! takes and serves once they lapse: failover by lease. On a clean stop a coordinator gives its
 //! leases up at once, so a standby takes over without waiting for them to expire.
 
 use std::time::{Duration, Instant};
 
-use crate::store::leases::{Fence, Lease, SLOTS};
+use crate::store::leases::{Fence, Lease, SlotOwner, SLOTS};
 use crate::store::{PgStore, StoreError};
 use crate::sync::{Arc, Mutex};
 
@@ -33,6 +33,9 @@ pub struct Keeper {
     me: i64,
     ttl: Duration,
     held: Mutex<Vec<Lease>>,
+    /// Held across every statement that changes what is held (renewal, acquisition, release),
+    /// so a renewal never counts a slot released meanwhile as lost.
+    changing: Mutex<()>,
     /// When the statement of the last successful renewal (or acquisition) was sent: the
     /// leases may be used until `Lease::valid_for` of it.
     renewed_at: Mutex<Instant>,
@@ -111,6 +114,7 @@ impl Keeper {
             me,
             ttl,
             held: Mutex::new(Vec::new()),
+            changing: Mutex::new(()),
             renewed_at: Mutex::new(Instant::now()),
         })
     }
@@ -125,12 +129,18 @@ impl Keeper {
         self.held.lock().clone()
     }
 
-    /// One balancing step among several coordinators: renews, then follows [`plan`] with what
-    /// the database says now. Slots acquired are held (and fenced by) at once; slots to give
-    /// up are only named: the caller stops serving them, lets their writes drain, then calls
-    /// [`Keeper::release`]. Blocking.
+    /// One balancing step among several coordinators: renews, then [`Keeper::balance`].
+    /// Blocking.
     pub fn tick(&self) -> Result<Step, StoreError> {
         self.renew()?;
+        self.balance().map(|(step, _)| step)
+    }
+
+    /// Follows [`plan`] with what the database says now. Slots acquired are held (and fenced
+    /// by) at once; slots to give up are only named: the caller stops serving them, lets their
+    /// writes drain, then calls [`Keeper::release`]. Also returns each slot's live owner, as
+    /// read. Blocking.
+    pub fn balance(&self) -> Result<(Step, Vec<SlotOwner>), StoreError> {
         let owners = self.store.owners()?;
         let live = self.store.live_coordinators()?;
         let mut counts = std::collections::HashMap::<i64, usize>::new();
@@ -148,25 +158,32 @@ impl Keeper {
         } else {
             counts.values().copied().min().unwrap_or(0)
         };
-        Ok(match plan(holds, free, live, least) {
+        let step = match plan(holds, free, live, least) {
             Plan::Acquire(n) => {
+                let _changing = self.changing.lock();
                 let got = self.store.acquire(self.me, n, self.ttl)?;
                 for l in &got {
                     self.fence.set(l.slot, l.epoch);
                 }
                 self.held.lock().extend(got.iter().copied());
-                Step::Gained(got)
+                if got.is_empty() {
+                    Step::Hold
+                } else {
+                    Step::Gained(got)
+                }
             }
             Plan::Release(n) => {
                 let held = self.held.lock();
                 Step::Release(held.iter().rev().take(n).copied().collect())
             }
             Plan::Hold => Step::Hold,
-        })
+        };
+        Ok((step, owners))
     }
 
     /// Gives up `leases` (named by [`Step::Release`], no longer served). Blocking.
     pub fn release(&self, leases: &[Lease]) -> Result<(), StoreError> {
+        let _changing = self.changing.lock();
         for l in leases {
             self.fence.set(l.slot, 0);
         }
@@ -186,6 +203,7 @@ impl Keeper {
 
     /// Renews the leases held; an error if any was lost (and then none is kept). Blocking.
     pub fn renew(&self) -> Result<(), StoreError> {
+        let _changing = self.changing.lock();
         let sent = Instant::now();
         let held = self.held.lock().clone();
         let lost = |why: String| {
@@ -221,6 +239,7 @@ impl Keeper {
     /// Gives up every lease and leaves (a clean stop: another coordinator may take the groups
     /// at once). Blocking; failures are logged, since the leases expire anyway.
     pub fn stop(&self) {
+        let _changing = self.changing.lock();
         let held = std::mem::take(&mut *self.held.lock());
         for l in &held {
             self.fence.set(l.slot, 0);

@@ -33,7 +33,10 @@ use hyper::Method;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
+use tokio::sync::watch;
+
 use crate::client::{Client, ClientError};
+use crate::sync::Mutex;
 
 /// Most bytes of a command's output kept as a task's result or failure message.
 const MAX_OUTPUT: usize = 64 * 1024;
@@ -44,8 +47,6 @@ const MAX_ENV_PAYLOAD: usize = 64 * 1024;
 /// What to run, and for whom.
 #[derive(Debug, Clone)]
 pub struct WorkOptions {
-    /// The coordinator's address.
-    pub server: String,
     /// Groups served.
     pub groups: Vec<String>,
     /// Tags held.
@@ -89,6 +90,9 @@ struct Registration {
     lease: Duration,
     /// The highest delivery id received: confirmed in every `holding`.
     delivery: u64,
+    /// How long a report is retried: [`RETRY_FOR`] with one coordinator; with several to
+    /// register through, [`MOVE_AFTER`] (the task runs again elsewhere if this one is gone).
+    patience: Duration,
 }
 
 impl Registration {
@@ -102,20 +106,99 @@ impl Registration {
     }
 }
 
-async fn register(registrar: &Client, opts: &WorkOptions) -> Result<Registration, ClientError> {
-    let body = json!({"groups": opts.groups, "tags": opts.tags});
-    let r = retrying(registrar, "/v1/workers", &body).await?;
-    let (Some(id), Some(token)) = (r["id"].as_u64(), r["token"].as_str()) else {
-        return Err(ClientError::Transport(format!("unexpected answer: {r}")));
-    };
-    let lease = Duration::from_millis(r["lease_ms"].as_u64().unwrap_or(15_000));
-    eprintln!("switchyard work: registered as worker {id}");
-    Ok(Registration {
-        id,
-        client: Client::new(&opts.server, Some(token.to_string()))?,
-        lease,
-        delivery: 0,
-    })
+/// Where a registration ended.
+enum Registered {
+    /// Registered, at the coordinator `Registration::client` names.
+    At(Registration),
+    /// The groups are served by several coordinators (`--shared`): one registration per
+    /// owner, each for its groups.
+    Split(Vec<Vec<String>>),
+    /// Shut down while registering.
+    Stopped,
+}
+
+/// Registers for `groups` through the first of `registrars` that answers, following a 421 to
+/// the coordinator that serves the groups, retrying transient failures (and groups no
+/// coordinator serves right now) for up to [`RETRY_FOR`].
+async fn register(
+    registrars: &[Client],
+    opts: &WorkOptions,
+    groups: &[String],
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Registered, ClientError> {
+    let body = json!({"groups": groups, "tags": opts.tags});
+    let started = Instant::now();
+    let mut n = 0;
+    loop {
+        let mut last = None;
+        'registrars: for registrar in registrars {
+            let mut at = registrar.clone();
+            for _ in 0..4 {
+                match at.call_here(Method::POST, "/v1/workers", Some(&body)).await {
+                    Ok(r) => {
+                        let (Some(id), Some(token)) = (r["id"].as_u64(), r["token"].as_str())
+                        else {
+                            return Err(ClientError::Transport(format!("unexpected answer: {r}")));
+                        };
+                        let lease = Duration::from_millis(r["lease_ms"].as_u64().unwrap_or(15_000));
+                        eprintln!(
+                            "switchyard work: registered as worker {id} at {} for {groups:?}",
+                            at.authority()
+                        );
+                        return Ok(Registered::At(Registration {
+                            id,
+                            client: Client::new(at.authority(), Some(token.to_string()))?,
+                            lease,
+                            delivery: 0,
+                            patience: if registrars.len() > 1 {
+                                MOVE_AFTER
+                            } else {
+                                RETRY_FOR
+                            },
+                        }));
+                    }
+                    Err(e) if e.owners().is_some() => {
+                        let owners = e.owners().expect("checked").clone();
+                        let mut by_owner = std::collections::BTreeMap::<String, Vec<String>>::new();
+                        for (group, owner) in &owners {
+                            match owner {
+                                Some(o) => {
+                                    by_owner.entry(o.clone()).or_default().push(group.clone())
+                                }
+                                // Changing hands: retry in a moment.
+                                None => {
+                                    last = Some(e);
+                                    break 'registrars;
+                                }
+                            }
+                        }
+                        if by_owner.len() > 1 {
+                            return Ok(Registered::Split(by_owner.into_values().collect()));
+                        }
+                        let owner = by_owner.into_keys().next().unwrap_or_default();
+                        at = at.at(&owner)?;
+                        last = Some(e);
+                    }
+                    Err(e) if transient(&e) => {
+                        last = Some(e);
+                        continue 'registrars;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let e = last
+            .unwrap_or_else(|| ClientError::Transport("no coordinator to register with".into()));
+        if started.elapsed() >= RETRY_FOR {
+            return Err(e);
+        }
+        n += 1;
+        eprintln!("switchyard work: registering failed ({e}); retrying");
+        tokio::select! {
+            () = tokio::time::sleep(backoff(n)) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(Registered::Stopped),
+        }
+    }
 }
 
 /// Whether `task` is named in a `revoked` list.
@@ -125,23 +208,96 @@ fn is_revoked(revoked: &[Value], task: &Value) -> bool {
         .any(|r| r["id"] == task["id"] && r["attempt"] == task["attempt"])
 }
 
-/// Runs the worker until `shutdown` resolves or `opts.tasks` tasks are done.
+/// Runs the worker until `shutdown` resolves or `opts.tasks` tasks are done. It registers
+/// through the first of `registrars` that answers; with coordinators sharing a database
+/// (`serve --shared`) it keeps one registration per coordinator serving its groups, and
+/// registers again (through any of `registrars`) when one of them stops answering.
 pub async fn work(
-    registrar: &Client,
+    registrars: &[Client],
     opts: &WorkOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<WorkSummary, ClientError> {
-    let mut me = register(registrar, opts).await?;
-    let mut summary = WorkSummary::default();
+    let (stop, stopped) = watch::channel(false);
+    let summary = Mutex::new(WorkSummary::default());
+    let result = {
+        let serving = serve(registrars, opts, opts.groups.clone(), &summary, stopped);
+        tokio::pin!(serving, shutdown);
+        tokio::select! {
+            r = &mut serving => r,
+            () = &mut shutdown => {
+                let _ = stop.send(true);
+                serving.await
+            }
+        }
+    };
+    result.map(|()| summary.into_inner())
+}
+
+/// Serves `groups`: one registration, or one per owner if they are served by several.
+fn serve<'a>(
+    registrars: &'a [Client],
+    opts: &'a WorkOptions,
+    groups: Vec<String>,
+    summary: &'a Mutex<WorkSummary>,
+    mut stop: watch::Receiver<bool>,
+) -> Pin<Box<dyn Future<Output = Result<(), ClientError>> + Send + 'a>> {
+    Box::pin(async move {
+        match register(registrars, opts, &groups, &mut stop).await? {
+            Registered::Stopped => Ok(()),
+            Registered::Split(parts) => {
+                let parts = parts
+                    .into_iter()
+                    .map(|part| serve(registrars, opts, part, summary, stop.clone()));
+                futures_util::future::try_join_all(parts).await.map(drop)
+            }
+            Registered::At(me) => {
+                match work_at(registrars, opts, me, summary, stop.clone()).await? {
+                    Next::Done => Ok(()),
+                    Next::Register => serve(registrars, opts, groups, summary, stop).await,
+                }
+            }
+        }
+    })
+}
+
+/// What a registration's loop asks for when it ends.
+enum Next {
+    /// Stopped, or done.
+    Done,
+    /// Register again: declared dead, unknown to the coordinator, or the coordinator is
+    /// gone and others may serve its groups.
+    Register,
+}
+
+/// With several coordinators to register through: how long a report to an unreachable one is
+/// retried before the worker registers again elsewhere (its task is queued again there).
+const MOVE_AFTER: Duration = Duration::from_secs(5);
+
+/// Consecutive failed fetches after which a worker with several coordinators to register
+/// through gives its registration up and registers again.
+const FAILURES_BEFORE_MOVING: u32 = 3;
+
+/// The fetch loop of one registration.
+async fn work_at(
+    registrars: &[Client],
+    opts: &WorkOptions,
+    mut me: Registration,
+    summary: &Mutex<WorkSummary>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Next, ClientError> {
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
     tokio::pin!(shutdown);
     // `shutdown` must not be polled again once it has fired.
     let mut stopping = false;
     let mut failures = 0u32;
     let mut failed = None;
-    let done = |s: &WorkSummary| opts.tasks.is_some_and(|n| s.handled() >= n);
+    let done = || opts.tasks.is_some_and(|n| summary.lock().handled() >= n);
+    let count = |f: &dyn Fn(&mut WorkSummary)| f(&mut summary.lock());
     let result = loop {
-        if stopping || done(&summary) {
-            break Ok(());
+        if stopping || done() {
+            break Ok(Next::Done);
         }
         let path = format!("/v1/workers/{}/fetch", me.id);
         // Nothing is in hand between fetches: the statement confirms the last delivery.
@@ -151,7 +307,7 @@ pub async fn work(
             "holding": me.holding([]),
         });
         let fetched = tokio::select! {
-            _ = &mut shutdown => break Ok(()),
+            _ = &mut shutdown => break Ok(Next::Done),
             f = me.client.call(Method::POST, &path, Some(&body)) => f,
         };
         let mut in_hand: VecDeque<Value> = match fetched {
@@ -162,25 +318,31 @@ pub async fn work(
                 }
                 v["tasks"].as_array().cloned().unwrap_or_default().into()
             }
-            Err(e) if e.status() == Some(410) => {
-                eprintln!("switchyard work: declared dead by the coordinator; registering again");
-                me = register(registrar, opts).await?;
-                continue;
+            // Declared dead, or its groups moved to another coordinator (410); or unknown to a
+            // coordinator that started afresh (401): register again.
+            Err(e) if matches!(e.status(), Some(410 | 401)) => {
+                eprintln!("switchyard work: {e}; registering again");
+                return Ok(Next::Register);
             }
             Err(e) if transient(&e) => {
-                // The coordinator restarting, or overloaded: keep the registration, wait, retry.
                 failures += 1;
+                if failures >= FAILURES_BEFORE_MOVING && registrars.len() > 1 {
+                    // Another coordinator may serve these groups now.
+                    eprintln!("switchyard work: fetch failed ({e}); registering again");
+                    return Ok(Next::Register);
+                }
+                // The coordinator restarting, or overloaded: keep the registration, wait, retry.
                 let pause = backoff(failures);
                 eprintln!("switchyard work: fetch failed ({e}); retrying in {pause:?}");
                 tokio::select! {
-                    _ = &mut shutdown => break Ok(()),
+                    _ = &mut shutdown => break Ok(Next::Done),
                     () = tokio::time::sleep(pause) => continue,
                 }
             }
             Err(e) => break Err(e),
         };
         while let Some(task) = in_hand.pop_front() {
-            if stopping || done(&summary) {
+            if stopping || done() {
                 // Stopping, or done: what this fetch brought beyond that goes back.
                 give_back(&me, &task).await;
                 continue;
@@ -194,7 +356,7 @@ pub async fn work(
                          reassigned): stopped its command",
                         task["id"], task["attempt"]
                     );
-                    summary.revoked += 1;
+                    count(&|s| s.revoked += 1);
                     continue;
                 }
                 Ran::Stopped => {
@@ -204,8 +366,14 @@ pub async fn work(
                 }
             };
             match report(&me, &task, outcome).await {
-                Ok(true) => summary.finished += 1,
-                Ok(false) => summary.failed += 1,
+                Ok(true) => count(&|s| s.finished += 1),
+                Ok(false) => count(&|s| s.failed += 1),
+                // Unreachable with other coordinators to go to: register again there (this
+                // task runs again, as a new attempt, wherever its group is served now).
+                Err(e) if transient(&e) && registrars.len() > 1 => {
+                    eprintln!("switchyard work: report failed ({e}); registering again");
+                    return Ok(Next::Register);
+                }
                 // Unreachable for a minute: stop. The coordinator redistributes this worker's
                 // tasks when its lease expires, so the task runs again rather than being lost.
                 Err(e) if transient(&e) => {
@@ -215,7 +383,7 @@ pub async fn work(
                 // Cancelled or reassigned meanwhile: the coordinator keeps nothing of this run.
                 Err(e) => {
                     eprintln!("switchyard work: report refused: {e}");
-                    summary.refused += 1;
+                    count(&|s| s.refused += 1);
                 }
             }
         }
@@ -231,7 +399,7 @@ pub async fn work(
     {
         eprintln!("switchyard work: leaving failed: {e}");
     }
-    result.map(|()| summary)
+    result
 }
 
 /// Whether a failed request is worth retrying: the coordinator unreachable or restarting, a
@@ -251,15 +419,20 @@ fn backoff(n: u32) -> Duration {
 /// How long a request that fails transiently is retried (a coordinator restart takes seconds).
 const RETRY_FOR: Duration = Duration::from_secs(60);
 
-/// Sends `body` to `path`, retrying transient failures with backoff for up to [`RETRY_FOR`]:
-/// a result is worth keeping across a coordinator restart. Reports are idempotent, so a retry
-/// of one whose answer was lost is answered as already recorded.
-async fn retrying(client: &Client, path: &str, body: &Value) -> Result<Value, ClientError> {
+/// Sends `body` to `path`, retrying transient failures with backoff for up to `patience`: a
+/// result is worth keeping across a coordinator restart. Reports are idempotent, so a retry of
+/// one whose answer was lost is answered as already recorded.
+async fn retrying(
+    client: &Client,
+    path: &str,
+    body: &Value,
+    patience: Duration,
+) -> Result<Value, ClientError> {
     let started = Instant::now();
     let mut n = 0;
     loop {
         match client.call(Method::POST, path, Some(body)).await {
-            Err(e) if transient(&e) && started.elapsed() < RETRY_FOR => {
+            Err(e) if transient(&e) && started.elapsed() < patience => {
                 n += 1;
                 eprintln!("switchyard work: {path} failed ({e}); retrying");
                 tokio::time::sleep(backoff(n)).await;
@@ -422,14 +595,14 @@ async fn report(me: &Registration, task: &Value, outcome: Outcome) -> Result<boo
             false,
         ),
     };
-    retrying(&me.client, &path, &body).await?;
+    retrying(&me.client, &path, &body, me.patience).await?;
     Ok(finished)
 }
 
 async fn give_back(me: &Registration, task: &Value) {
     let path = format!("/v1/workers/{}/tasks/{}/report", me.id, task["id"]);
     let body = json!({"attempt": task["attempt"], "outcome": "given_back"});
-    if let Err(e) = retrying(&me.client, &path, &body).await {
+    if let Err(e) = retrying(&me.client, &path, &body, me.patience).await {
         eprintln!(
             "switchyard work: giving back task {} failed: {e}",
             task["id"]

@@ -20,12 +20,17 @@
 //!
 //! # The fence
 //! A store with a [`Fence`] checks, inside every write transaction and before any write, that
-//! it still holds each slot the batch touches (the slots of submitted tasks' groups, of the
-//! tasks named by id, and slot 0 for pruning idempotency keys and for the cluster's own rows:
-//! workers, tokens, keys, starts): the lease rows are read `FOR SHARE`, so an acquisition (an `UPDATE` of those rows) waits until the batch commits, and a
-//! batch that starts after an acquisition sees it and is refused with
-//! [`StoreError::Fenced`](super::StoreError::Fenced). Every write of a group's data is
-//! therefore ordered before the next owner's acquisition, or refused. The transaction also
+//! it still holds each slot the batch touches (the slots of submitted tasks' groups and of the
+//! tasks named by id): the lease rows are read `FOR SHARE`, so an acquisition (an `UPDATE` of
+//! those rows) waits until the batch commits, and a batch that starts after an acquisition
+//! sees it and is refused with [`StoreError::Fenced`](super::StoreError::Fenced). Every write
+//! of a group's data is therefore ordered before the next owner's acquisition, or refused.
+//!
+//! The cluster's own rows (workers, tokens, idempotency keys, starts) belong to no group: a
+//! batch that writes them checks instead that its coordinator is still live in the database
+//! (its `coordinators` row unexpired and not left, read `FOR SHARE` the same way). Any live
+//! coordinator may write them — a coordinator that holds no slot yet must still be able to
+//! settle the admin token — and a deposed one cannot. The transaction also
 //! declares the epochs it writes under (`SET LOCAL switchyard.fence`), which the fencing audit
 //! of the tests checks row by row.
 //!
@@ -170,6 +175,13 @@ SELECT l.slot, l.owner, l.epoch, l.expires_at > clock_timestamp()
 FROM leases l
 WHERE l.slot = ANY($1) OR l.slot IN (SELECT t.slot FROM tasks t WHERE t.id = ANY($2))
 FOR SHARE OF l";
+
+/// The cluster-row fence: whether coordinator `$1` is live by the database's clock, its row
+/// locked `FOR SHARE` until the batch commits (so its expiry or departure waits for it).
+pub(super) const COORDINATOR_CHECK: &str = "
+SELECT c.left_at IS NULL AND c.expires_at > clock_timestamp()
+FROM coordinators c WHERE c.id = $1
+FOR SHARE";
 
 /// Declares the epochs a write transaction writes under, for the fencing audit.
 pub(super) const DECLARE: &str = "SELECT set_config('switchyard.fence', $1, true)";

@@ -429,36 +429,40 @@ impl PgStore {
         // The fence goes first in the pipeline, so it runs (and locks) before any write.
         let fence = match &self.fence {
             Some(fence) => {
-                let (slots, tasks) = touched(changes);
-                let declare = tx.prepare_cached(leases::DECLARE).await.map_err(db)?;
-                let check = tx.prepare_cached(leases::FENCE_CHECK).await.map_err(db)?;
-                let held = fence.epochs();
-                let declaration = fence.declaration();
-                Some((
-                    fence.coordinator(),
-                    held,
-                    declare,
-                    check,
-                    declaration,
+                let (slots, tasks, cluster) = touched(changes);
+                Some(FenceCheck {
+                    me: fence.coordinator(),
+                    held: fence.epochs(),
+                    declaration: fence.declaration(),
+                    declare: tx.prepare_cached(leases::DECLARE).await.map_err(db)?,
+                    check: tx.prepare_cached(leases::FENCE_CHECK).await.map_err(db)?,
+                    live: tx
+                        .prepare_cached(leases::COORDINATOR_CHECK)
+                        .await
+                        .map_err(db)?,
                     slots,
                     tasks,
-                ))
+                    cluster,
+                })
             }
             None => None,
         };
         let fenced = async {
-            match &fence {
-                Some((_, _, declare, check, declaration, slots, tasks)) => {
-                    let (declared, rows) = futures_util::future::join(
-                        tx.query_one(declare, &[declaration]),
-                        tx.query(check, &[slots, tasks]),
-                    )
-                    .await;
-                    declared.map_err(db)?;
-                    Ok(Some(rows.map_err(db)?))
+            let Some(f) = &fence else { return Ok(None) };
+            let live = async {
+                match f.cluster {
+                    true => tx.query(&f.live, &[&f.me]).await.map(Some),
+                    false => Ok(None),
                 }
-                None => Ok(None),
-            }
+            };
+            let (declared, rows, live) = futures_util::future::join3(
+                tx.query_one(&f.declare, &[&f.declaration]),
+                tx.query(&f.check, &[&f.slots, &f.tasks]),
+                live,
+            )
+            .await;
+            declared.map_err(db)?;
+            Ok(Some((rows.map_err(db)?, live.map_err(db)?)))
         };
         // Prepared once per connection (cached), before the pipeline.
         let mut prepared = Vec::with_capacity(statements.len());
@@ -480,19 +484,27 @@ impl PgStore {
             ),
         )
         .await;
-        if let (Some((me, held, ..)), Some(rows)) = (&fence, fenced?) {
+        if let (Some(f), Some((rows, live))) = (&fence, fenced?) {
+            // Dropping `tx` on a refusal rolls back what the pipeline wrote.
             for row in rows {
                 let slot: i32 = row.get(0);
                 let owner: Option<i64> = row.get(1);
                 let epoch: i64 = row.get(2);
                 let unexpired: bool = row.get(3);
-                let mine = held.get(slot as usize).copied().unwrap_or(0);
-                if owner != Some(*me) || epoch != mine || mine == 0 || !unexpired {
-                    // Dropping `tx` rolls back what the pipeline wrote.
+                let mine = f.held.get(slot as usize).copied().unwrap_or(0);
+                if owner != Some(f.me) || epoch != mine || mine == 0 || !unexpired {
                     return Err(StoreError::Fenced(format!(
                         "slot {slot}'s lease is no longer this coordinator's (held under epoch \
                          {mine}; now epoch {epoch} of coordinator {owner:?}, {})",
                         if unexpired { "unexpired" } else { "expired" }
+                    )));
+                }
+            }
+            if let Some(live) = live {
+                if !live.first().is_some_and(|r| r.get::<_, bool>(0)) {
+                    return Err(StoreError::Fenced(format!(
+                        "coordinator {} is no longer live in the database (it expired or left)",
+                        f.me
                     )));
                 }
             }
@@ -525,8 +537,15 @@ impl PgStore {
         tx.commit().await.map_err(db)
     }
 
-    async fn recover_async(&self, groups: Option<&[String]>) -> Result<Recovery, StoreError> {
+    /// A recovery of `groups` (`None`: all), or, with `slots`, of just the live tasks of those
+    /// slots (no workers: see [`PgStore::recover_slots`]).
+    async fn recover_async(
+        &self,
+        groups: Option<&[String]>,
+        slots: Option<&[usize]>,
+    ) -> Result<Recovery, StoreError> {
         let groups: Option<Vec<String>> = groups.map(<[String]>::to_vec);
+        let slots: Option<Vec<i32>> = slots.map(|s| s.iter().map(|&s| s as i32).collect());
         let mut client = self.client().await?;
         // One snapshot for the whole recovery.
         let tx = client
@@ -539,8 +558,9 @@ impl PgStore {
         let workers = tx
             .query(
                 "SELECT id, groups, tags, token_hash, removed FROM workers
-                 WHERE $1::text[] IS NULL OR groups && $1 ORDER BY id",
-                &[&groups],
+                 WHERE $2::integer[] IS NULL AND ($1::text[] IS NULL OR groups && $1)
+                 ORDER BY id",
+                &[&groups, &slots],
             )
             .await
             .map_err(db)?;
@@ -567,24 +587,17 @@ impl PgStore {
             .await
             .map_err(db)?
         {
-            let role: String = r.get(2);
-            recovery.tokens.push(TokenRecord {
-                id: r.get::<_, i64>(0) as u64,
-                hash: r.get(1),
-                role: Role::parse(&role)
-                    .ok_or_else(|| backend(format!("unknown role {role:?}")))?,
-                groups: r.get(3),
-                created_ms: r.get(4),
-            });
+            recovery.tokens.push(token_row(&r)?);
         }
         recovery.tasks = tx
             .query(
                 &format!(
                     "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('queued', 'running')
                        AND ($1::text[] IS NULL OR grp = ANY($1))
+                       AND ($2::integer[] IS NULL OR slot = ANY($2))
                      ORDER BY id"
                 ),
-                &[&groups],
+                &[&groups, &slots],
             )
             .await
             .map_err(db)?
@@ -638,36 +651,47 @@ impl Drop for PgStore {
     }
 }
 
-/// The slots a batch names directly (its submissions' groups; slot 0 for pruning keys and for
-/// the cluster's rows) and
-/// the ids of the tasks it names, whose slots the fence check looks up.
-fn touched(changes: &[Change]) -> (Vec<i32>, Vec<i64>) {
+/// A batch's fence check, prepared (see [`leases`]).
+struct FenceCheck {
+    me: i64,
+    held: [i64; leases::SLOTS],
+    declaration: String,
+    declare: tokio_postgres::Statement,
+    check: tokio_postgres::Statement,
+    live: tokio_postgres::Statement,
+    slots: Vec<i32>,
+    tasks: Vec<i64>,
+    cluster: bool,
+}
+
+/// What a batch's fence check covers: the slots it names directly (its submissions' groups),
+/// the ids of the tasks it names (whose slots the check looks up), and whether it writes the
+/// cluster's own rows (fenced by the coordinator's liveness: see [`leases`]).
+fn touched(changes: &[Change]) -> (Vec<i32>, Vec<i64>, bool) {
     let mut slots = Vec::new();
     let mut tasks = Vec::new();
+    let mut cluster = false;
     for change in changes {
         match change {
             Change::Submit(t) => slots.push(slot_of(&t.group) as i32),
-            Change::ForgetKeys { .. } => slots.push(0),
             Change::Assign { task, .. }
             | Change::Requeue { task, .. }
             | Change::Finish { task, .. }
             | Change::Fail { task, .. }
             | Change::Cancel { task }
             | Change::Update { task, .. } => tasks.push(*task as i64),
-            // Workers, tokens, keys and starts are the cluster's, not a group's: fenced by
-            // slot 0, so a deposed coordinator cannot write them either. (With several
-            // coordinators serving at once this must become "any slot still held".)
             Change::AddWorker(_)
             | Change::RemoveWorker { .. }
             | Change::AddToken(_)
             | Change::RevokeToken { .. }
             | Change::Remember { .. }
-            | Change::Boot { .. } => slots.push(0),
+            | Change::ForgetKeys { .. }
+            | Change::Boot { .. } => cluster = true,
         }
     }
     slots.sort_unstable();
     slots.dedup();
-    (slots, tasks)
+    (slots, tasks, cluster)
 }
 
 /// Milliseconds of `d`, as the lease statements take them.
@@ -760,6 +784,23 @@ impl PgStore {
         })
     }
 
+    /// What a coordinator that serves a share of the slots loads when it gains `slots`: their
+    /// live tasks, and, as in a whole recovery, the tokens in force, the next ids and the last
+    /// start — but no workers: a worker's registration belongs to the coordinator it
+    /// registered with (see `crate::sharing`). `&[]` loads no task.
+    pub fn recover_slots(&self, slots: &[usize]) -> Result<Recovery, StoreError> {
+        self.block_on(self.recover_async(None, Some(slots)))
+    }
+
+    /// The user tokens in force.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.block_on(self.read(
+            "SELECT id, hash, role, groups, created_ms FROM tokens WHERE NOT revoked ORDER BY id",
+            &[],
+            token_row,
+        ))
+    }
+
     /// Each slot's live owner and its address.
     pub fn owners(&self) -> Result<Vec<SlotOwner>, StoreError> {
         self.block_on(self.read(leases::OWNERS, &[], |r| {
@@ -781,6 +822,17 @@ impl PgStore {
 
 fn attempt_of(v: i64) -> Result<u32, StoreError> {
     u32::try_from(v).map_err(|_| backend(format!("attempt {v} is out of range")))
+}
+
+fn token_row(r: &Row) -> Result<TokenRecord, StoreError> {
+    let role: String = r.get(2);
+    Ok(TokenRecord {
+        id: r.get::<_, i64>(0) as u64,
+        hash: r.get(1),
+        role: Role::parse(&role).ok_or_else(|| backend(format!("unknown role {role:?}")))?,
+        groups: r.get(3),
+        created_ms: r.get(4),
+    })
 }
 
 fn task_row(r: &Row) -> Result<TaskRecord, StoreError> {
@@ -1035,7 +1087,7 @@ impl Store for PgStore {
     }
 
     fn recover_groups(&self, groups: Option<&[String]>) -> Result<Recovery, StoreError> {
-        self.block_on(self.recover_async(groups))
+        self.block_on(self.recover_async(groups, None))
     }
 
     fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {

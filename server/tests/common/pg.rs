@@ -193,12 +193,18 @@ DECLARE
     s int;
     l record;
 BEGIN
-    IF TG_TABLE_NAME = 'tasks' THEN
+    IF TG_TABLE_NAME NOT IN ('tasks', 'attempts') THEN
+        -- The cluster's rows: written only by a coordinator live in the database.
+        IF declared IS NULL OR declared = '' OR NOT EXISTS (
+            SELECT 1 FROM coordinators c WHERE c.id = split_part(declared, ':', 1)::bigint
+               AND c.left_at IS NULL AND c.expires_at > clock_timestamp()) THEN
+            INSERT INTO fencing_violations (tbl, slot, declared) VALUES (TG_TABLE_NAME, -1, declared);
+        END IF;
+        RETURN NULL;
+    ELSIF TG_TABLE_NAME = 'tasks' THEN
         s := NEW.slot;
-    ELSIF TG_TABLE_NAME = 'attempts' THEN
-        SELECT t.slot INTO s FROM tasks t WHERE t.id = NEW.task;
     ELSE
-        s := 0;
+        SELECT t.slot INTO s FROM tasks t WHERE t.id = NEW.task;
     END IF;
     SELECT owner, epoch INTO l FROM leases WHERE slot = s;
     IF declared IS NULL OR declared = ''
@@ -214,6 +220,8 @@ CREATE TRIGGER audit_tasks AFTER INSERT OR UPDATE ON tasks
 CREATE TRIGGER audit_attempts AFTER INSERT OR UPDATE ON attempts
     FOR EACH ROW EXECUTE FUNCTION audit_fence();
 CREATE TRIGGER audit_keys AFTER DELETE ON keys
+    FOR EACH ROW EXECUTE FUNCTION audit_fence();
+CREATE TRIGGER audit_workers AFTER INSERT OR UPDATE ON workers
     FOR EACH ROW EXECUTE FUNCTION audit_fence();
 "#,
     );
