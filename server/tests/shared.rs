@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use common::pg::{install_audit, query, violations, TestDatabase};
 use common::{call_as, spawn_serving, Spawned, ADMIN};
+
 use hyper::Method;
 use serde_json::json;
-use switchyard_server::client::Client;
+use switchyard_server::client::{Client, ClientError};
 use switchyard_server::store::leases::slot_of;
-use switchyard_server::work::{work, WorkOptions};
+use switchyard_server::work::{work, WorkOptions, WorkSummary};
 
 /// The group lease of these tests, in seconds.
 const LEASE: f64 = 2.0;
@@ -269,6 +270,123 @@ async fn served_again(groups: &[String], live: &[SocketAddr], since: Instant) ->
     since.elapsed()
 }
 
+/// Submitters and `work` loops spread over the coordinators, and what they did.
+struct Load {
+    live: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    submitters: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+    stop_workers: tokio::sync::broadcast::Sender<()>,
+    workers: Vec<tokio::task::JoinHandle<Result<WorkSummary, ClientError>>>,
+    /// Each task's command appends "id attempt" here.
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// What a load run did.
+struct Outcome {
+    acked: usize,
+    attempts: usize,
+}
+
+impl Load {
+    /// Three submitters and three `work` loops (registering through every one of `addrs`),
+    /// over [`GROUPS`] groups.
+    fn start(addrs: &[SocketAddr]) -> Self {
+        let groups: Vec<String> = (0..GROUPS).map(|i| format!("g{i}")).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("ran");
+        let registrars: Vec<Client> = addrs.iter().map(|&a| client(a, ADMIN)).collect();
+        let (stop_workers, _) = tokio::sync::broadcast::channel::<()>(1);
+        let workers = (0..3)
+            .map(|_| {
+                let options = WorkOptions {
+                    groups: groups.clone(),
+                    tags: Vec::new(),
+                    command: format!(
+                        "echo \"$SWITCHYARD_TASK_ID $SWITCHYARD_ATTEMPT\" >> {}",
+                        log.display()
+                    ),
+                    batch: 8,
+                    wait: Duration::from_secs(1),
+                    tasks: None,
+                };
+                let registrars = registrars.clone();
+                let mut stop = stop_workers.subscribe();
+                tokio::spawn(async move {
+                    work(&registrars, &options, async move {
+                        let _ = stop.recv().await;
+                    })
+                    .await
+                })
+            })
+            .collect();
+        let live = Arc::new(std::sync::Mutex::new(addrs.to_vec()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let submitters = (0..3)
+            .map(|me| tokio::spawn(submitter(me, live.clone(), stop.clone())))
+            .collect();
+        Self {
+            live,
+            stop,
+            submitters,
+            stop_workers,
+            workers,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Stops submitting; waits until every acknowledged task has finished (the workers stop
+    /// then); checks that no (task, attempt) ran twice and that the audit saw no write under
+    /// a lost lease.
+    async fn finish(self, db: &TestDatabase) -> Outcome {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut acked = Vec::new();
+        for s in self.submitters {
+            acked.extend(s.await.unwrap());
+        }
+        let ids: Vec<String> = acked.iter().map(ToString::to_string).collect();
+        let unfinished = || {
+            query(
+                &db.url,
+                &format!(
+                    "SELECT count(*) FROM tasks WHERE id IN ({}) AND state <> 'finished'",
+                    ids.join(",")
+                ),
+            )[0]
+            .parse::<usize>()
+            .unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while unfinished() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} acknowledged tasks never finished",
+                unfinished(),
+                acked.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let _ = self.stop_workers.send(());
+        for w in self.workers {
+            w.await.unwrap().unwrap();
+        }
+        let ran = std::fs::read_to_string(&self.log).unwrap();
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for line in ran.lines() {
+            *seen.entry(line).or_default() += 1;
+        }
+        let twice: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+        assert!(twice.is_empty(), "ran twice: {twice:?}");
+        assert!(acked.len() > 100, "too little load: {}", acked.len());
+        assert_eq!(violations(&db.url), 0, "writes under a lost lease");
+        Outcome {
+            acked: acked.len(),
+            attempts: seen.len(),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_coordinators_lose_nothing_and_run_nothing_twice_when_two_are_killed() {
     let db = TestDatabase::new();
@@ -282,41 +400,7 @@ async fn three_coordinators_lose_nothing_and_run_nothing_twice_when_two_are_kill
     install_audit(&db.url);
     settled(&db.url, &addrs).await;
     let groups: Vec<String> = (0..GROUPS).map(|i| format!("g{i}")).collect();
-
-    // Workers: `work` loops that register through every coordinator, each task's command
-    // logging its id and attempt.
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("ran");
-    let registrars: Vec<Client> = addrs.iter().map(|&a| client(a, ADMIN)).collect();
-    let (stop_workers, _) = tokio::sync::broadcast::channel::<()>(1);
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        let options = WorkOptions {
-            groups: groups.clone(),
-            tags: Vec::new(),
-            command: format!(
-                "echo \"$SWITCHYARD_TASK_ID $SWITCHYARD_ATTEMPT\" >> {}",
-                log.display()
-            ),
-            batch: 8,
-            wait: Duration::from_secs(1),
-            tasks: None,
-        };
-        let registrars = registrars.clone();
-        let mut stop = stop_workers.subscribe();
-        workers.push(tokio::spawn(async move {
-            work(&registrars, &options, async move {
-                let _ = stop.recv().await;
-            })
-            .await
-        }));
-    }
-
-    let live = Arc::new(std::sync::Mutex::new(addrs.clone()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let submitters: Vec<_> = (0..3)
-        .map(|me| tokio::spawn(submitter(me, live.clone(), stop.clone())))
-        .collect();
+    let load = Load::start(&addrs);
 
     // Two kills, a few seconds apart, under load.
     let mut failovers = Vec::new();
@@ -331,56 +415,13 @@ async fn three_coordinators_lose_nothing_and_run_nothing_twice_when_two_are_kill
         processes[victim].kill().unwrap();
         let killed = Instant::now();
         processes[victim].wait().unwrap();
-        live.lock().unwrap().retain(|a| *a != dead);
-        let survivors = live.lock().unwrap().clone();
+        load.live.lock().unwrap().retain(|a| *a != dead);
+        let survivors = load.live.lock().unwrap().clone();
         failovers.push(served_again(&theirs, &survivors, killed).await);
         settled(&db.url, &survivors).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for s in submitters {
-        acked.extend(s.await.unwrap());
-    }
-
-    // Every acknowledged task finishes.
-    let ids: Vec<String> = acked.iter().map(ToString::to_string).collect();
-    let unfinished = || {
-        query(
-            &db.url,
-            &format!(
-                "SELECT count(*) FROM tasks WHERE id IN ({}) AND state <> 'finished'",
-                ids.join(",")
-            ),
-        )[0]
-        .parse::<usize>()
-        .unwrap()
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while unfinished() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} acknowledged tasks never finished",
-            unfinished(),
-            acked.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let _ = stop_workers.send(());
-    for w in workers {
-        w.await.unwrap().unwrap();
-    }
-
-    // No (task, attempt) ran twice.
-    let ran = std::fs::read_to_string(&log).unwrap();
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for line in ran.lines() {
-        *seen.entry(line).or_default() += 1;
-    }
-    let twice: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
-    assert!(twice.is_empty(), "ran twice: {twice:?}");
-    assert!(acked.len() > 100, "too little load: {}", acked.len());
-    assert_eq!(violations(&db.url), 0, "writes under a lost lease");
+    let outcome = load.finish(&db).await;
     // Served again within the lease plus recovery (a generous bound: the machine is shared).
     for f in &failovers {
         assert!(
@@ -390,7 +431,100 @@ async fn three_coordinators_lose_nothing_and_run_nothing_twice_when_two_are_kill
     }
     eprintln!(
         "{} acknowledged, {} attempts ran, failovers {failovers:?}",
-        acked.len(),
-        seen.len()
+        outcome.acked, outcome.attempts
+    );
+}
+
+/// Where Debian's `faketime` package puts libfaketime.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// `coordinator` at `bind`, its clocks (wall and monotonic) set `skew` off by libfaketime,
+/// preloaded into the coordinator itself (the `faketime` wrapper would be a parent process
+/// between the test and the coordinator, and a signal would reach the wrong one).
+fn skewed_coordinator(url: &str, bind: &str, skew: Option<&str>) -> (Spawned, SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    if let Some(skew) = skew {
+        assert!(
+            std::path::Path::new(LIBFAKETIME).exists(),
+            "{LIBFAKETIME} is missing: apt-get install faketime"
+        );
+        command
+            .env("LD_PRELOAD", LIBFAKETIME)
+            .env("FAKETIME", skew)
+            .env("FAKETIME_NO_CACHE", "1");
+    }
+    command
+        .args(["serve", "--shared", "--bind", bind, "--admin-token", ADMIN])
+        .args(["--database-url", url, "--group-lease", &LEASE.to_string()]);
+    spawn_serving(command)
+}
+
+fn signal(child: &Spawned, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_child(child);
+    rustix::process::kill_process(pid, signal).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_fault_run_makes_no_write_under_a_lost_lease() {
+    let faults: usize = std::env::var("SWITCHYARD_SHARED_FAULTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let db = TestDatabase::new();
+    // The third coordinator's clock runs 30 s ahead of the others' and the database's.
+    let skews = [None, None, Some("+30s")];
+    let mut processes = Vec::new();
+    let mut addrs = Vec::new();
+    for skew in skews {
+        let (p, a) = skewed_coordinator(&db.url, "127.0.0.1:0", skew);
+        processes.push(p);
+        addrs.push(a);
+    }
+    install_audit(&db.url);
+    settled(&db.url, &addrs).await;
+    let load = Load::start(&addrs);
+    let started = Instant::now();
+    let mut done = Vec::new();
+    for i in 0..faults {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let k = (i + i / 3) % 3;
+        match i % 3 {
+            // Paused past its lease: the others take its groups; it wakes, stops serving,
+            // and recovers by itself.
+            0 => {
+                signal(&processes[k], rustix::process::Signal::STOP);
+                tokio::time::sleep(Duration::from_secs_f64(LEASE + 1.5)).await;
+                signal(&processes[k], rustix::process::Signal::CONT);
+                done.push(format!("paused {}", addrs[k]));
+            }
+            // Every coordinator's database connections killed: they all stop serving and
+            // recover by themselves.
+            1 => {
+                common::pg::admin(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                    db.name
+                ));
+                done.push("killed every connection".into());
+            }
+            // SIGKILLed and restarted at the same address.
+            _ => {
+                processes[k].kill().unwrap();
+                processes[k].wait().unwrap();
+                let (p, _) = skewed_coordinator(&db.url, &addrs[k].to_string(), skews[k]);
+                processes[k] = p;
+                done.push(format!("killed and restarted {}", addrs[k]));
+            }
+        }
+    }
+    settled(&db.url, &addrs).await;
+    let outcome = load.finish(&db).await;
+    eprintln!(
+        "{} faults in {:?} ({done:?}): {} acknowledged, {} attempts ran, 0 run twice, \
+         0 writes under a lost lease",
+        faults,
+        started.elapsed(),
+        outcome.acked,
+        outcome.attempts
     );
 }

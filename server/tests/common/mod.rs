@@ -317,7 +317,10 @@ pub fn spawn_serving_logged(mut command: Command) -> (Spawned, SocketAddr, Vec<S
     }
     let _ = child.kill();
     let status = child.wait();
-    panic!("the server exited before serving: {status:?}");
+    panic!(
+        "the server exited before serving: {status:?}; its log:\n{}",
+        before.join("\n")
+    );
 }
 
 /// What runs before each commit of a [`Hooked`] store: it may wait, record, or fail the commit.
