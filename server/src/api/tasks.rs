@@ -142,6 +142,7 @@ async fn replay(
         (status = 400, description = "invalid group, tags, payload or key", body = ErrorBody),
         (status = 403, description = "not one of the token's groups", body = ErrorBody),
         (status = 409, description = "the idempotency key was used for a different task", body = ErrorBody),
+        (status = 421, description = "with `serve --shared`: the group is served by another coordinator (`misdirected`, with `owners`: send it there)", body = ErrorBody),
         (status = 413, description = "body over the limit", body = ErrorBody)))]
 pub(crate) async fn submit(
     State(app): State<Arc<App>>,
@@ -207,6 +208,7 @@ pub(crate) struct SubmittedBatch {
         (status = 200, description = "an earlier batch with this idempotency key", body = SubmittedBatch),
         (status = 400, description = "a task is invalid, or the batch is empty or too large", body = ErrorBody),
         (status = 409, description = "the idempotency key was used for a different batch", body = ErrorBody),
+        (status = 421, description = "with `serve --shared`: some of the groups are served by another coordinator (`misdirected`, with `owners`: send it there)", body = ErrorBody),
         (status = 413, body = ErrorBody)))]
 pub(crate) async fn submit_batch(
     State(app): State<Arc<App>>,
@@ -406,6 +408,7 @@ pub(crate) struct Cancelled {
     responses(
         (status = 200, body = Cancelled),
         (status = 404, description = "no such task in the caller's groups", body = ErrorBody),
+        (status = 421, description = "with `serve --shared`: the task is served by another coordinator (`misdirected`, with `owners`: send it there)", body = ErrorBody),
         (status = 409, description = "the task has ended (`task_ended`, with its `state`)", body = ErrorBody)))]
 pub(crate) async fn cancel(
     State(app): State<Arc<App>>,
@@ -578,6 +581,7 @@ pub(crate) struct Updated {
         (status = 200, body = Updated),
         (status = 400, description = "nothing to change, or invalid tags", body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 421, description = "with `serve --shared`: the task is served by another coordinator (`misdirected`, with `owners`: send it there)", body = ErrorBody),
         (status = 409, description = "the task is running (`not_queued`) or has ended (`task_ended`), with its `state`", body = ErrorBody)))]
 pub(crate) async fn update(
     State(app): State<Arc<App>>,

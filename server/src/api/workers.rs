@@ -43,7 +43,8 @@ pub(crate) struct Registered {
 #[utoipa::path(post, path = "/v1/workers", tag = "workers", request_body = RegisterBody,
     responses(
         (status = 201, body = Registered),
-        (status = 400, description = "invalid groups or tags", body = ErrorBody)))]
+        (status = 400, description = "invalid groups or tags", body = ErrorBody),
+        (status = 421, description = "with `serve --shared`: some of the groups are served by another coordinator (`misdirected`, with `owners`): register with each owner for its groups", body = ErrorBody)))]
 pub(crate) async fn register(
     State(app): State<Arc<App>>,
     user: User,
