@@ -12,6 +12,8 @@
 //! `BTreeSet` queues (ordered, O(log n) removal of any copy), no payloads. They receive the
 //! candidate lists precomputed, while the dispatcher computes and caches its own.
 
+pub mod http;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
