@@ -18,6 +18,11 @@
 //! it stops ([`App::poison`]). Requests get 503 from then on, the server shuts down, and the
 //! next start rebuilds the dispatcher from the store, which holds every acknowledged decision.
 //!
+//! On PostgreSQL with `--shared`, the app serves only a share of the groups: see
+//! [`crate::sharing`] for what changes (an admission gate around every decide-and-commit step,
+//! 421 for the groups served elsewhere, slots loaded and handed over as coordinators come and
+//! go).
+//!
 //! `App` owns its parts (the keyring of `crate::auth`, the leases of `crate::liveness`), and two
 //! of those modules name `App` back: the authorising extractors read the keyring from the
 //! request's `App` state, and the reaper calls the `App`'s operations when a lease expires.

@@ -113,7 +113,9 @@ enum TokenCommand {
 /// Where the coordinator is, and the token to present.
 #[derive(Args)]
 struct Connection {
-    /// The coordinator's address.
+    /// The coordinator's address. Coordinators sharing a database (`serve --shared`) may be
+    /// listed comma-separated: `work` registers through any that answers; other commands use
+    /// the first (a request for another's groups is sent on to it).
     #[arg(
         long,
         env = "SWITCHYARD_SERVER",
@@ -127,7 +129,8 @@ struct Connection {
 
 impl Connection {
     fn client(&self) -> Result<Client, Error> {
-        Ok(Client::new(&self.server, self.token.clone())?)
+        let first = self.server.split(',').next().unwrap_or_default().trim();
+        Ok(Client::new(first, self.token.clone())?)
     }
 }
 

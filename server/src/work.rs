@@ -8,10 +8,18 @@
 //! `SWITCHYARD_PRIORITY`. Exit status 0 reports the task finished, with its standard output as
 //! the result; any other reports it failed, with the status and the end of its standard error.
 //! Heartbeats keep the lease while a command runs. If the coordinator declared the worker dead
-//! (410), it registers again; if it is unreachable or answers 5xx (restarting, say), the worker
-//! keeps its registration and retries with backoff. A report it cannot deliver for a minute
-//! stops it: the coordinator then redistributes its tasks when its lease expires, so the task
-//! runs again rather than being lost.
+//! (410), or no longer knows its token (401: a coordinator sharing a database that started
+//! afresh), it registers again; if it is unreachable or answers 5xx (restarting, say), the
+//! worker keeps its registration and retries with backoff. A report it cannot deliver for a
+//! minute stops it: the coordinator then redistributes its tasks when its lease expires, so the
+//! task runs again rather than being lost.
+//!
+//! With coordinators sharing a database (`serve --shared`), `--server` may name several of
+//! them. The worker registers through the first that answers and follows a 421 to the
+//! coordinator serving its groups; if they are served by several, it keeps one registration
+//! per coordinator, each with its own fetch loop. When one stops answering (three failed
+//! fetches, or a report undeliverable for 5 s), that registration is given up and its groups
+//! registered again through the others: their tasks run again there as new attempts.
 //!
 //! It follows the delivery protocol (see `crate::delivery`): every fetch and heartbeat says what
 //! it holds (the tasks of its current fetch not yet reported, and the last delivery id it
