@@ -305,8 +305,12 @@ impl App {
                 }
             };
         let opened = adopt_halt(opened, &target, keeper);
-        if let Err(e) = opened.app.rebalance(&share).await {
-            tracing::warn!(error = ?e, "the first balancing step failed; retrying");
+        match opened.app.rebalance(&share).await {
+            Ok(()) => {}
+            Err(sharing::Unbalanced::Retry(e)) => {
+                tracing::warn!(error = %e, "the first balancing step failed; retrying")
+            }
+            Err(sharing::Unbalanced::Stop(reason)) => opened.app.poison(reason),
         }
         tokio::spawn(sharing::balance(
             Arc::downgrade(&opened.app),
