@@ -10,7 +10,9 @@
 //! Without `--server` it starts a coordinator in this process, on a fresh data directory (the
 //! embedded SQLite store with `synchronous = FULL`, so every acknowledgement waits for an
 //! fsync, shared by group commit). With `--server URL --token ADMIN` it drives an external one
-//! (this is how `flamegraphs/record.sh http` profiles the server alone). With `--database-url`
+//! (this is how `flamegraphs/record.sh http` profiles the server alone); if that coordinator
+//! shares a database with others (`serve --shared`) and another serves the group `load`, the
+//! load goes to that one, as the 421 of a probe registration names it. With `--database-url`
 //! the in-process coordinator runs on that PostgreSQL database instead.
 //!
 //! Phases: `/health` (the floor); single submissions; batch submissions; workers draining half
@@ -131,7 +133,8 @@ async fn run(args: Args) {
                 .token
                 .clone()
                 .expect("--token (or SWITCHYARD_TOKEN) with --server");
-            (authority.to_string(), token, None)
+            let authority = owner_of_load(authority, &token).await;
+            (authority, token, None)
         }
         None => {
             let (addr, server) = in_process(&args.mode, args.database_url.as_deref()).await;
@@ -249,6 +252,33 @@ async fn run(args: Args) {
     );
 
     report(&args, &phases);
+}
+
+/// The coordinator serving the group "load": `authority` itself, or, among coordinators
+/// sharing a database (`serve --shared`), the one a 421 names.
+async fn owner_of_load(authority: &str, token: &str) -> String {
+    let mut conn = Conn::open(authority, token).await;
+    let (st, r) = conn
+        .call(
+            Method::POST,
+            "/v1/workers",
+            Some(&json!({"groups": ["load"]})),
+        )
+        .await;
+    match st {
+        201 => {
+            let path = format!("/v1/admin/workers/{}", r["id"]);
+            let (st, gone) = conn.call(Method::DELETE, &path, None).await;
+            assert_eq!(st, 200, "{gone}");
+            authority.to_string()
+        }
+        421 => {
+            let owner = r["owners"]["load"].as_str().expect("an owner of \"load\"");
+            eprintln!("the group \"load\" is served by {owner}: driving that coordinator");
+            owner.to_string()
+        }
+        _ => panic!("registering a probe worker answered {st}: {r}"),
+    }
 }
 
 /// One worker's share of a drain phase.
