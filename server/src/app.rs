@@ -315,7 +315,7 @@ impl App {
         tokio::spawn(sharing::balance(
             Arc::downgrade(&opened.app),
             share,
-            ttl / 5,
+            sharing::period(ttl),
         ));
         Ok(opened)
     }

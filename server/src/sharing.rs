@@ -2,7 +2,7 @@
 //! coordinator's share of the slots.
 //!
 //! Groups hash into slots ([`crate::store::leases`]); each coordinator holds the leases of some
-//! slots and serves exactly their groups. Every `ttl / 5` the balance loop ([`balance`]) asks
+//! slots and serves exactly their groups. Every [`period`] the balance loop ([`balance`]) asks
 //! the keeper ([`Keeper::balance`]) for the next step of the balancing rule
 //! ([`crate::ownership::plan`]): a newcomer gets a fair share, a dead coordinator's slots are
 //! taken over once their leases lapse, a leaving one's at once.
@@ -270,6 +270,13 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// How often a coordinator takes a balancing step: a tenth of the lease. A slot given up (a
+/// coordinator leaving, or handing a share to a newcomer) is taken within it; each step is
+/// three small reads (owners, live coordinators, tokens).
+pub fn period(ttl: Duration) -> Duration {
+    ttl / 10
 }
 
 /// Why a balancing step did not complete.

@@ -67,7 +67,7 @@ async fn settled(url: &str, addresses: &[SocketAddr]) -> BTreeMap<String, usize>
         let held = holdings(url);
         let names: HashSet<String> = held.keys().cloned().collect();
         if names == wanted && held.values().sum::<usize>() == 64 {
-            // Each coordinator reads the owners it names in a 421 every balance step (a fifth
+            // Each coordinator reads the owners it names in a 421 every balance step (a tenth
             // of the lease): let every one of them see this.
             tokio::time::sleep(Duration::from_secs_f64(LEASE / 2.0)).await;
             return held;

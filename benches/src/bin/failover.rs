@@ -197,7 +197,7 @@ async fn shared_rounds(args: &Args, url: &str) -> (Vec<Duration>, Vec<Duration>)
             assert!(Instant::now() < deadline, "the coordinators never shared");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Each reads the other's groups every fifth of a lease: let both see the split.
+        // Each reads the other's groups every tenth of a lease: let both see the split.
         tokio::time::sleep(Duration::from_secs_f64(args.group_lease / 2.0)).await;
         let (victim, survivor) = (round % 2, (round + 1) % 2);
         // A task in a group the victim serves (a 421 creates nothing).
