@@ -167,6 +167,23 @@ fn admin(port: u16) -> Client {
     Client::new(&format!("http://127.0.0.1:{port}"), Some(ADMIN.into())).unwrap()
 }
 
+/// Prints round `round`'s failover time and files it under SIGTERM (`graceful`) or SIGKILL.
+fn tally(
+    round: usize,
+    graceful: bool,
+    took: Duration,
+    killed: &mut Vec<Duration>,
+    terminated: &mut Vec<Duration>,
+) {
+    let (what, times) = if graceful {
+        ("SIGTERM", terminated)
+    } else {
+        ("SIGKILL", killed)
+    };
+    eprintln!("round {round}: {what} → served again in {took:.2?}");
+    times.push(took);
+}
+
 /// How many coordinators hold unexpired leases, by the database's clock.
 fn owners(url: &str) -> usize {
     let out = Command::new("psql")
@@ -253,15 +270,7 @@ async fn shared_rounds(args: &Args, url: &str) -> (Vec<Duration>, Vec<Duration>)
             me.call(Method::DELETE, &path, None).await.unwrap();
             break took;
         };
-        eprintln!(
-            "round {round}: {} → served again in {took:.2?}",
-            if graceful { "SIGTERM" } else { "SIGKILL" }
-        );
-        if graceful {
-            terminated.push(took);
-        } else {
-            killed.push(took);
-        }
+        tally(round, graceful, took, &mut killed, &mut terminated);
         let mut stopped = running[victim].take().unwrap();
         let _ = stopped.child.wait();
         drop(stopped);
@@ -322,15 +331,7 @@ async fn standby_rounds(args: &Args, url: &str) -> (Vec<Duration>, Vec<Duration>
             assert!(started.elapsed() < Duration::from_secs(60), "no failover");
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        eprintln!(
-            "round {round}: {} → served again in {took:.2?}",
-            if graceful { "SIGTERM" } else { "SIGKILL" }
-        );
-        if graceful {
-            terminated.push(took);
-        } else {
-            killed.push(took);
-        }
+        tally(round, graceful, took, &mut killed, &mut terminated);
         let _ = active.child.wait();
         active = standby;
     }
