@@ -38,15 +38,15 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tokio::sync::{OwnedRwLockReadGuard, RwLock as Gate};
-
 use crate::app::{now_ms, App};
 use crate::error::{ApiError, Owners};
 use crate::ownership::{Keeper, Step};
 use crate::recovery::recover;
 use crate::store::leases::{slot_of, Lease, SlotOwner, SLOTS};
 use crate::store::{Change, PgStore, Requeued};
-use crate::sync::{Arc, AtomicU64, Mutex, Ordering, Weak};
+use crate::sync::{
+    Arc, AsyncRwLock as Gate, AtomicU64, Mutex, Ordering, OwnedRwLockReadGuard, Weak,
+};
 
 /// This coordinator's share of the slots (see the module docs).
 pub struct Share {

@@ -8,3 +8,6 @@
 pub use parking_lot::{Mutex, RwLock};
 pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 pub use std::sync::{Arc, Weak};
+/// The admission gate of coordinators sharing a database (`crate::sharing`): a lock held across
+/// awaits (a step's commit), so an async one.
+pub use tokio::sync::{OwnedRwLockReadGuard, RwLock as AsyncRwLock};
