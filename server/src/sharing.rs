@@ -160,12 +160,14 @@ impl App {
 
     /// Loads the slots of `leases` (just acquired) and serves them. See the module docs.
     pub(crate) async fn gain(&self, share: &Share, leases: &[Lease]) -> Result<(), ApiError> {
-        let _closed = share.gate.write().await;
+        // Read before closing the gate (a large backlog takes a while): the leases are held, so
+        // nobody else writes these slots any more, and nothing here touches them yet.
         let slots: Vec<usize> = leases.iter().map(|l| l.slot).collect();
         let store = share.store.clone();
         let state = tokio::task::spawn_blocking(move || store.recover_slots(&slots))
             .await
             .map_err(|e| ApiError::internal(format!("loading slots panicked: {e}")))??;
+        let _closed = share.gate.write().await;
         // No worker here serves these groups (invariant 1), so running tasks are queued again.
         let recovered = recover(&state, &self.dispatcher, now_ms()).map_err(|e| {
             ApiError::internal(format!(
