@@ -3,8 +3,8 @@
 //! # Slots
 //! Groups are hashed into [`SLOTS`] slots ([`slot_of`]: the first 32 bits of the MD5 of the
 //! group's UTF-8 bytes, modulo 64 — the same function is `switchyard_slot` in SQL, and the
-//! `tasks.slot` column is set from it when a task is inserted). A coordinator owns slots, and with them every
-//! group that hashes there.
+//! `tasks.slot` column is set from it when a task is inserted). A coordinator owns slots, and
+//! with them every group that hashes there.
 //!
 //! # Leases
 //! A slot's lease (`leases` row) has an owner (a coordinator's id), an **epoch** and an expiry.
