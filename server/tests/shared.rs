@@ -6,7 +6,10 @@
 //! - failover under load: three coordinators, submitters and `work` loops spread over them,
 //!   one coordinator SIGKILLed, then another: every acknowledged task finishes, no (task,
 //!   attempt) runs twice, the dead coordinators' groups are served again within the lease plus
-//!   recovery, and the fencing audit records no write under a lost lease.
+//!   recovery, and the fencing audit records no write under a lost lease;
+//! - a long fault run: pauses past the lease, every database connection killed, SIGKILLs and
+//!   SIGTERMs with restarts, one coordinator's clock 30 s ahead — with the same checks
+//!   (`SWITCHYARD_SHARED_FAULTS` faults, 8 by default).
 
 mod common;
 
@@ -469,7 +472,7 @@ async fn a_long_fault_run_makes_no_write_under_a_lost_lease() {
     let faults: usize = std::env::var("SWITCHYARD_SHARED_FAULTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+        .unwrap_or(8);
     let db = TestDatabase::new();
     // The third coordinator's clock runs 30 s ahead of the others' and the database's.
     let skews = [None, None, Some("+30s")];
@@ -488,7 +491,7 @@ async fn a_long_fault_run_makes_no_write_under_a_lost_lease() {
     for i in 0..faults {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let k = (i + i / 3) % 3;
-        match i % 3 {
+        match i % 4 {
             // Paused past its lease: the others take its groups; it wakes, stops serving,
             // and recovers by itself.
             0 => {
@@ -508,12 +511,21 @@ async fn a_long_fault_run_makes_no_write_under_a_lost_lease() {
                 done.push("killed every connection".into());
             }
             // SIGKILLed and restarted at the same address.
-            _ => {
+            2 => {
                 processes[k].kill().unwrap();
                 processes[k].wait().unwrap();
                 let (p, _) = skewed_coordinator(&db.url, &addrs[k].to_string(), skews[k]);
                 processes[k] = p;
                 done.push(format!("killed and restarted {}", addrs[k]));
+            }
+            // Stopped cleanly (SIGTERM: it hands its groups over) and restarted: the others
+            // hand it a share back.
+            _ => {
+                signal(&processes[k], rustix::process::Signal::TERM);
+                processes[k].wait().unwrap();
+                let (p, _) = skewed_coordinator(&db.url, &addrs[k].to_string(), skews[k]);
+                processes[k] = p;
+                done.push(format!("stopped and restarted {}", addrs[k]));
             }
         }
     }
