@@ -6,7 +6,9 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
 
 /// One keep-alive HTTP/1.1 connection.
 pub struct Conn {
@@ -58,5 +60,38 @@ impl Conn {
     pub fn with_token(mut self, token: &str) -> Conn {
         self.token = token.to_string();
         self
+    }
+}
+
+/// Each of `groups`' coordinator address: `first` if it serves them all, else as the 421 of a
+/// probe registration at `first` names them (coordinators sharing a database, `serve
+/// --shared`). A probe worker that registered is removed again.
+pub async fn owners(first: &str, token: &str, groups: &[String]) -> BTreeMap<String, String> {
+    let mut conn = Conn::open(first, token).await;
+    let (st, r) = conn
+        .call(
+            Method::POST,
+            "/v1/workers",
+            Some(&json!({ "groups": groups })),
+        )
+        .await;
+    match st {
+        201 => {
+            let path = format!("/v1/admin/workers/{}", r["id"]);
+            let (st, gone) = conn.call(Method::DELETE, &path, None).await;
+            assert_eq!(st, 200, "{gone}");
+            groups
+                .iter()
+                .map(|g| (g.clone(), first.to_string()))
+                .collect()
+        }
+        421 => groups
+            .iter()
+            .map(|g| {
+                let at = r["owners"][g].as_str().expect("every group has an owner");
+                (g.clone(), at.to_string())
+            })
+            .collect(),
+        _ => panic!("a probe registration answered {st}: {r}"),
     }
 }

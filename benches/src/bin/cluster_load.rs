@@ -25,7 +25,7 @@ use hdrhistogram::Histogram;
 use hyper::Method;
 use serde_json::{json, Value};
 use switchyard::{Config, Mode, Strategy};
-use switchyard_benches::http::Conn;
+use switchyard_benches::http::{owners, Conn};
 use switchyard_server::app::{App, Settings};
 
 #[global_allocator]
@@ -154,7 +154,7 @@ async fn run(args: &Args, n: usize) -> Run {
     }
     tokio::time::sleep(settings.group_lease).await;
     let groups: Vec<String> = (0..args.groups).map(|g| format!("g{g}")).collect();
-    let owner = owners(&addrs[0], &groups).await;
+    let owner = owners(&addrs[0], ADMIN, &groups).await;
 
     // Batched submissions: connection `i` for group `i % groups`, at its owner.
     let per_conn = (args.tasks / args.batch as u64 / args.conns as u64).max(1);
@@ -273,38 +273,6 @@ where
         tasks,
         wall: started.elapsed(),
         latency,
-    }
-}
-
-/// Each group's coordinator address, from the 421 of a registration for all of them (or all
-/// at `first`, if it serves them all).
-async fn owners(first: &str, groups: &[String]) -> BTreeMap<String, String> {
-    let mut conn = Conn::open(first, ADMIN).await;
-    let (st, r) = conn
-        .call(
-            Method::POST,
-            "/v1/workers",
-            Some(&json!({ "groups": groups })),
-        )
-        .await;
-    match st {
-        201 => {
-            let path = format!("/v1/admin/workers/{}", r["id"]);
-            let (st, gone) = conn.call(Method::DELETE, &path, None).await;
-            assert_eq!(st, 200, "{gone}");
-            groups
-                .iter()
-                .map(|g| (g.clone(), first.to_string()))
-                .collect()
-        }
-        421 => groups
-            .iter()
-            .map(|g| {
-                let at = r["owners"][g].as_str().expect("every group has an owner");
-                (g.clone(), at.to_string())
-            })
-            .collect(),
-        _ => panic!("registration answered {st}: {r}"),
     }
 }
 

@@ -29,7 +29,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use hyper::Method;
 use serde_json::{json, Value};
-use switchyard_benches::http::Conn;
+use switchyard_benches::http::{owners, Conn};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -133,7 +133,13 @@ async fn run(args: Args) {
                 .token
                 .clone()
                 .expect("--token (or SWITCHYARD_TOKEN) with --server");
-            let authority = owner_of_load(authority, &token).await;
+            // Among coordinators sharing a database, the one serving the group "load".
+            let owner = owners(authority, &token, &["load".to_string()]).await;
+            let owner = owner["load"].clone();
+            if owner != authority {
+                eprintln!("the group \"load\" is served by {owner}: driving that coordinator");
+            }
+            let authority = owner;
             (authority, token, None)
         }
         None => {
@@ -252,33 +258,6 @@ async fn run(args: Args) {
     );
 
     report(&args, &phases);
-}
-
-/// The coordinator serving the group "load": `authority` itself, or, among coordinators
-/// sharing a database (`serve --shared`), the one a 421 names.
-async fn owner_of_load(authority: &str, token: &str) -> String {
-    let mut conn = Conn::open(authority, token).await;
-    let (st, r) = conn
-        .call(
-            Method::POST,
-            "/v1/workers",
-            Some(&json!({"groups": ["load"]})),
-        )
-        .await;
-    match st {
-        201 => {
-            let path = format!("/v1/admin/workers/{}", r["id"]);
-            let (st, gone) = conn.call(Method::DELETE, &path, None).await;
-            assert_eq!(st, 200, "{gone}");
-            authority.to_string()
-        }
-        421 => {
-            let owner = r["owners"]["load"].as_str().expect("an owner of \"load\"");
-            eprintln!("the group \"load\" is served by {owner}: driving that coordinator");
-            owner.to_string()
-        }
-        _ => panic!("registering a probe worker answered {st}: {r}"),
-    }
 }
 
 /// One worker's share of a drain phase.
