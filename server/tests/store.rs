@@ -653,6 +653,32 @@ fn keys_starts_and_attempt_ends_follow_the_contract<B: Backend>() {
         (7, Some(AttemptEnd::Failed), Some("boom".into()))
     );
     assert_eq!(ended(3, 1), (7, Some(AttemptEnd::Cancelled), None));
+    // A finish after a requeue: each attempt reads back its own end, and an attempt that
+    // never ran has none.
+    s.apply(&[Change::Submit(task(4)), assign(4, 1)]).unwrap();
+    s.apply(&[Change::Requeue {
+        task: 4,
+        attempt: 1,
+        worker: 7,
+        why: Requeued::WorkerGone,
+    }])
+    .unwrap();
+    s.apply(&[assign(4, 2)]).unwrap();
+    s.apply(&[Change::Finish {
+        task: 4,
+        attempt: 2,
+        result: Some("done".into()),
+    }])
+    .unwrap();
+    assert_eq!(
+        ended(4, 1),
+        (7, Some(AttemptEnd::Requeued(Requeued::WorkerGone)), None)
+    );
+    assert_eq!(
+        ended(4, 2),
+        (7, Some(AttemptEnd::Finished), Some("done".into()))
+    );
+    assert_eq!(s.attempt(4, 3).unwrap(), None);
     drop(s);
     // All of it durable.
     let s = B::open(&dir);

@@ -312,6 +312,12 @@ impl AttemptEnd {
 /// One ended assignment of a task, as stored: who ran it and how it ended (the running
 /// attempt is the task's own `attempt` and `worker`). Lets a retried report be recognised (the
 /// same report of the same attempt answers success, not a refusal).
+///
+/// An attempt that ends its task (finished or failed by a report) is recorded on the task's
+/// own row (`state`, `attempt`, `worker`, `outcome`), not as a row of its own: it is the last
+/// attempt, so the task row says all of it, and a drain writes one row per task, not two.
+/// Every other end (requeued, cancelled while running) is a row of its own. Either way
+/// [`Store::attempt`] reads it back the same.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptRecord {
     /// The task.

@@ -205,20 +205,15 @@ const REQUEUE: &str = on_task!(
            WHERE id = $1 AND state IN ('queued', 'running')
              AND (attempt < $2 OR (attempt = $2 AND state = 'running')) RETURNING 1)"
 );
-/// A run of reports (finish or fail running attempt `attempt`) in one statement: each end is
-/// recorded from the task's row before it changes. Answers as [`ASSIGN_RUN`].
+/// A run of reports (finish or fail running attempt `attempt`) in one statement. The task's
+/// row records the attempt's end (see [`AttemptRecord`]): one row written per task, not two.
+/// Answers as [`ASSIGN_RUN`].
 const END_RUN: &str = "
 WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
-        WITH ORDINALITY AS i(id, attempt, ended, outcome, state, n)
-), a AS (
-    INSERT INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
-    SELECT t.id, t.attempt, t.worker, i.ended, i.outcome, $6
-    FROM input i JOIN tasks t ON t.id = i.id
-    WHERE t.state = 'running' AND t.attempt = i.attempt
-    ON CONFLICT DO NOTHING
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[])
+        WITH ORDINALITY AS i(id, attempt, outcome, state, n)
 ), u AS (
-    UPDATE tasks t SET state = i.state, outcome = i.outcome, updated_ms = $6
+    UPDATE tasks t SET state = i.state, outcome = i.outcome, updated_ms = $5
     FROM input i
     WHERE t.id = i.id AND t.state = 'running' AND t.attempt = i.attempt
     RETURNING t.id
@@ -994,37 +989,24 @@ fn assign_run(run: &[Change], now: i64) -> (&'static str, Vec<Param>) {
 }
 
 fn end_run(run: &[Change], now: i64) -> (&'static str, Vec<Param>) {
-    let (mut ids, mut attempts, mut ends, mut outcomes, mut states) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ids, mut attempts, mut outcomes, mut states) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for c in run {
-        let (task, attempt, end, outcome, state) = match c {
+        let (task, attempt, outcome, state) = match c {
             Change::Finish {
                 task,
                 attempt,
                 result,
-            } => (
-                task,
-                attempt,
-                AttemptEnd::Finished,
-                result.clone(),
-                TaskState::Finished,
-            ),
+            } => (task, attempt, result.clone(), TaskState::Finished),
             Change::Fail {
                 task,
                 attempt,
                 message,
-            } => (
-                task,
-                attempt,
-                AttemptEnd::Failed,
-                Some(message.clone()),
-                TaskState::Failed,
-            ),
+            } => (task, attempt, Some(message.clone()), TaskState::Failed),
             _ => continue,
         };
         ids.push(*task as i64);
         attempts.push(i64::from(*attempt));
-        ends.push(end.as_str());
         outcomes.push(outcome);
         states.push(state.as_str());
     }
@@ -1033,7 +1015,6 @@ fn end_run(run: &[Change], now: i64) -> (&'static str, Vec<Param>) {
         vec![
             Box::new(ids) as Param,
             Box::new(attempts),
-            Box::new(ends),
             Box::new(outcomes),
             Box::new(states),
             Box::new(now),
@@ -1156,7 +1137,13 @@ impl Store for PgStore {
 
     fn attempt(&self, task: u64, attempt: u32) -> Result<Option<AttemptRecord>, StoreError> {
         let rows = self.block_on(self.read(
-            "SELECT worker, ended, outcome FROM attempts WHERE task = $1 AND attempt = $2",
+            // An end of its own, else the task's row if that attempt ended the task.
+            "SELECT worker, ended, outcome FROM attempts WHERE task = $1 AND attempt = $2
+             UNION ALL
+             SELECT worker, state, outcome FROM tasks
+             WHERE id = $1 AND attempt = $2 AND state IN ('finished', 'failed')
+               AND worker IS NOT NULL
+             LIMIT 1",
             &[&(task as i64), &i64::from(attempt)],
             |r| {
                 Ok(AttemptRecord {

@@ -215,7 +215,7 @@ fn state_of(tx: &Connection, task: u64) -> Result<Prior, StoreError> {
 }
 
 /// Ends running `attempt` of `task` as `state` (finished or failed) with its outcome; returns
-/// the rows changed.
+/// the rows changed. The task's row records the attempt's end (see [`AttemptRecord`]).
 fn end_attempt(
     tx: &Connection,
     task: u64,
@@ -224,18 +224,6 @@ fn end_attempt(
     outcome: Option<&str>,
     now: i64,
 ) -> rusqlite::Result<usize> {
-    let end = match state {
-        TaskState::Finished => AttemptEnd::Finished,
-        _ => AttemptEnd::Failed,
-    };
-    // Recorded from the task's row before it changes, and only if it runs that attempt.
-    exec(
-        tx,
-        "INSERT OR IGNORE INTO attempts (task, attempt, worker, ended, outcome, ended_ms)
-             SELECT id, attempt, worker, ?3, ?4, ?5 FROM tasks
-             WHERE id = ?1 AND state = 'running' AND attempt = ?2",
-        params![task as i64, attempt, end.as_str(), outcome, now],
-    )?;
     exec(
         tx,
         "UPDATE tasks SET state = ?3, outcome = ?4, updated_ms = ?5
@@ -612,8 +600,14 @@ impl Store for SqliteStore {
 
     fn attempt(&self, task: u64, attempt: u32) -> Result<Option<AttemptRecord>, StoreError> {
         let conn = self.reader.lock();
+        // An end of its own, else the task's row if that attempt ended the task.
         conn.prepare_cached(
-            "SELECT worker, ended, outcome FROM attempts WHERE task = ?1 AND attempt = ?2",
+            "SELECT worker, ended, outcome FROM attempts WHERE task = ?1 AND attempt = ?2
+             UNION ALL
+             SELECT worker, state, outcome FROM tasks
+             WHERE id = ?1 AND attempt = ?2 AND state IN ('finished', 'failed')
+               AND worker IS NOT NULL
+             LIMIT 1",
         )
         .and_then(|mut s| {
             s.query_row(params![task as i64, attempt], |r| {
