@@ -68,6 +68,9 @@ pub enum Mutant {
     FanoutPopsWithoutHeadCheck,
     /// A seeded running task is recorded on its worker even if the worker has left meanwhile.
     SeedIgnoresDeparture,
+    /// A release of a due timer entry skips the check that the entry still names the task's
+    /// waiting placement (its generation and phase).
+    ReleaseWithoutRecheck,
 }
 
 impl Default for Config {

@@ -44,6 +44,7 @@ pub(crate) type Slot = u32;
 const QUEUED: u64 = 0;
 const RUNNING: u64 = 1;
 const GONE: u64 = 2;
+const WAITING: u64 = 3;
 
 fn pack(gen: u32, phase: u64) -> u64 {
     u64::from(gen) << 2 | phase
@@ -56,6 +57,9 @@ pub(crate) enum Phase {
     Queued { holders: Holders, parked: bool },
     /// Assigned to `worker` as attempt `TaskState::attempt`.
     Running { worker: Arc<Worker> },
+    /// Not fetchable before `until` (the caller's clock): in no heap, named by one entry of the
+    /// timer heap at the current generation (see `timers`).
+    Waiting { until: u64 },
     /// Finished, failed or cancelled: every entry of the task is a tombstone.
     Gone,
 }
@@ -155,6 +159,7 @@ impl Locked<'_> {
         let code = match self.st.phase {
             Phase::Queued { .. } => QUEUED,
             Phase::Running { .. } => RUNNING,
+            Phase::Waiting { .. } => WAITING,
             Phase::Gone => GONE,
         };
         // Relaxed: see "Why `status` may be read Relaxed" in the module docs.
@@ -171,6 +176,14 @@ impl Locked<'_> {
             holders: Holders::None,
             parked: false,
         };
+        self.publish();
+    }
+
+    /// Makes a task with no phase (just released, or new) wait until `until`: a new generation,
+    /// which the caller's timer entry names.
+    pub(crate) fn wait(&mut self, until: u64) {
+        self.st.gen = self.st.gen.wrapping_add(1);
+        self.st.phase = Phase::Waiting { until };
         self.publish();
     }
 
@@ -213,7 +226,7 @@ impl Locked<'_> {
         match &phase {
             Phase::Queued { holders, .. } => self.count(holders, false),
             Phase::Running { worker } => worker.load.dec_running(),
-            Phase::Gone => {}
+            Phase::Waiting { .. } | Phase::Gone => {}
         }
         self.st.gen = self.st.gen.wrapping_add(1);
         self.publish();
@@ -417,7 +430,7 @@ impl Index {
 
 #[cfg(all(test, not(switchyard_loom)))]
 mod tests {
-    use super::{locate, pack, Cells, Phase, QUEUED, RUNNING};
+    use super::{locate, pack, Cells, Phase, QUEUED, RUNNING, WAITING};
     use crate::{Config, Dispatcher, Strategy, TaskId, TaskSpec, WorkerId};
 
     #[test]
@@ -480,6 +493,7 @@ mod tests {
         assert_eq!(distinct.len(), gens.len(), "{gens:?}");
         assert!(gens.windows(2).all(|w| w[1] == w[0] + 2), "{gens:?}");
         assert_ne!(pack(7, QUEUED), pack(7, RUNNING));
+        assert_ne!(pack(7, QUEUED), pack(7, WAITING));
     }
 
     #[test]

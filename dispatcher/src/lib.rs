@@ -21,7 +21,9 @@
 //! A **candidate** of a task serves the task's group and has every tag of the task. A **holder**
 //! has a live copy of a queued task in its heap. A **claim** turns one holder's copy into an
 //! assignment; every other copy dies at that instant. The **attempt** counts assignments and
-//! fences stale reports. A task with no live candidate is **parked** until one registers.
+//! fences stale reports. A task with no live candidate is **parked** until one registers. A
+//! **waiting** task (submitted with `not_before`, or retried after a backoff) is in no queue
+//! until the caller's timer releases it ([`Dispatcher::release_due`]).
 //!
 //! ## Shape
 //! | module | what it holds |
@@ -31,8 +33,9 @@
 //! | `index` | the slab of task cells (each task's critical section) and the id → slot index |
 //! | `registry` | workers, name interning, classes (candidate cache, fanout heap) |
 //! | `limits` | input limits and the rules every group and tag name follows |
+//! | `timers` | the timer heap: when each waiting task (delayed, or retried after a backoff) becomes fetchable |
 //! | `placement` | **the placement policy**: class heap, one candidate or parked ([`Mode`]); which candidate (least-loaded, round-robin, power of two choices); when rebalancing moves a task |
-//! | `dispatcher` | the [`Dispatcher`] and its operations, one child module each: `submit`, `fetch`, `reports`, `tasks` (cancel, update, get), `placing` (placing and pushing), `redistribute` (register, unregister, parking, rebalance), `stats`, and `audit`, **the invariant checker** |
+//! | `dispatcher` | the [`Dispatcher`] and its operations, one child module each: `submit`, `fetch`, `reports`, `tasks` (cancel, update, get), `delays` (releasing waiting tasks), `placing` (placing and pushing), `redistribute` (register, unregister, parking, rebalance), `stats`, and `audit`, **the invariant checker** |
 //! | `task` | the value types callers exchange: specs, assignments, snapshots, and what registration and departure report |
 //!
 //! Dependencies run one way, from the operations down to the data: `dispatcher` and its
@@ -65,8 +68,8 @@
 //!
 //! 1. **Conservation.** Every live task is in exactly one place: queued (on one live holder in
 //!    balanced mode; in its class's heap, held by every live candidate, in fanout), running on
-//!    exactly one live worker, or parked (no live candidate). No operation, interleaving or
-//!    worker departure loses one.
+//!    exactly one live worker, parked (no live candidate), or waiting (named by one live entry
+//!    of the timer heap). No operation, interleaving or worker departure loses one.
 //! 2. **Exclusive claim.** Concurrent fetches of the copies of one task assign it to exactly one
 //!    worker.
 //! 3. **Counters agree.** At rest, each worker's queued count equals the number of tasks it
@@ -134,9 +137,10 @@ mod queue;
 mod registry;
 mod sync;
 mod task;
+mod timers;
 
 pub use config::{Config, Mode, Mutant, Strategy};
-pub use dispatcher::{Counters, Dispatcher, Stats, Waker, WorkerStats};
+pub use dispatcher::{Counters, Dispatcher, Due, Stats, Waker, WorkerStats};
 pub use error::{Error, Result};
 pub use limits::Limits;
 pub use task::{

@@ -18,6 +18,10 @@ pub struct TaskSpec {
     pub priority: i32,
     /// How long the task has already waited (for aging across restarts); usually zero.
     pub waited: Duration,
+    /// Not fetchable before this time, in the caller's clock (the `now` it passes to
+    /// [`Dispatcher::release_due`](crate::Dispatcher::release_due)): the task waits, in no
+    /// queue, until a release at or after it. `None`: fetchable at once.
+    pub not_before: Option<u64>,
 }
 
 impl TaskSpec {
@@ -29,6 +33,7 @@ impl TaskSpec {
             tags: Vec::new(),
             priority: 0,
             waited: Duration::ZERO,
+            not_before: None,
         }
     }
 
@@ -51,6 +56,12 @@ impl TaskSpec {
     /// Sets how long the task has already waited.
     pub fn waited(mut self, waited: Duration) -> Self {
         self.waited = waited;
+        self
+    }
+
+    /// Makes the task wait until `time` (see [`TaskSpec::not_before`]).
+    pub fn not_before(mut self, time: u64) -> Self {
+        self.not_before = Some(time);
         self
     }
 }
@@ -79,8 +90,8 @@ pub struct Assignment {
     pub priority: i32,
 }
 
-/// Where a live task is. Also what `give_back`, `update` and a departure report about where
-/// they put a task (`Queued` or `Parked`, never `Running`).
+/// Where a live task is. Also what `give_back`, `retry`, `update` and a departure report about
+/// where they put a task (`Queued`, `Parked` or `Waiting`, never `Running`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskStatus {
     /// Queued on these workers (fanout: every live candidate; balanced: one).
@@ -89,6 +100,8 @@ pub enum TaskStatus {
     Parked,
     /// Running on this worker as attempt `TaskInfo::attempt`.
     Running(WorkerId),
+    /// Not fetchable before this time (the caller's clock); then queued or parked.
+    Waiting(u64),
 }
 
 /// A snapshot of a live task.

@@ -144,6 +144,21 @@ fn the_waker_hears_of_work_for_each_holder_and_only_the_first_waker_counts() {
 }
 
 #[test]
+fn a_released_task_wakes_its_fetchers() {
+    let d = Dispatcher::new(Config::balanced(Strategy::RoundRobin)).unwrap();
+    let rec = Arc::new(Recorder::default());
+    assert!(d.set_waker(rec.clone()));
+    d.register(W1, &["g"], NO_TAGS).unwrap();
+    d.submit(TaskSpec::new(1, "g").not_before(7)).unwrap();
+    assert!(
+        rec.workers.lock().unwrap().is_empty(),
+        "nothing to fetch yet"
+    );
+    d.release_due(7);
+    assert_eq!(*rec.workers.lock().unwrap(), [W1]);
+}
+
+#[test]
 fn aging_follows_the_clock() {
     // Ten priority units per second: a task that waited 0.3 s in the dispatcher has gained
     // three units, so it overtakes a fresh task two units above it; fractions count.

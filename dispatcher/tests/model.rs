@@ -38,6 +38,8 @@ enum Op {
         group: u8,
         tags: u8,
         priority: i32,
+        /// Waits this long past the model's clock first.
+        delay: Option<u8>,
     },
     SubmitBatch {
         tasks: Vec<(u64, u8, u8, i32)>,
@@ -55,6 +57,17 @@ enum Op {
         w: u64,
         id: u64,
         attempt_delta: u32,
+    },
+    /// Ends the attempt and queues the task again, at once or after waiting `delay`.
+    Retry {
+        w: u64,
+        id: u64,
+        attempt_delta: u32,
+        delay: Option<u8>,
+    },
+    /// The clock moves on and the due tasks are released.
+    Advance {
+        by: u8,
     },
     Cancel {
         id: u64,
@@ -74,8 +87,8 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     prop_oneof![
         3 => (w.clone(), 1u8..4, 0u8..8).prop_map(|(w, groups, tags)| Op::Register { w, groups, tags }),
         1 => w.clone().prop_map(|w| Op::Unregister { w }),
-        5 => (id.clone(), 0u8..2, 0u8..8, prio.clone())
-            .prop_map(|(id, group, tags, priority)| Op::Submit { id, group, tags, priority }),
+        5 => (id.clone(), 0u8..2, 0u8..8, prio.clone(), delay())
+            .prop_map(|(id, group, tags, priority, delay)| Op::Submit { id, group, tags, priority, delay }),
         1 => prop::collection::vec((id.clone(), 0u8..2, 0u8..8, prio.clone()), 1..4)
             .prop_map(|tasks| Op::SubmitBatch { tasks }),
         5 => (w.clone(), 0usize..4).prop_map(|(w, max)| Op::Fetch { w, max }),
@@ -83,11 +96,19 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
             .prop_map(|(w, id, attempt_delta)| Op::Complete { w, id, attempt_delta }),
         1 => (w.clone(), id.clone(), prop_oneof![4 => Just(0u32), 1 => Just(1u32)])
             .prop_map(|(w, id, attempt_delta)| Op::GiveBack { w, id, attempt_delta }),
+        1 => (w.clone(), id.clone(), prop_oneof![4 => Just(0u32), 1 => Just(1u32)], delay())
+            .prop_map(|(w, id, attempt_delta, delay)| Op::Retry { w, id, attempt_delta, delay }),
+        2 => (0u8..6).prop_map(|by| Op::Advance { by }),
         1 => id.clone().prop_map(|id| Op::Cancel { id }),
         1 => (id, proptest::option::of(prio), proptest::option::of(0u8..8))
             .prop_map(|(id, priority, tags)| Op::Update { id, priority, tags }),
         1 => Just(Op::Rebalance),
     ]
+}
+
+/// No wait (most often), or a wait of 0 to 4 ticks (0: due at the next release).
+fn delay() -> impl proptest::strategy::Strategy<Value = Option<u8>> {
+    prop_oneof![2 => Just(None), 1 => (0u8..5).prop_map(Some)]
 }
 
 fn mode() -> impl proptest::strategy::Strategy<Value = Mode> {
@@ -111,6 +132,7 @@ enum St {
     Queued(BTreeSet<u64>),
     Parked,
     Running(u64),
+    Waiting(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +156,8 @@ struct Model {
     workers: BTreeMap<u64, MWorker>,
     tasks: BTreeMap<u64, MTask>,
     seq: u64,
+    /// The clock passed to `release_due`.
+    now: u64,
 }
 
 impl Model {
@@ -152,7 +176,7 @@ impl Model {
             match &t.st {
                 St::Queued(h) => h.iter().for_each(|w| l.get_mut(w).unwrap().0 += 1),
                 St::Running(w) => l.get_mut(w).unwrap().1 += 1,
-                St::Parked => {}
+                St::Parked | St::Waiting(_) => {}
             }
         }
         l
@@ -186,6 +210,7 @@ impl Model {
                 St::Queued(h)
             }
             TaskStatus::Running(w) => panic!("task {id} running on {w} unexpectedly"),
+            TaskStatus::Waiting(until) => panic!("task {id} waits until {until} unexpectedly"),
         }
     }
 
@@ -202,21 +227,41 @@ impl Model {
         self.seq
     }
 
-    fn spec(&self, id: u64, group: u8, tags: u8, priority: i32) -> (TaskSpec, MTask) {
+    fn spec(
+        &self,
+        id: u64,
+        group: u8,
+        tags: u8,
+        priority: i32,
+        delay: Option<u8>,
+    ) -> (TaskSpec, MTask) {
         let tags = pick(TAGS, tags);
         let group = GROUPS[group as usize];
-        let spec = TaskSpec::new(id, group)
+        let mut spec = TaskSpec::new(id, group)
             .tags(tags.iter().copied())
             .priority(priority);
+        let mut st = St::Parked;
+        if let Some(delay) = delay {
+            let until = self.now + u64::from(delay);
+            spec = spec.not_before(until);
+            st = St::Waiting(until);
+        }
         let t = MTask {
             group,
             tags,
             priority,
             seq: 0,
             attempt: 0,
-            st: St::Parked,
+            st,
         };
         (spec, t)
+    }
+
+    /// Places a task the model has just given a seq, unless it waits.
+    fn adopt_unless_waiting(&mut self, d: &Dispatcher, id: u64) {
+        if !matches!(self.tasks[&id].st, St::Waiting(_)) {
+            self.adopt(d, [id]);
+        }
     }
 
     fn apply(&mut self, d: &Dispatcher, op: &Op) {
@@ -278,7 +323,7 @@ impl Model {
                     let hit = match &mut t.st {
                         St::Queued(h) => h.remove(w),
                         St::Running(r) => r == w,
-                        St::Parked => false,
+                        St::Parked | St::Waiting(_) => false,
                     };
                     if hit {
                         affected.insert(*id);
@@ -296,8 +341,9 @@ impl Model {
                 group,
                 tags,
                 priority,
+                delay,
             } => {
-                let (spec, mut t) = self.spec(*id, *group, *tags, *priority);
+                let (spec, mut t) = self.spec(*id, *group, *tags, *priority, *delay);
                 let loads = self.loads();
                 let got = d.submit(spec);
                 if self.tasks.contains_key(id) {
@@ -307,7 +353,7 @@ impl Model {
                 got.unwrap();
                 t.seq = self.next_seq();
                 self.tasks.insert(*id, t);
-                self.adopt(d, [*id]);
+                self.adopt_unless_waiting(d, *id);
                 if let (Mode::Balanced(Strategy::LeastLoaded), St::Queued(h)) =
                     (self.mode, &self.tasks[id].st)
                 {
@@ -323,7 +369,7 @@ impl Model {
                 let mut expect = Ok(());
                 let mut seen = BTreeSet::new();
                 for &(id, group, tags, priority) in tasks {
-                    let (spec, t) = self.spec(id, group, tags, priority);
+                    let (spec, t) = self.spec(id, group, tags, priority, None);
                     if expect.is_ok() {
                         if !seen.insert(id) {
                             expect = Err("dup in batch");
@@ -414,6 +460,70 @@ impl Model {
                     }
                 }
             }
+            Op::Retry {
+                w,
+                id,
+                attempt_delta,
+                delay,
+            } => {
+                let attempt = self.tasks.get(id).map_or(1, |t| t.attempt) + attempt_delta;
+                let until = delay.map(|d| self.now + u64::from(d));
+                let got = d.retry(WorkerId(*w), TaskId(*id), attempt, until);
+                let expect = if !self.workers.contains_key(w) {
+                    Err(Error::UnknownWorker(WorkerId(*w)))
+                } else if !self.tasks.contains_key(id) {
+                    Err(Error::UnknownTask(TaskId(*id)))
+                } else if self.tasks[id].st != St::Running(*w) || self.tasks[id].attempt != attempt
+                {
+                    Err(Error::StaleAttempt {
+                        task: TaskId(*id),
+                        attempt,
+                        worker: WorkerId(*w),
+                    })
+                } else {
+                    Ok(())
+                };
+                assert_eq!(got.clone().map(drop), expect);
+                if expect.is_ok() {
+                    match until {
+                        Some(until) => {
+                            assert_eq!(got, Ok(TaskStatus::Waiting(until)));
+                            self.tasks.get_mut(id).unwrap().st = St::Waiting(until);
+                        }
+                        None => {
+                            self.tasks.get_mut(id).unwrap().st = St::Parked;
+                            self.adopt(d, [*id]);
+                        }
+                    }
+                }
+            }
+            Op::Advance { by } => {
+                self.now += u64::from(*by);
+                let due: Vec<u64> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| matches!(t.st, St::Waiting(u) if u <= self.now))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let got = d.release_due(self.now);
+                assert_eq!(got.released, due.len(), "released at {}", self.now);
+                for id in &due {
+                    self.tasks.get_mut(id).unwrap().st = St::Parked;
+                }
+                self.adopt(d, due);
+                let earliest = self
+                    .tasks
+                    .values()
+                    .filter_map(|t| match t.st {
+                        St::Waiting(u) => Some(u),
+                        _ => None,
+                    })
+                    .min();
+                if let Some(earliest) = earliest {
+                    // The next time may name a dead entry, never one after a live one.
+                    assert!(got.next.is_some_and(|n| n > self.now && n <= earliest));
+                }
+            }
             Op::Cancel { id } => {
                 let got = d.cancel(TaskId(*id));
                 match self.tasks.remove(id) {
@@ -445,14 +555,22 @@ impl Model {
                     assert_eq!(got, Err(Error::NotQueued(TaskId(*id))));
                     return;
                 }
-                got.unwrap();
+                let got = got.unwrap();
                 if let Some(p) = priority {
                     t.priority = *p;
                 }
                 if let Some(tags) = new_tags {
                     t.tags = tags;
                 }
-                self.adopt(d, [*id]);
+                if let St::Waiting(until) = t.st {
+                    assert_eq!(
+                        got,
+                        TaskStatus::Waiting(until),
+                        "a waiting task keeps waiting"
+                    );
+                } else {
+                    self.adopt(d, [*id]);
+                }
             }
             Op::Rebalance => {
                 let before: BTreeMap<u64, St> = self
@@ -497,6 +615,7 @@ impl Model {
                 TaskStatus::Queued(h) => St::Queued(h.iter().map(|w| w.0).collect()),
                 TaskStatus::Parked => St::Parked,
                 TaskStatus::Running(w) => St::Running(w.0),
+                TaskStatus::Waiting(until) => St::Waiting(until),
             };
             assert_eq!(st, t.st, "task {id} placement");
             assert_eq!(
@@ -507,7 +626,7 @@ impl Model {
             assert_eq!(got.group, t.group);
             let tags: BTreeSet<&str> = got.tags.iter().map(String::as_str).collect();
             assert_eq!(tags, t.tags);
-            if !matches!(st, St::Running(_)) {
+            if !matches!(st, St::Running(_) | St::Waiting(_)) {
                 // Parked iff no live candidate; fanout holders are all live candidates.
                 assert_eq!(st == St::Parked, self.candidates(t).is_empty(), "task {id}");
                 if self.mode == Mode::Fanout {
@@ -530,9 +649,14 @@ impl Model {
             .values()
             .filter(|t| matches!(t.st, St::Running(_)))
             .count();
+        let waiting = self
+            .tasks
+            .values()
+            .filter(|t| matches!(t.st, St::Waiting(_)))
+            .count();
         assert_eq!(
-            (stats.tasks, stats.parked, stats.running),
-            (self.tasks.len(), parked, running)
+            (stats.tasks, stats.parked, stats.running, stats.waiting),
+            (self.tasks.len(), parked, running, waiting)
         );
     }
 }
@@ -546,7 +670,7 @@ proptest! {
         ops in prop::collection::vec(op(), 1..80),
     ) {
         let d = Dispatcher::new(Config { mode, ..Config::default() }).unwrap();
-        let mut m = Model { mode, workers: BTreeMap::new(), tasks: BTreeMap::new(), seq: 0 };
+        let mut m = Model { mode, workers: BTreeMap::new(), tasks: BTreeMap::new(), seq: 0, now: 0 };
         for op in &ops {
             m.apply(&d, op);
             m.check(&d);

@@ -611,6 +611,101 @@ fn give_back_requeues_as_a_new_attempt() {
 }
 
 #[test]
+fn a_delayed_task_is_invisible_until_its_time_then_queued_at_its_priority() {
+    for (d, _mode) in all_modes() {
+        d.register(W1, &["g"], NO_TAGS).unwrap();
+        d.submit_many([
+            task(1).priority(9).not_before(100),
+            task(2).priority(0),
+            task(3).priority(5).not_before(50),
+        ])
+        .unwrap();
+        assert_eq!(d.get(TaskId(1)).unwrap().status, TaskStatus::Waiting(100));
+        assert_eq!(d.next_due(), Some(50));
+        let s = d.stats();
+        assert_eq!((s.tasks, s.queued, s.waiting), (3, 1, 2));
+        assert_eq!(fetched(&d, W1, 10), [2], "only the task with no delay");
+        // Not yet due: nothing moves.
+        assert_eq!(d.release_due(49).released, 0);
+        let due = d.release_due(60);
+        assert_eq!((due.released, due.next), (1, Some(100)));
+        let due = d.release_due(1_000);
+        assert_eq!((due.released, due.next), (1, None));
+        assert_eq!(fetched(&d, W1, 10), [1, 3], "by priority once released");
+        assert_eq!(d.stats().counters.released, 2);
+        assert_counters_agree(&d, ids(1..4));
+    }
+}
+
+#[test]
+fn a_waiting_task_can_be_cancelled_and_updated_and_stays_waiting() {
+    for (d, _mode) in all_modes() {
+        d.register(W1, &["g", "h"], &["t"]).unwrap();
+        d.submit_many([task(1).not_before(10), task(2).not_before(10)])
+            .unwrap();
+        assert_eq!(d.cancel(TaskId(1)), Ok(Cancelled::Queued));
+        assert_eq!(
+            d.update(TaskId(2), Some(4), Some(&["t"])),
+            Ok(TaskStatus::Waiting(10))
+        );
+        assert_counters_agree(&d, ids(1..3));
+        // Its old timer entry is dead, the cancelled task's too: one release, of task 2.
+        assert_eq!(d.release_due(10).released, 1);
+        let info = d.get(TaskId(2)).unwrap();
+        assert_eq!((info.priority, info.tags.clone()), (4, vec!["t".into()]));
+        assert_eq!(fetched(&d, W1, 10), [2]);
+        assert_counters_agree(&d, ids(1..3));
+    }
+}
+
+#[test]
+fn retry_ends_the_attempt_and_queues_the_task_now_or_after_a_wait() {
+    for (d, _mode) in all_modes() {
+        d.register(W1, &["g"], NO_TAGS).unwrap();
+        d.submit_many([task(1), task(2)]).unwrap();
+        let got = d.fetch(W1, 2).unwrap();
+        assert_eq!(
+            d.retry(W1, TaskId(1), got[0].attempt, None),
+            Ok(TaskStatus::Queued(vec![W1]))
+        );
+        assert_eq!(
+            d.retry(W1, TaskId(2), got[1].attempt, Some(30)),
+            Ok(TaskStatus::Waiting(30))
+        );
+        // Fenced like every report: the attempt is over.
+        assert!(matches!(
+            d.retry(W1, TaskId(2), got[1].attempt, Some(30)),
+            Err(switchyard::Error::StaleAttempt { .. })
+        ));
+        assert_eq!(fetched(&d, W1, 10), [1]);
+        d.release_due(30);
+        let again = d.fetch(W1, 10).unwrap();
+        assert_eq!((again[0].task, again[0].attempt), (TaskId(2), 2));
+        assert_eq!(d.stats().counters.retried, 2);
+        assert_counters_agree(&d, ids(1..3));
+    }
+}
+
+#[test]
+fn seeded_tasks_with_a_time_wait_and_a_released_task_with_no_candidate_parks() {
+    for (d, _mode) in all_modes() {
+        d.seed([SeedTask {
+            spec: task(1).not_before(5),
+            attempt: 2,
+            running_on: None,
+        }])
+        .unwrap();
+        assert_eq!(d.get(TaskId(1)).unwrap().status, TaskStatus::Waiting(5));
+        d.release_due(5);
+        assert_eq!(d.get(TaskId(1)).unwrap().status, TaskStatus::Parked);
+        d.register(W1, &["g"], NO_TAGS).unwrap();
+        let a = d.fetch(W1, 1).unwrap();
+        assert_eq!((a[0].task, a[0].attempt), (TaskId(1), 3));
+        assert_counters_agree(&d, ids(1..2));
+    }
+}
+
+#[test]
 fn cancel_removes_queued_parked_and_running_tasks() {
     for (d, _mode) in all_modes() {
         d.register(W1, &["g"], NO_TAGS).unwrap();

@@ -18,7 +18,8 @@ impl Dispatcher {
     /// The tests, the stress test and the loom models call it after every scenario.
     ///
     /// Checked: every live task is queued on ≥ 1 registered holder whose heap has a live copy of
-    /// it, or parked (and in the parked set, and only then), or running on a registered worker
+    /// it, or parked (and in the parked set, and only then), or waiting (with its timer entry,
+    /// and counted by the waiting gauge), or running on a registered worker
     /// whose running records hold that assignment; every registered worker's `queued` and
     /// `running` counters equal those recomputed from the tasks; no registered worker's queue is
     /// closed.
@@ -56,6 +57,8 @@ impl Dispatcher {
             })
             .collect();
         let mut class_load: HashMap<*const Class, usize> = HashMap::new();
+        let timers: HashSet<crate::timers::Timer> = self.timers.entries().into_iter().collect();
+        let mut waiting = 0;
         for (id, slot) in self.index.entries() {
             let Some(l) = self.lock_slot(id, slot) else {
                 return Err(format!(
@@ -114,8 +117,25 @@ impl Dispatcher {
                     }
                     load.get_mut(&worker.id).expect("live").1 += 1;
                 }
+                Phase::Waiting { until } => {
+                    let t = crate::timers::Timer {
+                        until: *until,
+                        slot,
+                        gen: l.st.gen,
+                    };
+                    if !timers.contains(&t) {
+                        return Err(format!("task {id} waits until {until} with no timer entry"));
+                    }
+                    waiting += 1;
+                }
                 Phase::Gone => return Err(format!("task {id} is gone but still indexed")),
             }
+        }
+        if waiting != self.waiting.get() {
+            return Err(format!(
+                "{waiting} tasks wait, but the waiting gauge says {}",
+                self.waiting.get()
+            ));
         }
         if parked != parked_ids.len() {
             return Err(format!(

@@ -7,6 +7,7 @@
 //! | `fetch` | fetch and claim |
 //! | `reports` | a worker's reports (`complete`, `give_back`) and its running set |
 //! | `tasks` | cancel, update and get one task |
+//! | `delays` | waiting tasks: releasing those that are due (see `timers`) |
 //! | `placing` | placing a task by the policy and pushing its entry (shared by all of the above) |
 //! | `redistribute` | workers arriving and leaving, parking, rebalancing |
 //! | `stats` | counters and the snapshot |
@@ -18,6 +19,7 @@
 //! `registry` and `placement`, which know nothing of the `Dispatcher`.
 
 mod audit;
+mod delays;
 mod fetch;
 mod placing;
 mod redistribute;
@@ -26,6 +28,7 @@ mod stats;
 mod submit;
 mod tasks;
 
+pub use delays::Due;
 pub use stats::{Counters, Stats, WorkerStats};
 
 pub(crate) use placing::Pushes;
@@ -38,8 +41,9 @@ use std::time::Instant;
 use crate::config::{Config, Mode, Mutant};
 use crate::error::{Error, Result};
 use crate::index::{Cells, Index, Locked, Phase, Slot};
-use crate::registry::{Registry, Worker};
+use crate::registry::{Gauge, Registry, Worker};
 use crate::sync::{AtomicU64, Hasher, Mutex, OnceLock, Shared};
+use crate::timers::Timers;
 use crate::{TaskId, WorkerId};
 
 /// Told when work becomes fetchable, so a coordinator can wake fetches that wait for work
@@ -60,6 +64,9 @@ pub struct Dispatcher {
     cells: Cells,
     index: Index,
     parked: Mutex<HashMap<TaskId, Parked, Hasher>>,
+    timers: Timers,
+    /// Tasks in the waiting phase (changed only in their critical sections).
+    waiting: Gauge,
     seq: AtomicU64,
     epoch: Instant,
     counters: CounterCells,
@@ -86,6 +93,8 @@ impl Dispatcher {
             cells: Cells::new(config.shards),
             index: Index::new(config.shards),
             parked: Mutex::new(HashMap::default()),
+            timers: Timers::default(),
+            waiting: Gauge::default(),
             seq: AtomicU64::new(0),
             epoch: Instant::now(),
             counters: CounterCells::default(),
@@ -156,8 +165,12 @@ impl Dispatcher {
     /// Leaves the task's current phase (fixing counters and the parked set); returns it.
     pub(crate) fn release(&self, l: &mut Locked<'_>) -> Phase {
         let phase = l.release();
-        if let Phase::Queued { parked: true, .. } = phase {
-            self.parked.lock().remove(&l.st.id);
+        match phase {
+            Phase::Queued { parked: true, .. } => {
+                self.parked.lock().remove(&l.st.id);
+            }
+            Phase::Waiting { .. } => self.waiting.dec(),
+            _ => {}
         }
         phase
     }

@@ -18,11 +18,12 @@ use std::collections::HashMap;
 
 use super::Dispatcher;
 use crate::config::Mutant;
-use crate::index::{Holders, Locked};
+use crate::index::{Holders, Locked, Phase};
 use crate::placement::{self, Decision};
 use crate::queue::Entry;
 use crate::registry::{Class, Worker};
 use crate::sync::{Arc, Hasher, Ordering};
+use crate::timers::Timer;
 
 /// Entries waiting to be pushed once the critical sections that chose them have ended.
 #[derive(Default)]
@@ -31,6 +32,8 @@ pub(crate) struct Pushes {
     one: Vec<(Arc<Worker>, Entry)>,
     /// Fanout: entries for a class's shared heap. Consecutive tasks of one class share a batch.
     classes: Vec<(Arc<Class>, Vec<Entry>)>,
+    /// Timer entries of tasks made waiting.
+    pub(crate) timers: Vec<Timer>,
 }
 
 impl Pushes {
@@ -46,7 +49,7 @@ impl Pushes {
     }
 
     fn is_empty(&self) -> bool {
-        self.one.is_empty() && self.classes.is_empty()
+        self.one.is_empty() && self.classes.is_empty() && self.timers.is_empty()
     }
 }
 
@@ -84,6 +87,25 @@ impl Dispatcher {
         }
     }
 
+    /// Makes a task with no phase wait until `until`; its timer entry goes to `pushes`.
+    pub(crate) fn delay(&self, l: &mut Locked<'_>, until: u64, pushes: &mut Pushes) {
+        l.wait(until);
+        self.count_waiting(l, pushes);
+    }
+
+    /// Counts a task that has just become waiting and collects its timer entry.
+    pub(crate) fn count_waiting(&self, l: &Locked<'_>, pushes: &mut Pushes) {
+        let Phase::Waiting { until } = l.st.phase else {
+            unreachable!("only a waiting task gets a timer")
+        };
+        self.waiting.inc();
+        pushes.timers.push(Timer {
+            until,
+            slot: l.slot,
+            gen: l.st.gen,
+        });
+    }
+
     fn entry(l: &Locked<'_>) -> Entry {
         Entry::new(l.st.key, l.st.seq, l.slot, l.st.gen)
     }
@@ -98,7 +120,14 @@ impl Dispatcher {
     /// `push_failed`, which may place their tasks again; repeats until nothing is left.
     pub(crate) fn flush(&self, mut pushes: Pushes) {
         while !pushes.is_empty() {
-            let Pushes { one, classes } = std::mem::take(&mut pushes);
+            let Pushes {
+                one,
+                classes,
+                timers,
+            } = std::mem::take(&mut pushes);
+            if !timers.is_empty() {
+                self.timers.push(timers);
+            }
             let mut failed = Vec::new();
             for (class, entries) in &classes {
                 let mut h = class.heap.lock();

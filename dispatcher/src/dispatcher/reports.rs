@@ -1,5 +1,5 @@
-//! Reports from workers: `complete` and `give_back`, fenced by attempt, and the questions a
-//! coordinator asks to reconcile a worker (`running`, `is_running`).
+//! Reports from workers: `complete`, `give_back` and `retry`, fenced by attempt, and the
+//! questions a coordinator asks to reconcile a worker (`running`, `is_running`).
 
 use super::{Dispatcher, Pushes};
 use crate::error::{Error, Result};
@@ -36,6 +36,37 @@ impl Dispatcher {
         drop(l);
         self.flush(pushes);
         self.counters.given_back.fetch_add(1, Ordering::Relaxed);
+        Ok(placement)
+    }
+
+    /// Ends `worker`'s attempt `attempt` of `task` without ending the task: it is queued again
+    /// (its next fetch is a new attempt) — at once, or, with `not_before`, after waiting until
+    /// then (the caller's clock, as for [`TaskSpec::not_before`](crate::TaskSpec::not_before)).
+    /// For a failed attempt that will be retried after a backoff, or one the caller ends itself
+    /// (a timeout). Returns where the task went.
+    pub fn retry(
+        &self,
+        worker: WorkerId,
+        task: TaskId,
+        attempt: u32,
+        not_before: Option<u64>,
+    ) -> Result<TaskStatus> {
+        let w = self.registry.get(worker)?;
+        let mut pushes = Pushes::default();
+        let mut l = self.lock_task(task)?;
+        Self::check_assignment(&l, &w, task, attempt)?;
+        self.release(&mut l);
+        match not_before {
+            Some(until) => self.delay(&mut l, until, &mut pushes),
+            None => {
+                l.requeue();
+                self.place(&mut l, &mut pushes);
+            }
+        }
+        let placement = self.status_of(&l);
+        drop(l);
+        self.flush(pushes);
+        self.counters.retried.fetch_add(1, Ordering::Relaxed);
         Ok(placement)
     }
 

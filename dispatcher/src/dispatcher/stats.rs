@@ -15,6 +15,8 @@ pub(crate) struct CounterCells {
     stale_skipped: AtomicU64,
     pub(crate) completed: AtomicU64,
     pub(crate) given_back: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) released: AtomicU64,
     pub(crate) cancelled: AtomicU64,
     pub(crate) redistributed: AtomicU64,
     pub(crate) parked: AtomicU64,
@@ -34,6 +36,10 @@ pub struct Counters {
     pub completed: u64,
     /// Assignments given back.
     pub given_back: u64,
+    /// Assignments ended by `retry` (the task queued again, at once or after a wait).
+    pub retried: u64,
+    /// Waiting tasks released into the queues.
+    pub released: u64,
     /// Tasks cancelled.
     pub cancelled: u64,
     /// Tasks moved off departing workers (queued or running).
@@ -67,7 +73,7 @@ pub struct WorkerStats {
 pub struct Stats {
     /// Live workers, sorted by id.
     pub workers: Vec<WorkerStats>,
-    /// Live tasks: `queued + parked + running` (the three are disjoint).
+    /// Live tasks: `queued + parked + running + waiting` (the four are disjoint).
     pub tasks: usize,
     /// Queued tasks with a holder (each counted once however many copies it has); parked
     /// tasks are not counted here.
@@ -76,6 +82,8 @@ pub struct Stats {
     pub running: usize,
     /// Parked tasks: queued with no live candidate.
     pub parked: usize,
+    /// Waiting tasks: not fetchable before their time (see [`Dispatcher::release_due`]).
+    pub waiting: usize,
     /// Sum of the workers' queued counts: `queued` in balanced mode; in fanout each
     /// task counts once per candidate that could fetch it.
     pub copies: usize,
@@ -139,15 +147,20 @@ impl Dispatcher {
                 }
             }
         }
+        let waiting = self.waiting.get();
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let per_worker =
             |f: fn(&Load) -> &AtomicU64| -> u64 { live.iter().map(|w| get(f(&w.load))).sum() };
         Stats {
             tasks,
-            queued: tasks.saturating_sub(running).saturating_sub(parked),
+            queued: tasks
+                .saturating_sub(running)
+                .saturating_sub(parked)
+                .saturating_sub(waiting),
             running,
             parked,
+            waiting,
             copies,
             tombstones: heap.saturating_sub(live_entries),
             counters: Counters {
@@ -156,6 +169,8 @@ impl Dispatcher {
                 stale_skipped: get(&c.stale_skipped) + per_worker(|l| &l.stale),
                 completed: get(&c.completed),
                 given_back: get(&c.given_back),
+                retried: get(&c.retried),
+                released: get(&c.released),
                 cancelled: get(&c.cancelled),
                 redistributed: get(&c.redistributed),
                 parked: get(&c.parked),

@@ -12,6 +12,16 @@ use crate::sync::{Arc, Hasher, Ordering};
 use crate::task::{SeedTask, TaskSpec};
 use crate::TaskId;
 
+/// What a new task does first.
+enum Start {
+    /// Seeded as running on its worker.
+    Running,
+    /// Built waiting (its `not_before`).
+    Wait,
+    /// Placed by the policy.
+    Place,
+}
+
 impl Dispatcher {
     /// Submits one task. See [`Dispatcher::submit_many`].
     pub fn submit(&self, spec: TaskSpec) -> Result<()> {
@@ -20,7 +30,9 @@ impl Dispatcher {
 
     /// Submits a batch of tasks, all or nothing: if any spec is invalid or any id is taken
     /// (by a live task or twice in the batch), nothing is submitted. Each task is queued on its
-    /// live candidates, or parked when it has none. Pushes are batched per worker.
+    /// live candidates, or parked when it has none, or waits if it has a `not_before` (even
+    /// one already past: the next [`release_due`](Self::release_due) queues it). Pushes are
+    /// batched per worker.
     pub fn submit_many(&self, specs: impl IntoIterator<Item = TaskSpec>) -> Result<()> {
         let tasks = specs.into_iter().map(|spec| SeedTask {
             spec,
@@ -54,8 +66,8 @@ impl Dispatcher {
         self.registry.class_count()
     }
 
-    /// Loads tasks at start-up (after the workers are registered): queued tasks are placed,
-    /// running tasks stay on their worker if it is registered and are queued again (as a new
+    /// Loads tasks at start-up (after the workers are registered): queued tasks are placed (or
+    /// wait, with a `not_before`), running tasks stay on their worker if it is registered and are queued again (as a new
     /// attempt on their next fetch) if it is not. All or nothing, like `submit_many`.
     /// Returns how many tasks were loaded.
     pub fn seed(&self, tasks: impl IntoIterator<Item = SeedTask>) -> Result<usize> {
@@ -115,16 +127,21 @@ impl Dispatcher {
         // is placed, so nobody observes a half-made task. Nobody else can hold two cell locks,
         // and these cells are in no heap yet, so holding many cannot deadlock.
         let mut locked: Vec<Locked<'_>> = Vec::with_capacity(prepared.len());
-        let mut runners = Vec::with_capacity(prepared.len());
+        // What each new task does first: run (seeded on its worker), wait, or be placed.
+        let mut starts = Vec::with_capacity(prepared.len());
         for (spec, attempt, runner, class, enqueued) in prepared {
-            runners.push(runner.is_some());
-            let phase = match runner {
-                Some(worker) => Phase::Running { worker },
-                None => Phase::Queued {
-                    holders: Holders::None,
-                    parked: false,
-                },
+            let (start, phase) = match (runner, spec.not_before) {
+                (Some(worker), _) => (Start::Running, Phase::Running { worker }),
+                (None, Some(until)) => (Start::Wait, Phase::Waiting { until }),
+                (None, None) => (
+                    Start::Place,
+                    Phase::Queued {
+                        holders: Holders::None,
+                        parked: false,
+                    },
+                ),
             };
+            starts.push(start);
             let key = order_key(spec.priority, self.config.aging_rate, enqueued);
             // Relaxed: a ticket for FIFO order; nothing is published through it.
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -157,20 +174,22 @@ impl Dispatcher {
         let n = locked.len();
         let mut pushes = Pushes::default();
         let mut restore = Vec::new();
-        for (mut l, running) in locked.into_iter().zip(runners) {
-            if running {
-                let Phase::Running { worker } = &l.st.phase else {
-                    unreachable!("built as running above")
-                };
-                worker.load.inc_running();
-                let record = RunningRecord {
-                    slot: l.slot,
-                    gen: l.st.gen,
-                    attempt: l.st.attempt,
-                };
-                restore.push((worker.clone(), record));
-            } else {
-                self.place(&mut l, &mut pushes);
+        for (mut l, start) in locked.into_iter().zip(starts) {
+            match start {
+                Start::Running => {
+                    let Phase::Running { worker } = &l.st.phase else {
+                        unreachable!("built as running above")
+                    };
+                    worker.load.inc_running();
+                    let record = RunningRecord {
+                        slot: l.slot,
+                        gen: l.st.gen,
+                        attempt: l.st.attempt,
+                    };
+                    restore.push((worker.clone(), record));
+                }
+                Start::Wait => self.count_waiting(&l, &mut pushes),
+                Start::Place => self.place(&mut l, &mut pushes),
             }
         }
         self.flush(pushes);

@@ -26,7 +26,8 @@ impl Dispatcher {
         })
     }
 
-    /// Changes the priority and/or tags of a queued (or parked) task; it is placed afresh.
+    /// Changes the priority and/or tags of a queued (or parked) task; it is placed afresh. A
+    /// waiting task keeps waiting until its time.
     /// A running task is refused with [`Error::NotQueued`].
     pub fn update<S: AsRef<str>>(
         &self,
@@ -57,14 +58,20 @@ impl Dispatcher {
             return Err(Error::NotQueued(task));
         }
         let class = class.unwrap_or_else(|| l.st.class.clone());
-        self.release(&mut l);
+        let was = self.release(&mut l);
         if let Some(p) = priority {
             l.st.priority = p;
             l.st.key = order_key(p, self.config.aging_rate, l.st.enqueued);
         }
         l.st.class = class;
-        l.requeue();
-        self.place(&mut l, &mut pushes);
+        match was {
+            // A waiting task keeps waiting, with a new timer entry (the old one is dead).
+            Phase::Waiting { until } => self.delay(&mut l, until, &mut pushes),
+            _ => {
+                l.requeue();
+                self.place(&mut l, &mut pushes);
+            }
+        }
         let placement = self.status_of(&l);
         drop(l);
         self.flush(pushes);
@@ -124,6 +131,7 @@ impl Dispatcher {
             } => TaskStatus::Queued(vec![w.id]),
             Phase::Queued { .. } => TaskStatus::Parked,
             Phase::Running { worker } => TaskStatus::Running(worker.id),
+            Phase::Waiting { until } => TaskStatus::Waiting(*until),
             Phase::Gone => unreachable!("an ended task has no status"),
         }
     }

@@ -16,7 +16,7 @@ pub fn assert_counters_agree(d: &Dispatcher, tasks: impl IntoIterator<Item = Tas
     let live: BTreeMap<WorkerId, (usize, usize)> =
         stats.workers.iter().map(|w| (w.id, (0, 0))).collect();
     let mut expect = live.clone();
-    let (mut n, mut parked, mut running) = (0, 0, 0);
+    let (mut n, mut parked, mut running, mut waiting) = (0, 0, 0, 0);
     for id in tasks {
         let Some(info) = d.get(id) else { continue };
         n += 1;
@@ -34,6 +34,7 @@ pub fn assert_counters_agree(d: &Dispatcher, tasks: impl IntoIterator<Item = Tas
                 }
             }
             TaskStatus::Parked => parked += 1,
+            TaskStatus::Waiting(_) => waiting += 1,
             TaskStatus::Running(w) => {
                 running += 1;
                 expect
@@ -55,7 +56,8 @@ pub fn assert_counters_agree(d: &Dispatcher, tasks: impl IntoIterator<Item = Tas
     assert_eq!(stats.tasks, n, "live task count");
     assert_eq!(stats.parked, parked, "parked count");
     assert_eq!(stats.running, running, "running count");
-    assert_eq!(stats.queued, n - running - parked, "queued count");
+    assert_eq!(stats.waiting, waiting, "waiting count");
+    assert_eq!(stats.queued, n - running - parked - waiting, "queued count");
     // Balanced: every queued task is an entry in its holder's heap (fanout tasks wait in
     // their class's heap instead).
     if let switchyard::Mode::Balanced(_) = d.config().mode {
