@@ -115,7 +115,7 @@ fn rebalance_move_races_claim() {
             match status(&d, task).expect("never lost") {
                 TaskStatus::Running(w) => assert!(fetched && w == W1),
                 TaskStatus::Queued(h) => assert!(!fetched && h.len() == 1),
-                TaskStatus::Parked => panic!("task {task} parked with live candidates"),
+                other => panic!("task {task} is {other:?} with live candidates"),
             }
         }
         at_rest(&d);
